@@ -1,0 +1,42 @@
+# One entry point for a fresh machine: `make demo` runs the main job, `make test` the tests.
+# Both run `make setup` first, which is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# git-annex from PyPI works only with the venv's bin/ on PATH; every recipe below runs that way.
+export PATH := $(BIN):$(PATH)
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: setup env annex test demo lock clean-venv
+
+setup: env annex
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: env/requirements.in env/requirements-dev.in env/constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r env/requirements.in -r env/requirements-dev.in -c env/constraints.txt
+	# nobrainer pins the full `tensorflow` wheel; --no-deps keeps the venv CPU-only (its deps are in requirements.in).
+	$(PIP) install --no-deps -c env/constraints.txt nobrainer
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+annex: env
+	$(BIN)/brainzoo bootstrap
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/brainzoo demo
+
+# Re-resolve both requirement files in a throw-away venv and write the pins.
+lock:
+	rm -rf /tmp/brainzoo-lock && $(PYTHON) -m venv /tmp/brainzoo-lock
+	/tmp/brainzoo-lock/bin/pip install -q -r env/requirements.in -r env/requirements-dev.in
+	( echo "# Full resolve of env/requirements*.in on Python 3.11 (x86_64), written by \`make lock\`."; \
+	  /tmp/brainzoo-lock/bin/pip freeze --all --exclude-editable | grep -v '^pip=='; echo "nobrainer==1.2.1" ) > env/constraints.txt
+
+clean-venv:
+	rm -rf $(VENV)

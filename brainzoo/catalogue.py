@@ -1,0 +1,167 @@
+"""The catalogue: version folders under ``neuronets/``, their ``spec.yaml`` and ``model_card.yaml``.
+
+A version folder plus its spec and card is the zoo's "weights value" (see docs/style.md): the CLI,
+the predictor and the trainer read preprocessing, output decoding and metrics from here instead of
+hard-coding per-model branches.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from brainzoo.errors import BrainzooError
+
+CATALOGUE_DIR = "neuronets"
+INDEX_FILE = "spec.yaml"
+SPEC_FILE = "spec.yaml"
+CARD_FILE = "model_card.yaml"
+
+
+def repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The dataset that holds the catalogue.
+
+    ``BRAINZOO_ROOT`` wins; otherwise the nearest folder above ``start`` (default: the current folder)
+    with both ``spec.yaml`` and ``neuronets/``; otherwise the checkout this package was installed from.
+    """
+    if os.environ.get("BRAINZOO_ROOT"):
+        return Path(os.environ["BRAINZOO_ROOT"]).resolve()
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / INDEX_FILE).is_file() and (folder / CATALOGUE_DIR).is_dir():
+            return folder
+    source_checkout = Path(__file__).resolve().parent.parent
+    if (source_checkout / CATALOGUE_DIR).is_dir():
+        return source_checkout
+    raise BrainzooError(f"{here}: not inside a brainzoo dataset (no {INDEX_FILE} with a {CATALOGUE_DIR}/ folder above it)")
+
+
+def read_yaml(path: Path) -> dict:
+    """Parse one YAML mapping, naming the file in every failure."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BrainzooError(f"{path}: file is missing") from None
+    except yaml.YAMLError as err:
+        raise BrainzooError(f"{path}: malformed YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise BrainzooError(f"{path}: expected a YAML mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One entry of a spec's ``weights`` list, with its path made absolute."""
+
+    version_id: str
+    entry: dict
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.entry["name"]
+
+    @property
+    def sha256(self) -> str | None:
+        return self.entry.get("sha256")
+
+    @property
+    def size(self) -> int | None:
+        return self.entry.get("size")
+
+    @property
+    def sources(self) -> list[dict]:
+        return self.entry.get("sources", [])
+
+    @property
+    def published(self) -> bool:
+        """Listed with a checksum (annexed), as opposed to still to be produced by a recipe."""
+        return self.sha256 is not None
+
+    @property
+    def present(self) -> bool:
+        """The content is in this clone (an annexed symlink resolves to an existing object)."""
+        return self.path.exists()
+
+
+@dataclass(frozen=True)
+class Version:
+    """One model version folder: ``neuronets/<model>/<semver>[/<variant>]``."""
+
+    id: str
+    path: Path
+    spec: dict
+    card: dict
+
+    @property
+    def task(self) -> str:
+        return self.spec["task"]
+
+    @property
+    def weights(self) -> list[WeightsFile]:
+        return [WeightsFile(self.id, entry, self.path / entry["path"]) for entry in self.spec.get("weights", [])]
+
+    def weights_file(self, name: str | None = None) -> WeightsFile:
+        """The weights entry called ``name``; without a name, the only one."""
+        files = self.weights
+        if name is None:
+            if len(files) != 1:
+                names = ", ".join(f.name for f in files) or "none"
+                raise BrainzooError(f"{self.id}: has {len(files)} weights files ({names}); name one")
+            return files[0]
+        for f in files:
+            if f.name == name:
+                return f
+        raise BrainzooError(f"{self.id}: no weights entry named {name!r} (have: {', '.join(f.name for f in files)})")
+
+
+def version_folders(root: Path) -> list[Path]:
+    """Every folder under ``neuronets/`` that holds a ``spec.yaml``, sorted."""
+    return sorted(p.parent for p in (root / CATALOGUE_DIR).rglob(SPEC_FILE))
+
+
+def load_version(folder: Path, root: Path | None = None) -> Version:
+    root = root or repo_root(folder)
+    spec = read_yaml(folder / SPEC_FILE)
+    card = read_yaml(folder / CARD_FILE)
+    return Version(id=folder.resolve().relative_to(root).as_posix(), path=folder.resolve(), spec=spec, card=card)
+
+
+def versions(root: Path | None = None) -> list[Version]:
+    root = root or repo_root()
+    return [load_version(folder, root) for folder in version_folders(root)]
+
+
+def find_version(ref: str, root: Path | None = None) -> Version:
+    """Look a version up by id (``neuronets/deepbet/1.0.2``; the ``neuronets/`` may be left out) or folder path."""
+    root = root or repo_root()
+    candidate = Path(ref)
+    if candidate.is_dir() and (candidate / SPEC_FILE).is_file():
+        return load_version(candidate.resolve(), root)
+    ref = ref.strip("/")
+    if not ref.startswith(CATALOGUE_DIR + "/"):
+        ref = f"{CATALOGUE_DIR}/{ref}"
+    folder = root / ref
+    if not (folder / SPEC_FILE).is_file():
+        known = ", ".join(p.relative_to(root).as_posix() for p in version_folders(root)) or "none"
+        raise BrainzooError(f"{ref}: no such model version in {root} (known: {known})")
+    return load_version(folder, root)
+
+
+def resolve_weights(ref: str | os.PathLike, name: str | None = None) -> Path:
+    """A weights file to load: an existing file path as it is, or the weights of a catalogue version.
+
+    A version whose weights are not in this clone is an error that says how to get them.
+    """
+    if Path(ref).is_file():
+        return Path(ref)
+    weights = find_version(str(ref)).weights_file(name)
+    if not weights.published:
+        raise BrainzooError(f"{weights.version_id}: weights {weights.name!r} are not published yet; "
+                            f"produce them with: {' '.join(weights.entry['recipe']['argv'])}")
+    if not weights.present:
+        raise BrainzooError(f"{weights.path}: weights are not in this clone; run: brainzoo get {weights.version_id}")
+    return weights.path

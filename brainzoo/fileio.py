@@ -1,0 +1,40 @@
+"""Writing outputs so that a failure never leaves a partial file and nothing is overwritten silently."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from brainzoo.errors import BrainzooError
+
+
+def check_writable(path: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse to clobber an existing output unless ``force``; make sure the folder exists."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise BrainzooError(f"{path}: already exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise BrainzooError(f"{path}: folder {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds.
+
+    The temporary name keeps the final suffix (``.nii.gz``, ``.h5``) so writers that infer the format
+    from the name still work.
+    """
+    path = check_writable(path, force)
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

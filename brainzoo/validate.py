@@ -1,0 +1,171 @@
+"""Catalogue validation: JSON Schemas plus the rules a schema cannot express.
+
+Every problem is reported as ``<file>: <field>: <what is wrong>`` so the user knows where to look.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import jsonschema
+
+from brainzoo import annex, catalogue
+from brainzoo.errors import BrainzooError
+
+
+@lru_cache(maxsize=None)
+def schema(name: str) -> jsonschema.protocols.Validator:
+    text = resources.files("brainzoo").joinpath("schemas", f"{name}.schema.json").read_text()
+    return jsonschema.Draft202012Validator(json.loads(text))
+
+
+def _field(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
+
+
+def schema_problems(name: str, data: dict, file: Path) -> Iterator[str]:
+    for err in sorted(schema(name).iter_errors(data), key=lambda e: list(map(str, e.absolute_path))):
+        yield f"{file}: {_field(err.absolute_path)}: {_schema_message(err)}"
+
+
+def _schema_message(err: jsonschema.ValidationError) -> str:
+    """Say which alternative was meant when a weights entry matches neither form."""
+    if err.validator == "oneOf" and isinstance(err.instance, dict) and "path" in err.instance:
+        return ("a weights entry needs either sha256 + size + sources (published) "
+                "or upstream + recipe (to be produced by conversion), not both")
+    return err.message
+
+
+def inside(folder: Path, relative: str) -> bool:
+    """Whether a spec path stays inside its version folder (no absolute paths, no escaping ``..``)."""
+    if Path(relative).is_absolute():
+        return False
+    return (folder / relative).resolve().is_relative_to(folder.resolve())
+
+
+def _paths_in(data, trail=()) -> Iterator[tuple[tuple, str]]:
+    """Every string under a key called ``path`` or ``file`` anywhere in a spec."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in ("path", "file") and isinstance(value, str):
+                yield trail + (key,), value
+            else:
+                yield from _paths_in(value, trail + (key,))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _paths_in(value, trail + (i,))
+
+
+def entry_point_problems(entry_point: dict, where: str) -> Iterator[str]:
+    """Each ``{placeholder}`` of an argv template names a declared option whose default has its type."""
+    options = entry_point.get("options", {})
+    for i, word in enumerate(entry_point.get("argv", [])):
+        for _, name, _, _ in string.Formatter().parse(word):
+            if name and name not in options:
+                yield f"{where}.argv[{i}]: placeholder {{{name}}} is not declared in options"
+    types = {"int": int, "float": (int, float), "bool": bool, "str": str, "path": str}
+    for name, option in options.items():
+        if "default" in option and not isinstance(option["default"], types.get(option.get("type"), object)):
+            yield f"{where}.options.{name}.default: {option['default']!r} is not of type {option.get('type')}"
+
+
+def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
+    """Everything wrong with one version folder."""
+    spec_file, card_file = version_folder / catalogue.SPEC_FILE, version_folder / catalogue.CARD_FILE
+    rel = version_folder.relative_to(root)
+    try:
+        spec = catalogue.read_yaml(spec_file)
+        card = catalogue.read_yaml(card_file)
+    except BrainzooError as err:
+        yield str(err)
+        return
+    yield from schema_problems("spec", spec, spec_file.relative_to(root))
+    yield from schema_problems("card", card, card_file.relative_to(root))
+    spec_rel, card_rel = spec_file.relative_to(root), card_file.relative_to(root)
+
+    parts = rel.parts  # neuronets/<model>/<semver>[/<variant>]
+    if len(parts) not in (3, 4) or not re.fullmatch(r"\d+\.\d+\.\d+", parts[2]):
+        yield f"{spec_rel}: (folder): version folders are neuronets/<model>/<semver>[/<variant>], got {rel}"
+        return
+    expected = {"id": rel.as_posix(), "model": parts[1], "version": parts[2]}
+    if len(parts) == 4:
+        expected["variant"] = parts[3]
+    for key, value in expected.items():
+        if spec.get(key) != value:
+            yield f"{spec_rel}: {key}: {spec.get(key)!r} does not match the folder (expected {value!r})"
+    card_version = card.get("Model_details", {}).get("Model_version") if isinstance(card.get("Model_details"), dict) else None
+    if card_version != parts[2]:
+        yield f"{card_rel}: Model_details.Model_version: {card_version!r} does not match the folder semver {parts[2]!r}"
+
+    for trail, value in _paths_in(spec):
+        if not inside(version_folder, value):
+            yield f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder"
+    if isinstance(spec.get("inference"), dict) and isinstance(spec["inference"].get("entry_point"), dict):
+        yield from (f"{spec_rel}: {p}" for p in entry_point_problems(spec["inference"]["entry_point"], "inference.entry_point"))
+    for i, entry in enumerate(spec.get("weights") or []):
+        if isinstance(entry, dict):
+            yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
+
+
+def weights_problems(entry: dict, where: str, version_folder: Path) -> Iterator[str]:
+    """A published weights entry must be an annexed file whose key matches its sha256 and size."""
+    if "recipe" in entry:
+        yield from entry_point_problems(entry["recipe"], f"{where}.recipe")
+    if not all(k in entry for k in ("sha256", "size", "path")) or not inside(version_folder, entry["path"]):
+        return
+    path = version_folder / entry["path"]
+    key = annex.annex_key_of(path)
+    if key is None:
+        yield f"{where}.path: {entry['path']} is not an annexed file (missing, or committed to git directly)"
+        return
+    want = annex.expected_key(entry["sha256"], entry["size"], path)
+    if key != want:
+        yield f"{where}.sha256: annexed key {key} does not match the spec's sha256/size ({want})"
+
+
+def index_problems(root: Path) -> Iterator[str]:
+    """The top-level index lists exactly the version folders on disk, with matching ids and tasks."""
+    index_file = root / catalogue.INDEX_FILE
+    try:
+        index = catalogue.read_yaml(index_file)
+    except BrainzooError as err:
+        yield str(err)
+        return
+    yield from schema_problems("index", index, Path(catalogue.INDEX_FILE))
+    listed = {}
+    for i, item in enumerate(index.get("catalogue") or []):
+        if not isinstance(item, dict) or "path" not in item:
+            continue
+        listed[item["path"]] = item
+        folder = root / item["path"]
+        if item.get("id") != item["path"]:
+            yield f"{catalogue.INDEX_FILE}: catalogue[{i}].id: {item.get('id')!r} differs from its path {item['path']!r}"
+        if not (folder / catalogue.SPEC_FILE).is_file():
+            yield f"{catalogue.INDEX_FILE}: catalogue[{i}].path: {item['path']} has no {catalogue.SPEC_FILE}"
+            continue
+        try:
+            task = catalogue.read_yaml(folder / catalogue.SPEC_FILE).get("task")
+        except BrainzooError:
+            continue  # reported with the version
+        if item.get("task") != task:
+            yield f"{catalogue.INDEX_FILE}: catalogue[{i}].task: {item.get('task')!r} but the spec says {task!r}"
+    for folder in catalogue.version_folders(root):
+        rel = folder.relative_to(root).as_posix()
+        if rel not in listed:
+            yield f"{catalogue.INDEX_FILE}: catalogue: version {rel} is not listed"
+
+
+def validate(root: Path) -> Iterator[dict]:
+    """One record per version folder plus one for the index; status ``error`` lists the problems."""
+    checks = [(catalogue.INDEX_FILE, index_problems(root))]
+    checks += [(f.relative_to(root).as_posix(), version_problems(f, root)) for f in catalogue.version_folders(root)]
+    for path, problems in checks:
+        problems = list(problems)
+        yield {"action": "validate", "path": path, "status": "error" if problems else "ok",
+               "message": "\n".join(problems)}

@@ -1,0 +1,114 @@
+"""The catalogue operations behind the CLI: each yields result records (DataLad style).
+
+A record is a dict with at least ``action``, ``path`` (or ``id``), ``status`` (ok, notneeded,
+impossible, error) and ``message``. The CLI renders records as text or JSON and exits non-zero when
+any record is an error, so batch work reports every item and never stops silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+from brainzoo import annex, catalogue
+from brainzoo.catalogue import Version, WeightsFile
+
+
+def bootstrap(root: Path) -> Iterator[dict]:
+    """Make a clone usable offline: annex init, in-repo store, its contents, web URLs, OSF sibling."""
+    annex.init(root)
+    yield {"action": "bootstrap", "path": ".", "status": "ok", "message": "git-annex initialised"}
+    annex.ensure_store(root)
+    count = annex.record_store_contents(root)
+    yield {"action": "bootstrap", "path": annex.STORE_DIR, "status": "ok",
+           "message": f"{annex.STORE_NAME} registered; holds {count} weights file(s)"}
+    urls = {w.path: [s["url"] for s in w.sources if s["type"] in ("web", "osf") and "url" in s]
+            for v in catalogue.versions(root) for w in v.weights if w.published}
+    registered = annex.register_urls(root, {p: u for p, u in urls.items() if u})
+    yield {"action": "bootstrap", "path": ".", "status": "ok", "message": f"{registered} web URL(s) registered"}
+    yield {"action": "bootstrap", "path": annex.OSF_NAME, "status": "ok", "message": annex.ensure_osf(root)}
+
+
+def weights_summary(version: Version) -> dict:
+    files = version.weights
+    published = [w for w in files if w.published]
+    return {"weights_files": len(files), "weights_published": len(published),
+            "weights_present": sum(w.present for w in published),
+            "weights_bytes": sum(w.size for w in published)}
+
+
+def list_versions(root: Path) -> Iterator[dict]:
+    for version in catalogue.versions(root):
+        spec = version.spec
+        yield {"action": "list", "id": version.id, "status": "ok", "message": "",
+               "model": spec.get("model"), "version": spec.get("version"), "variant": spec.get("variant", ""),
+               "task": spec.get("task"), "contrast": ",".join(spec.get("inference", {}).get("input", {}).get("contrast", [])),
+               **weights_summary(version)}
+
+
+def info(ref: str, root: Path) -> Iterator[dict]:
+    version = catalogue.find_version(ref, root)
+    card = version.card
+    yield {"action": "info", "id": version.id, "status": "ok", "message": "",
+           "task": version.task, "architecture": version.spec["architecture"],
+           "input": version.spec["inference"]["input"], "preprocessing": version.spec["inference"]["preprocessing"],
+           "output": version.spec["inference"]["output"],
+           "weights": [dict(w.entry, present=w.present) for w in version.weights],
+           "license": card.get("License"), "citation": card.get("Citation"), "metrics": card.get("Metrics"),
+           **weights_summary(version)}
+
+
+def get(ref: str, root: Path, source: str | None = None) -> Iterator[dict]:
+    """Fetch every published weights file of a version; unpublished ones say how to produce them."""
+    version = catalogue.find_version(ref, root)
+    to_fetch = []
+    for weights in version.weights:
+        if weights.published:
+            to_fetch.append(str(weights.path.relative_to(root)))
+        else:
+            yield {"action": "get", "path": str(weights.path.relative_to(root)), "status": "impossible",
+                   "message": "not published: produce it by conversion with `"
+                              + " ".join(weights.entry["recipe"]["argv"]) + "` (upstream: "
+                              + weights.entry["upstream"]["url"] + ")"}
+    if to_fetch:
+        yield from annex.get(root, to_fetch, source=source)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def published_weights(root: Path) -> list[WeightsFile]:
+    return [w for v in catalogue.versions(root) for w in v.weights if w.published]
+
+
+def verify(root: Path, remote: str | None = None) -> Iterator[dict]:
+    """git-annex fsck of every present weights file and sha256 against the spec; or, with ``remote``,
+    that the remote holds every published weights file."""
+    weights = published_weights(root)
+    if remote:
+        paths = [str(w.path.relative_to(root)) for w in weights]
+        yield from (dict(r, action="verify") for r in annex.fsck(root, paths, remote=remote)) if paths else ()
+        return
+    present = [w for w in weights if w.present]
+    for w in weights:
+        if not w.present:
+            yield {"action": "verify", "path": str(w.path.relative_to(root)), "status": "notneeded",
+                   "message": f"not present; `brainzoo get {w.version_id}` fetches it"}
+    if not present:
+        return
+    fsck_status = {r["path"]: r for r in annex.fsck(root, [str(w.path.relative_to(root)) for w in present])}
+    for w in present:
+        rel = str(w.path.relative_to(root))
+        record = fsck_status.get(rel, {"status": "error", "message": "git-annex fsck did not report this file"})
+        actual = sha256_of(w.path)
+        problems = [record["message"]] if record["status"] != "ok" else []
+        if actual != w.sha256:
+            problems.append(f"sha256 {actual} differs from the spec's {w.sha256}")
+        yield {"action": "verify", "path": rel, "status": "error" if problems else "ok",
+               "message": "; ".join(problems) or "git-annex fsck ok; sha256 matches the spec"}
