@@ -197,9 +197,9 @@ def get(root: Path, paths: list[str], source: str | None = None) -> Iterator[dic
                       result_renderer="disabled", return_type="generator"):
         if res.get("type") != "file":
             continue
-        message = res.get("message") or ""
-        if isinstance(message, tuple):
-            message = message[0] % message[1:]
+        message = res.get("error_message") or res.get("message") or ""
+        if isinstance(message, (tuple, list)):
+            message = message[0] % tuple(message[1:])
         yield {"action": "get", "path": res["path"], "status": res["status"], "message": message}
 
 

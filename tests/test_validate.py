@@ -1,0 +1,100 @@
+"""`brainzoo validate`: passes on good catalogues, and names the file and field of each problem."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from brainzoo.validate import validate
+from conftest import REPO, brainzoo
+
+TOY = "neuronets/toy/0.1.0"
+
+
+def problems(root) -> str:
+    return "\n".join(r["message"] for r in validate(root) if r["status"] == "error")
+
+
+def edit_yaml(path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture
+def catalogue(toy_dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_dataset, copy, symlinks=True)
+    return copy
+
+
+def test_the_repository_catalogue_is_valid():
+    result = brainzoo("validate", cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_toy_catalogue_is_valid(catalogue):
+    assert problems(catalogue) == ""
+
+
+@pytest.mark.parametrize("file, change, expected", [
+    ("model_card.yaml", lambda c: c.pop("Ethical_considerations"),
+     f"{TOY}/model_card.yaml: (top level): 'Ethical_considerations' is a required property"),
+    ("model_card.yaml", lambda c: c["Model_details"].update(Model_version="0.2.0"),
+     f"{TOY}/model_card.yaml: Model_details.Model_version: '0.2.0' does not match the folder semver '0.1.0'"),
+    ("spec.yaml", lambda s: s.update(version="1.0.0"),
+     f"{TOY}/spec.yaml: version: '1.0.0' does not match the folder (expected '0.1.0')"),
+    ("spec.yaml", lambda s: s["weights"][0].pop("sha256"),
+     f"{TOY}/spec.yaml: weights[0]: a weights entry needs either sha256 + size + sources"),
+    ("spec.yaml", lambda s: s["weights"][0].update(path="../../other/weights/model.h5"),
+     f"{TOY}/spec.yaml: weights[0].path: path '../../other/weights/model.h5' escapes the version folder"),
+    ("spec.yaml", lambda s: s["weights"][0].update(path="/etc/passwd"),
+     f"{TOY}/spec.yaml: weights[0].path: path '/etc/passwd' escapes the version folder"),
+    ("spec.yaml", lambda s: s["weights"][0].update(sha256="a" * 64),
+     f"{TOY}/spec.yaml: weights[0].sha256: annexed key SHA256E-s4096--"),
+    ("spec.yaml", lambda s: s["inference"]["entry_point"]["argv"].append("{gpu}"),
+     f"{TOY}/spec.yaml: inference.entry_point.argv[9]: placeholder {{gpu}} is not declared in options"),
+    ("spec.yaml", lambda s: s["inference"]["entry_point"].update(argv=["python3 predict.py {infile}"]),
+     f"{TOY}/spec.yaml: inference.entry_point.argv[0]: 'python3 predict.py {{infile}}' does not match"),
+    ("spec.yaml", lambda s: s["inference"]["entry_point"]["options"]["threshold"].update(default="half"),
+     f"{TOY}/spec.yaml: inference.entry_point.options.threshold.default: 'half' is not of type float"),
+])
+def test_each_problem_names_file_and_field(catalogue, file, change, expected):
+    edit_yaml(catalogue / TOY / file, change)
+    assert expected in problems(catalogue)
+    assert brainzoo("validate", cwd=catalogue).returncode == 1
+
+
+def test_malformed_yaml_is_named(catalogue):
+    (catalogue / TOY / "spec.yaml").write_text("id: [unclosed\n")
+    assert f"{catalogue / TOY / 'spec.yaml'}: malformed YAML" in problems(catalogue)
+
+
+def test_weights_committed_to_git_instead_of_annexed(catalogue):
+    weights = catalogue / TOY / "weights/model.h5"
+    content = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(content)
+    assert "weights/model.h5 is not an annexed file" in problems(catalogue)
+
+
+def test_index_must_list_every_version_with_its_task(catalogue):
+    edit_yaml(catalogue / "spec.yaml", lambda i: i["catalogue"][0].update(task="brain-age"))
+    assert "spec.yaml: catalogue[0].task: 'brain-age' but the spec says 'brain-extraction'" in problems(catalogue)
+    edit_yaml(catalogue / "spec.yaml", lambda i: i.update(catalogue=[]))
+    assert f"spec.yaml: catalogue: version {TOY} is not listed" in problems(catalogue)
+
+
+def test_unpublished_weights_need_upstream_and_recipe(catalogue):
+    def to_recipe(spec):
+        spec["weights"][0] = {
+            "name": "model", "path": "weights/model.h5",
+            "upstream": {"url": "https://example.org/model.p", "license": "MIT"},
+            "recipe": {"argv": ["brainzoo", "convert", "--arch", "sfcn", "{src}", "weights/model.h5"],
+                       "options": {"src": {"type": "path", "help": "upstream checkpoint"}}}}
+    edit_yaml(catalogue / TOY / "spec.yaml", to_recipe)
+    assert problems(catalogue) == ""
+    edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["weights"][0].pop("upstream"))
+    assert "weights[0]: a weights entry needs either" in problems(catalogue)
