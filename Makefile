@@ -29,7 +29,8 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/brainzoo demo
+	$(BIN)/brainzoo list
+	$(BIN)/brainzoo verify
 
 # Re-resolve both requirement files in a throw-away venv and write the pins.
 lock:
