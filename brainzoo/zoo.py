@@ -71,8 +71,14 @@ def get(ref: str, root: Path, source: str | None = None) -> Iterator[dict]:
                    "message": "not published: produce it by conversion with `"
                               + " ".join(weights.entry["recipe"]["argv"]) + "` (upstream: "
                               + weights.entry["upstream"]["url"] + ")"}
-    if to_fetch:
-        yield from annex.get(root, to_fetch, source=source)
+    if not to_fetch:
+        return
+    if annex.git_config(root, f"remote.{annex.STORE_NAME}.annex-uuid") is None:
+        yield from bootstrap(root)  # a clone nobody has set up yet: git-annex knows no source
+    for record in annex.get(root, to_fetch, source=source):
+        if record["status"] in ("ok", "notneeded") and not (root / record["path"]).exists():
+            record = dict(record, status="error", message=f"content still missing after get: {record['message']}")
+        yield record
 
 
 def sha256_of(path: Path) -> str:
