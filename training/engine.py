@@ -1,0 +1,222 @@
+"""The training loop: spec-driven, checkpointed, exactly resumable, and distributed.
+
+Exact resumption rests on three facts. The data for epoch ``e`` is a pure function of ``(seed, e)``,
+so after a restart the loop rebuilds that epoch and skips the batches already consumed. Model,
+optimizer, step counter, learning rate, early-stopping state and the history are all in one
+``tf.train.Checkpoint``, whose index file TensorFlow replaces atomically, so a ``kill -9`` at any
+moment leaves the previous checkpoint usable. Random layers (dropout) draw from ``tf.random.Generator``
+objects whose states are in the checkpoint too, so the draws after a restart are the ones an
+uninterrupted run would have made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from brainzoo.errors import BrainzooError
+from brainzoo.fileio import atomic_output
+from brainzoo.training.objectives import Objective, optimizer as make_optimizer
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainingPlan:
+    """The parts of a spec's ``training`` section that drive the loop."""
+
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    loss: dict
+    optimizer: dict
+    seed: int = 0
+    checkpoint_every_steps: int = 50
+    early_stopping: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, training: dict, **overrides) -> "TrainingPlan":
+        known = {k: v for k, v in {**training, **overrides}.items() if k in cls.__dataclass_fields__ and v is not None}
+        missing = {"epochs", "steps_per_epoch", "batch_size", "loss", "optimizer"} - known.keys()
+        if missing:
+            raise BrainzooError(f"training: missing {', '.join(sorted(missing))}")
+        return cls(**known, extra={k: v for k, v in training.items() if k not in cls.__dataclass_fields__})
+
+
+def strategy_from_environment() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy when TF_CONFIG names a cluster, else MirroredStrategy on this machine."""
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy()
+
+
+def is_chief() -> bool:
+    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = config.get("task", {})
+    return task.get("type", "chief") == "chief" or (task.get("type") == "worker" and task.get("index", 0) == 0
+                                                     and "chief" not in config.get("cluster", {}))
+
+
+def worker_dir(out_dir: Path) -> Path:
+    """Non-chief workers must write checkpoints too (collectives), but to a private scratch folder."""
+    if is_chief():
+        return out_dir
+    task = json.loads(os.environ["TF_CONFIG"])["task"]
+    return out_dir / f".worker-{task['type']}-{task['index']}"
+
+
+def random_generators(model: tf.keras.Model) -> list[tf.random.Generator]:
+    """The generators behind the model's random layers, created now so the checkpoint can hold them."""
+    generators = []
+    for layer in model.submodules:
+        keras_rng = getattr(layer, "_random_generator", None)
+        if keras_rng is not None and hasattr(keras_rng, "_maybe_init"):
+            keras_rng._maybe_init()
+            if getattr(keras_rng, "_generator", None) is not None:
+                generators.append(keras_rng._generator)
+    return generators
+
+
+def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], tf.data.Dataset],
+        validation_data: Callable[[], tf.data.Dataset] | None, plan: TrainingPlan, out_dir: Path,
+        strategy: tf.distribute.Strategy | None = None, progress: bool = True) -> dict:
+    """Train (or resume) into ``out_dir``; returns the final metrics record (also in metrics.json).
+
+    ``train_data(epoch)`` yields ``(x, y)`` batches of the *global* batch size for that epoch and must
+    be deterministic given the epoch; ``validation_data()`` likewise, or None.
+    """
+    strategy = strategy or strategy_from_environment()
+    out_dir = Path(out_dir)
+    scratch = worker_dir(out_dir)
+    scratch.mkdir(parents=True, exist_ok=True)
+    objective = Objective(plan.loss)
+    total_steps = plan.epochs * plan.steps_per_epoch
+
+    with strategy.scope():
+        tf.keras.backend.experimental.enable_tf_random_generator()
+        tf.keras.utils.set_random_seed(plan.seed)
+        model = build_model()
+        generators = random_generators(model)
+        opt = make_optimizer(plan.optimizer, plan.epochs, plan.steps_per_epoch)
+    # Loop bookkeeping stays outside the strategy: each worker keeps its own (identical) copy.
+    state = {
+        "step": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "best": tf.Variable(np.inf, dtype=tf.float64, trainable=False),
+        "epochs_without_improvement": tf.Variable(0, dtype=tf.int64, trainable=False),
+        "history": tf.Variable("[]", dtype=tf.string, trainable=False),
+    }
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt, rng=generators, **state)
+    manager = tf.train.CheckpointManager(checkpoint, scratch / CHECKPOINT_DIR, max_to_keep=2)
+    latest = tf.train.latest_checkpoint(out_dir / CHECKPOINT_DIR)  # every worker resumes from the chief's
+    if latest:
+        checkpoint.restore(latest).expect_partial()
+    history = json.loads(state["history"].numpy().decode())
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            pred = model(x, training=True)
+            per_example = objective.per_example_loss(y, pred)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=plan.batch_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    @tf.function
+    def distributed_train_step(x, y):
+        losses = strategy.run(train_step, args=(x, y))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+
+    @tf.function
+    def eval_step(x, y):
+        pred = model(x, training=False)
+        return objective.per_example_metric(y, pred), objective.per_example_loss(y, pred)
+
+    def evaluate() -> dict:
+        if validation_data is None:
+            return {}
+        metrics, losses = [], []
+        for x, y in validation_data():
+            m, l = eval_step(x, y)
+            metrics.append(m.numpy())
+            losses.append(l.numpy())
+        metrics, losses = np.concatenate(metrics), np.concatenate(losses)
+        return {f"val_{objective.metric}": float(metrics.mean()), "val_loss": float(losses.mean()), "val_n": int(len(metrics))}
+
+    writer = tf.summary.create_file_writer(str(scratch / "tensorboard"))
+    monitor = (plan.early_stopping or {}).get("monitor", f"val_{objective.metric}")
+    higher_is_better = monitor.endswith("dice")
+    step = int(state["step"].numpy())
+    stopped_early = False
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
+    started = time.perf_counter()
+    while step < total_steps and not stopped_early:
+        epoch, offset = divmod(step, plan.steps_per_epoch)
+        batches = train_data(epoch).skip(offset).take(plan.steps_per_epoch - offset)
+        for x, y in strategy.experimental_distribute_dataset(batches):
+            loss = float(distributed_train_step(x, y))
+            step += 1
+            state["step"].assign(step)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
+            with writer.as_default(step=step):
+                tf.summary.scalar("loss", loss)
+            if step % plan.checkpoint_every_steps == 0 and step % plan.steps_per_epoch:
+                manager.save(checkpoint_number=step)
+        if step % plan.steps_per_epoch:
+            raise BrainzooError(f"training data for epoch {epoch} ended after {step % plan.steps_per_epoch} of "
+                                f"{plan.steps_per_epoch} steps; use fewer steps_per_epoch or repeat the data")
+        record = {"epoch": epoch + 1, "step": step, "loss": loss, **evaluate()}
+        with writer.as_default(step=step):
+            for key, value in record.items():
+                if key.startswith("val_") and key != "val_n":
+                    tf.summary.scalar(key, value)
+        history.append(record)
+        stopped_early = _early_stopping_and_plateau(record, plan, state, opt, monitor, higher_is_better)
+        state["history"].assign(json.dumps(history))
+        manager.save(checkpoint_number=step)
+    bar.close()
+    writer.flush()
+
+    result = {"steps": step, "epochs": len(history), "stopped_early": stopped_early,
+              "seconds_this_run": round(time.perf_counter() - started, 3), "history": history,
+              **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}}
+    with atomic_output(scratch / "model.h5", force=True) as tmp:
+        model.save(tmp, save_format="h5")  # every worker takes part in reading mirrored variables
+    if is_chief():
+        with atomic_output(out_dir / "metrics.json", force=True) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+    else:
+        shutil.rmtree(scratch)
+    return result
+
+
+def _early_stopping_and_plateau(record: dict, plan: TrainingPlan, state: dict, opt: tf.keras.optimizers.Optimizer,
+                                monitor: str, higher_is_better: bool) -> bool:
+    """Update the best value, halve the learning rate on a plateau, say whether to stop."""
+    if monitor not in record:
+        return False
+    value = record[monitor] * (-1 if higher_is_better else 1)
+    if value < float(state["best"].numpy()):
+        state["best"].assign(value)
+        state["epochs_without_improvement"].assign(0)
+        return False
+    state["epochs_without_improvement"].assign_add(1)
+    waited = int(state["epochs_without_improvement"].numpy())
+    schedule = plan.optimizer.get("schedule", {})
+    if schedule.get("name") == "plateau" and waited % schedule.get("patience", 10) == 0:
+        opt.learning_rate.assign(opt.learning_rate * schedule.get("factor", 0.5))
+    patience = (plan.early_stopping or {}).get("patience")
+    return patience is not None and waited >= patience

@@ -1,0 +1,119 @@
+"""Losses, metrics and learning-rate schedules named in a spec's ``training`` section.
+
+Losses are per-example (shape ``(batch,)``) so the engine can average them over the *global* batch
+under any ``tf.distribute`` strategy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from brainzoo.errors import BrainzooError
+from brainzoo.models.sfcn import TARGET_EPSILON, bin_centres
+
+SMOOTH = 1e-6
+
+
+def gaussian_soft_labels(ages: tf.Tensor, centres: np.ndarray, step: float, sigma: float) -> tf.Tensor:
+    """TensorFlow twin of :func:`brainzoo.models.sfcn.soft_labels` (CDF differences over each bin)."""
+    ages = tf.reshape(tf.cast(ages, tf.float32), (-1, 1))
+    centres = tf.constant(centres, tf.float32)[None, :]
+
+    def erf(edge):
+        return tf.math.erf((edge - ages) / (sigma * np.sqrt(2.0)))
+
+    # Rounding can make a far-tail difference slightly negative, and log() of it NaN: clip at zero.
+    return tf.maximum(0.5 * (erf(centres + step / 2) - erf(centres - step / 2)), 0.0)
+
+
+class Objective:
+    """A loss plus the metric a card reports, for one kind of model output."""
+
+    def __init__(self, config: dict):
+        self.name = config["name"]
+        if self.name == "sfcn-kl":
+            bins = config["bins"]
+            self.step = float(bins["step"])
+            self.centres = bin_centres(bins["start"], bins["stop"], bins["step"])
+            self.sigma = float(config.get("sigma", 1.0))
+        elif self.name not in ("mse", "mae", "dice", "jaccard"):
+            raise BrainzooError(f"training.loss.name: unknown loss {self.name!r} (sfcn-kl, mse, mae, dice, jaccard)")
+
+    @property
+    def metric(self) -> str:
+        return "dice" if self.name in ("dice", "jaccard") else "mae"
+
+    def per_example_loss(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        y_pred = tf.cast(y_pred, tf.float32)
+        if self.name == "sfcn-kl":
+            target = gaussian_soft_labels(y_true, self.centres, self.step, self.sigma) + TARGET_EPSILON
+            return tf.reduce_sum(target * (tf.math.log(target) - y_pred), axis=-1)
+        if self.name in ("mse", "mae"):
+            error = tf.reshape(y_pred, (tf.shape(y_pred)[0], -1)) - tf.reshape(tf.cast(y_true, tf.float32), (tf.shape(y_pred)[0], -1))
+            return tf.reduce_mean(tf.square(error) if self.name == "mse" else tf.abs(error), axis=-1)
+        overlap, total = self._overlap(y_true, y_pred)
+        if self.name == "dice":
+            return 1.0 - (2.0 * overlap + SMOOTH) / (total + SMOOTH)
+        return 1.0 - (overlap + SMOOTH) / (total - overlap + SMOOTH)
+
+    @staticmethod
+    def _overlap(y_true, y_pred):
+        batch = tf.shape(y_pred)[0]
+        t = tf.reshape(tf.cast(y_true, tf.float32), (batch, -1))
+        p = tf.reshape(y_pred, (batch, -1))
+        return tf.reduce_sum(t * p, axis=-1), tf.reduce_sum(t, axis=-1) + tf.reduce_sum(p, axis=-1)
+
+    def per_example_metric(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        """Absolute age error (years) or hard Dice at 0.5, per example."""
+        y_pred = tf.cast(y_pred, tf.float32)
+        if self.metric == "dice":
+            overlap, total = self._overlap(y_true, tf.cast(y_pred > 0.5, tf.float32))
+            return (2.0 * overlap + SMOOTH) / (total + SMOOTH)
+        return tf.abs(self.predicted_age(y_pred) - tf.reshape(tf.cast(y_true, tf.float32), (-1,)))
+
+    def predicted_age(self, y_pred: tf.Tensor) -> tf.Tensor:
+        if self.name == "sfcn-kl":
+            return tf.reduce_sum(tf.exp(y_pred) * tf.constant(self.centres, tf.float32)[None, :], axis=-1)
+        return tf.reshape(y_pred, (-1,))
+
+
+@tf.keras.utils.register_keras_serializable(package="brainzoo")
+class PolynomialDecayPerEpoch(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """lr * (1 - epoch / epochs) ** power, the FLAIR project's "poly" schedule, stepped per epoch."""
+
+    def __init__(self, initial_learning_rate: float, epochs: int, steps_per_epoch: int, power: float = 0.9):
+        self.initial_learning_rate, self.epochs = initial_learning_rate, epochs
+        self.steps_per_epoch, self.power = steps_per_epoch, power
+
+    def __call__(self, step):
+        epoch = tf.cast(step // self.steps_per_epoch, tf.float32)
+        return self.initial_learning_rate * tf.pow(tf.maximum(1.0 - epoch / self.epochs, 0.0), self.power)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "epochs": self.epochs,
+                "steps_per_epoch": self.steps_per_epoch, "power": self.power}
+
+
+def learning_rate(config: dict, epochs: int, steps_per_epoch: int):
+    """A constant, ``poly`` or ``step`` schedule; ``plateau`` starts constant and the engine lowers it."""
+    lr = float(config["learning_rate"])
+    schedule = config.get("schedule", {"name": "constant"})
+    if schedule["name"] in ("constant", "plateau"):
+        return lr
+    if schedule["name"] == "poly":
+        return PolynomialDecayPerEpoch(lr, epochs, steps_per_epoch, schedule.get("power", 0.9))
+    if schedule["name"] == "step":
+        return tf.keras.optimizers.schedules.ExponentialDecay(
+            lr, decay_steps=schedule["every_epochs"] * steps_per_epoch, decay_rate=schedule["factor"], staircase=True)
+    raise BrainzooError(f"training.optimizer.schedule.name: unknown schedule {schedule['name']!r} (constant, poly, step, plateau)")
+
+
+def optimizer(config: dict, epochs: int, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    lr = learning_rate(config, epochs, steps_per_epoch)
+    decay = config.get("weight_decay")
+    if config["name"] == "sgd":
+        return tf.keras.optimizers.SGD(lr, momentum=config.get("momentum", 0.0), weight_decay=decay)
+    if config["name"] == "adam":
+        return tf.keras.optimizers.Adam(lr, weight_decay=decay)
+    raise BrainzooError(f"training.optimizer.name: unknown optimizer {config['name']!r} (sgd, adam)")
