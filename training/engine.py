@@ -46,7 +46,8 @@ class TrainingPlan:
 
     @classmethod
     def from_spec(cls, training: dict, **overrides) -> "TrainingPlan":
-        known = {k: v for k, v in {**training, **overrides}.items() if k in cls.__dataclass_fields__ and v is not None}
+        merged = {**training, **{k: v for k, v in overrides.items() if v is not None}}
+        known = {k: v for k, v in merged.items() if k in cls.__dataclass_fields__ and k != "extra"}
         missing = {"epochs", "steps_per_epoch", "batch_size", "loss", "optimizer"} - known.keys()
         if missing:
             raise BrainzooError(f"training: missing {', '.join(sorted(missing))}")
