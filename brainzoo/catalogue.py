@@ -19,6 +19,7 @@ CATALOGUE_DIR = "neuronets"
 INDEX_FILE = "spec.yaml"
 SPEC_FILE = "spec.yaml"
 CARD_FILE = "model_card.yaml"
+INDEX_HEADER = "# The catalogue index: every model version folder under neuronets/ (validated by `brainzoo validate`).\n"
 
 
 def repo_root(start: str | os.PathLike | None = None) -> Path:
@@ -149,6 +150,19 @@ def find_version(ref: str, root: Path | None = None) -> Version:
         known = ", ".join(p.relative_to(root).as_posix() for p in version_folders(root)) or "none"
         raise BrainzooError(f"{ref}: no such model version in {root} (known: {known})")
     return load_version(folder, root)
+
+
+def add_to_index(root: Path, version_id: str, task: str) -> None:
+    """List a version in the top-level index (replacing an earlier entry), keeping the index sorted."""
+    from brainzoo.fileio import atomic_output
+
+    index_file = root / INDEX_FILE
+    index = read_yaml(index_file)
+    entries = [e for e in index.get("catalogue") or [] if e["path"] != version_id]
+    entries.append({"id": version_id, "path": version_id, "task": task})
+    index["catalogue"] = sorted(entries, key=lambda e: e["path"])
+    with atomic_output(index_file, force=True) as tmp:
+        tmp.write_text(INDEX_HEADER + yaml.safe_dump(index, sort_keys=False))
 
 
 def resolve_weights(ref: str | os.PathLike, name: str | None = None) -> Path:
