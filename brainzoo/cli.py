@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+import yaml
 
 from brainzoo import __version__, catalogue, validate, zoo
 from brainzoo.errors import BrainzooError
@@ -71,10 +75,111 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="fsck present weights and compare sha256 with the specs")
     p.add_argument("--remote", help="instead check that this remote holds every published weights file")
     sub.add_parser("validate", parents=[common], help="check specs, cards and the index against the schemas")
+
+    p = sub.add_parser("tfrecords", parents=[common], help="convert a CSV/TSV table or a BIDS folder to TFRecords")
+    p.add_argument("table", help="CSV/TSV with a path column (and label or scalar columns), or a BIDS folder")
+    p.add_argument("out", help="output folder for shard-NNN.tfrec[.gz]")
+    p.add_argument("--kind", required=True, choices=["segmentation", "regression"])
+    p.add_argument("--label-column", default="label", help="label-volume column (segmentation)")
+    p.add_argument("--scalars", nargs="+", default=["age", "sex"], help="scalar columns, target first (regression)")
+    p.add_argument("--shard-size", type=int, default=32)
+    p.add_argument("--no-gzip", action="store_true")
+    p.add_argument("--force", action="store_true", help="replace shards already in OUT")
+
+    p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
+    p.add_argument("--arch", required=True, choices=[*CONVERTIBLE, *DEEPBET_NETWORKS],
+                   help="architecture of the checkpoint (deepbet-*: read from the installed deepbet package)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST: checkpoint and output .h5 (deepbet-*: DST only)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="builder option (YAML value)")
+    p.add_argument("--force", action="store_true", help="overwrite DST")
+
+    training_options = argparse.ArgumentParser(add_help=False)
+    training_options.add_argument("--train", required=True, help="training TFRecords (folder, glob or file)")
+    training_options.add_argument("--validation", help="held-out TFRecords for the metrics and early stopping")
+    for option in ("epochs", "steps-per-epoch", "batch-size", "seed", "checkpoint-every-steps"):
+        training_options.add_argument(f"--{option}", type=int, help="override the spec's training value")
+    training_options.add_argument("--force", action="store_true", help="replace an earlier, different run or version")
+    training_options.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("train", parents=[common, training_options], help="train a version's model as its spec says")
+    p.add_argument("spec", help="catalogue id, version folder or spec.yaml")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, model.h5, metrics.json")
+    p = sub.add_parser("transfer", parents=[common, training_options],
+                       help="fine-tune a catalogue version and write a new version folder")
+    p.add_argument("source", help="catalogue id to start from")
+    p.add_argument("dest", help="new version id, e.g. neuronets/sfcn-flair-ft/1.0.0")
+    p.add_argument("--bins", nargs=3, type=float, metavar=("START", "STOP", "STEP"), help="new age bins (SFCN)")
+    p.add_argument("--replace", action="append", default=[], help="layer name pattern to re-initialise (the head)")
+    p.add_argument("--freeze-epochs", type=int, default=0, help="epochs during which only --trainable layers learn")
+    p.add_argument("--trainable", action="append", default=[], help="layer name pattern trainable while frozen")
     return parser
 
 
+CONVERTIBLE = ("sfcn", "densenet169", "inception-resnet-v2", "agemapper-1mm", "agemapper-2mm")
+DEEPBET_NETWORKS = ("deepbet-bbox", "deepbet-segmentation")
+
+
+def convert_records(args: argparse.Namespace) -> Iterator[dict]:
+    """`brainzoo convert`: the record written beside the model, as a result record."""
+    expected = 1 if args.arch in DEEPBET_NETWORKS else 2
+    if len(args.paths) != expected:
+        raise BrainzooError(f"--arch {args.arch} takes {'DST' if expected == 1 else 'SRC DST'}, got {len(args.paths)} path(s)")
+    dst = Path(args.paths[-1])
+    if args.arch in DEEPBET_NETWORKS:
+        from brainzoo.models import deepbet_convert
+
+        record = deepbet_convert.convert(deepbet_convert.NETWORKS[args.arch.removeprefix("deepbet-")], dst,
+                                         dst.with_suffix(".json"), force=args.force)
+        difference = record["self_check"]["max_abs_difference"]
+    else:
+        from brainzoo import convert
+
+        options = {}
+        for item in args.option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise BrainzooError(f"--option {item!r}: expected KEY=VALUE")
+            options[key] = yaml.safe_load(value)
+        record = convert.convert_checkpoint(args.arch, args.paths[0], dst, options, force=args.force)
+        difference = record["self_check"].get("max_abs_difference")
+    yield {"action": "convert", "path": str(dst), "status": "ok",
+           "message": f"written with {dst.with_suffix('.json').name}; self-check max abs difference {difference}",
+           "record": record}
+
+
+def training_overrides(args: argparse.Namespace) -> dict:
+    return {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
+            "seed": args.seed, "checkpoint_every_steps": args.checkpoint_every_steps}
+
+
+def training_records(args: argparse.Namespace) -> Iterator[dict]:
+    from brainzoo.training import run as training_run
+    from brainzoo.training.tfrecords import read_bids, read_table, write_tfrecords
+
+    if args.command == "tfrecords":
+        table = read_bids(args.table, scalar_columns=args.scalars) if os.path.isdir(args.table) else read_table(
+            args.table, kind=args.kind, label_column=args.label_column, scalar_columns=args.scalars)
+        shards = write_tfrecords(table, args.out, kind=args.kind, shard_size=args.shard_size,
+                                 compress=not args.no_gzip, force=args.force, progress=not args.json)
+        yield {"action": "tfrecords", "path": args.out, "status": "ok", "message": f"{len(shards)} shard(s)",
+               "shards": [str(s) for s in shards]}
+    elif args.command == "train":
+        result = training_run.train(args.spec, args.train, args.validation, args.out, force=args.force,
+                                    progress=not args.no_progress, **training_overrides(args))
+        yield {"action": "train", "path": args.out, "status": "ok",
+               "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),
+               **{k: v for k, v in result.items() if k != "history"}}
+    else:
+        yield training_run.transfer(args.source, args.train, args.validation, args.dest,
+                                    options={"bins": args.bins} if args.bins else None, replace=args.replace,
+                                    freeze_epochs=args.freeze_epochs, trainable=args.trainable, force=args.force,
+                                    progress=not args.no_progress, **training_overrides(args))
+
+
 def run_command(args: argparse.Namespace) -> int:
+    if args.command in ("tfrecords", "train", "transfer"):
+        return emit(training_records(args), args.json)
+    if args.command == "convert":
+        return emit(convert_records(args), args.json)
     root = catalogue.repo_root()
     if args.command == "bootstrap":
         return emit(zoo.bootstrap(root), args.json)

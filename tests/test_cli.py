@@ -70,3 +70,11 @@ def test_get_sets_up_a_clone_nobody_bootstrapped(toy_dataset, tmp_path):
 def test_spec_round_trips_through_yaml(toy_dataset):
     spec = yaml.safe_load((toy_dataset / "neuronets/toy/0.1.0/spec.yaml").read_text())
     assert spec["weights"][0]["size"] == 4096 and len(spec["weights"][0]["sha256"]) == 64
+
+
+def test_convert_refuses_a_wrong_number_of_paths(tmp_path):
+    proc = brainzoo("convert", "--arch", "sfcn", str(tmp_path / "only.h5"), cwd=tmp_path)
+    assert proc.returncode == 1 and "--arch sfcn takes SRC DST, got 1 path(s)" in proc.stderr
+    proc = brainzoo("convert", "--arch", "sfcn", str(tmp_path / "missing.p"), str(tmp_path / "out.h5"), cwd=tmp_path)
+    assert proc.returncode == 1 and "missing.p" in proc.stderr
+    assert not (tmp_path / "out.h5").exists()
