@@ -98,23 +98,31 @@ def verify_remote(root: Path, name: str) -> None:
     run(["git", "annex", "verifyremote", name, "--safe", match.group(1)], root)
 
 
+def ensure_directory_remote(root: Path, name: str, folder: Path, uuid: str | None) -> str:
+    """(Re)register ``folder`` as the directory special remote ``name`` (under ``uuid`` when given);
+    returns its UUID. Follows a folder mounted somewhere else since the last time."""
+    local_uuid = git_config(root, f"remote.{name}.annex-uuid")
+    known_uuid = known_special_remotes(root).get(name, {}).get("uuid")
+    existing = local_uuid or known_uuid
+    if existing is not None and existing != uuid:
+        raise BrainzooError(f"{root}: a remote named {name} already exists (uuid {existing}) and is not the store "
+                            f"in {folder} (uuid {uuid or 'not yet assigned'}); use another name")
+    if local_uuid is not None:
+        run(["git", "config", f"remote.{name}.annex-directory", str(folder)], root)
+    elif known_uuid is not None:
+        run(["git", "annex", "enableremote", name, f"directory={folder}"], root)
+    else:
+        run(["git", "annex", "initremote", name, "type=directory", f"directory={folder}",
+             "encryption=none", *([f"uuid={uuid}"] if uuid else [])], root)
+    verify_remote(root, name)
+    return git_config(root, f"remote.{name}.annex-uuid")
+
+
 def ensure_store(root: Path) -> None:
     """(Re)register ``store/`` as the directory special remote ``inrepo-store`` in this clone."""
     store = root / STORE_DIR
     store.mkdir(exist_ok=True)
-    local_uuid = git_config(root, f"remote.{STORE_NAME}.annex-uuid")
-    if local_uuid == STORE_UUID:
-        if git_config(root, f"remote.{STORE_NAME}.annex-directory") != str(store):
-            run(["git", "config", f"remote.{STORE_NAME}.annex-directory", str(store)], root)
-    elif local_uuid is not None:
-        raise BrainzooError(f"{root}: remote {STORE_NAME} has uuid {local_uuid}, expected {STORE_UUID}; "
-                            f"remove it with `git remote remove {STORE_NAME}` and run `make setup` again")
-    elif STORE_NAME in known_special_remotes(root):
-        run(["git", "annex", "enableremote", STORE_NAME, f"directory={store}"], root)
-    else:
-        run(["git", "annex", "initremote", STORE_NAME, "type=directory", f"directory={store}",
-             "encryption=none", f"uuid={STORE_UUID}"], root)
-    verify_remote(root, STORE_NAME)
+    ensure_directory_remote(root, STORE_NAME, store, STORE_UUID)
 
 
 def store_keys(root: Path) -> set[str]:
@@ -193,7 +201,8 @@ def get(root: Path, paths: list[str], source: str | None = None) -> Iterator[dic
     tool_path()
     import datalad.api as dl
 
-    for res in dl.get(path=paths, dataset=str(root), source=source, on_failure="ignore",
+    # Absolute paths: DataLad reads relative ones against the current folder, not the dataset.
+    for res in dl.get(path=[str(root / p) for p in paths], dataset=str(root), source=source, on_failure="ignore",
                       result_renderer="disabled", return_type="generator"):
         if res.get("type") != "file":
             continue

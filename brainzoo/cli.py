@@ -11,7 +11,7 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
-from brainzoo import __version__, catalogue, validate, zoo
+from brainzoo import __version__, catalogue, mirror, publish, sources, validate, zoo
 from brainzoo.errors import BrainzooError
 
 
@@ -75,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="fsck present weights and compare sha256 with the specs")
     p.add_argument("--remote", help="instead check that this remote holds every published weights file")
     sub.add_parser("validate", parents=[common], help="check specs, cards and the index against the schemas")
+    p = sub.add_parser("publish", parents=[common], help="save a version and push its weights to the OSF sibling")
+    p.add_argument("model", help="catalogue id")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--osf-project", help="existing OSF project id (5 characters)")
+    where.add_argument("--new-osf-project", metavar="TITLE", help="create a new public OSF project")
+    p.add_argument("--dry-run", action="store_true", help="show every step without network or changes")
+    p = sub.add_parser("mirror", parents=[common], help="offline mirrors for air-gapped sites")
+    mirror_sub = p.add_subparsers(dest="mirror_command", required=True)
+    q = mirror_sub.add_parser("export", parents=[common], help="write weights into a git-annex store in DIR")
+    q.add_argument("dir")
+    q.add_argument("models", nargs="*", help="catalogue ids (default: every version whose weights are here)")
+    q = mirror_sub.add_parser("add", parents=[common], help="register a mirror folder in this clone")
+    q.add_argument("dir")
+    q.add_argument("--name", help="remote name (default: the one recorded in the mirror)")
 
     p = sub.add_parser("tfrecords", parents=[common], help="convert a CSV/TSV table or a BIDS folder to TFRecords")
     p.add_argument("table", help="CSV/TSV with a path column (and label or scalar columns), or a BIDS folder")
@@ -188,7 +202,14 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "info":
         return emit(zoo.info(args.model, root), args.json, table=info_text)
     if args.command == "get":
-        return emit(zoo.get(args.model, root, source=args.source), args.json)
+        return emit(sources.get(root, args.model, source=args.source), args.json)
+    if args.command == "publish":
+        return emit(publish.publish(root, args.model, osf_project=args.osf_project,
+                                    new_osf_project=args.new_osf_project, dry_run=args.dry_run), args.json)
+    if args.command == "mirror" and args.mirror_command == "export":
+        return emit(mirror.mirror_export(root, args.dir, args.models or None), args.json)
+    if args.command == "mirror":
+        return emit(mirror.mirror_add(root, args.dir, name=args.name), args.json)
     if args.command == "verify":
         return emit(zoo.verify(root, remote=args.remote), args.json)
     if args.command == "validate":

@@ -59,28 +59,6 @@ def info(ref: str, root: Path) -> Iterator[dict]:
            **weights_summary(version)}
 
 
-def get(ref: str, root: Path, source: str | None = None) -> Iterator[dict]:
-    """Fetch every published weights file of a version; unpublished ones say how to produce them."""
-    version = catalogue.find_version(ref, root)
-    to_fetch = []
-    for weights in version.weights:
-        if weights.published:
-            to_fetch.append(str(weights.path.relative_to(root)))
-        else:
-            yield {"action": "get", "path": str(weights.path.relative_to(root)), "status": "impossible",
-                   "message": "not published: produce it by conversion with `"
-                              + " ".join(weights.entry["recipe"]["argv"]) + "` (upstream: "
-                              + weights.entry["upstream"]["url"] + ")"}
-    if not to_fetch:
-        return
-    if annex.git_config(root, f"remote.{annex.STORE_NAME}.annex-uuid") is None:
-        yield from bootstrap(root)  # a clone nobody has set up yet: git-annex knows no source
-    for record in annex.get(root, to_fetch, source=source):
-        if record["status"] in ("ok", "notneeded") and not (root / record["path"]).exists():
-            record = dict(record, status="error", message=f"content still missing after get: {record['message']}")
-        yield record
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

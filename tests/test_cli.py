@@ -53,7 +53,7 @@ def test_info_reports_spec_card_and_presence(toy_dataset):
 def test_get_explains_how_to_obtain_unconverted_weights(toy_dataset):
     add_unconverted_version(toy_dataset)
     got = brainzoo("get", "neuronets/toy-age/1.0.0", "--json", cwd=toy_dataset)
-    [record] = json_records(got)
+    [record] = [r for r in json_records(got) if r["action"] == "get"]
     assert record["status"] == "impossible"
     assert "brainzoo convert --arch sfcn {src} weights/model.h5" in record["message"]
     assert "https://example.org/checkpoint.p" in record["message"]

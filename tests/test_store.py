@@ -13,8 +13,10 @@ from conftest import REPO, brainzoo, clone_main, sh
 TOY_WEIGHTS = "neuronets/toy/0.1.0/weights/model.h5"
 
 
-def records(proc) -> list[dict]:
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def records(proc, action: str) -> list[dict]:
+    """The JSON records of one action (get also reports the set-up steps it took first)."""
+    found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [r for r in found if r["action"] == action]
 
 
 def test_fresh_clone_gets_weights_from_the_store(toy_dataset, tmp_path):
@@ -25,10 +27,10 @@ def test_fresh_clone_gets_weights_from_the_store(toy_dataset, tmp_path):
     assert "holds 1 weights file" in boot.stdout
     got = brainzoo("get", "neuronets/toy/0.1.0", "--json", cwd=clone)
     assert got.returncode == 0, got.stdout + got.stderr
-    assert [r["status"] for r in records(got)] == ["ok"]
+    assert [r["status"] for r in records(got, "get")] == ["ok"]
     assert (clone / TOY_WEIGHTS).read_bytes() == (toy_dataset / TOY_WEIGHTS).read_bytes()
     verified = brainzoo("verify", "--json", cwd=clone)
-    assert verified.returncode == 0 and [r["status"] for r in records(verified)] == ["ok"]
+    assert verified.returncode == 0 and [r["status"] for r in records(verified, "verify")] == ["ok"]
 
 
 def test_bootstrap_is_idempotent_and_follows_a_moved_clone(toy_dataset, tmp_path):
@@ -60,7 +62,7 @@ def test_corrupted_store_object_is_rejected(toy_dataset, tmp_path):
     obj.write_bytes(b"x" * obj.stat().st_size)  # same size, wrong content
     got = brainzoo("get", "neuronets/toy/0.1.0", "--json", cwd=clone)
     assert got.returncode == 1
-    [record] = records(got)
+    [record] = records(got, "get")
     assert record["status"] == "error" and "verification" in record["message"].lower()
     assert not (clone / TOY_WEIGHTS).exists()
     assert not any((clone / ".git" / "annex" / "objects").rglob("SHA256E-*.h5"))
@@ -76,7 +78,7 @@ def test_verify_reports_a_spec_whose_sha256_disagrees(toy_dataset, tmp_path):
     spec_file.write_text(yaml.safe_dump(spec))
     verified = brainzoo("verify", "--json", cwd=clone)
     assert verified.returncode == 1
-    assert "differs from the spec" in records(verified)[0]["message"]
+    assert "differs from the spec" in records(verified, "verify")[0]["message"]
 
 
 def test_verify_remote_checks_the_store_holds_every_file(toy_dataset, tmp_path):
