@@ -1,0 +1,37 @@
+"""Keras reimplementations of published 3-D brain-MRI architectures.
+
+Every builder takes ``input_shape`` (depth, height, width, channels), its architecture's options,
+``weights`` (a catalogue id or a file path) and ``name``, and returns a ``tf.keras.Model``. Importing
+this package registers the custom layers, so ``tf.keras.models.load_model(path, compile=False)`` works.
+"""
+
+from brainzoo.models.agemapper import agemapper
+from brainzoo.models.densenet3d import densenet169_3d
+from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
+from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
+from brainzoo.models.unet import unet
+from brainzoo.models.sfcn import bin_centres, decode_age, kl_divergence_loss, sfcn, soft_labels
+
+BUILDERS = {
+    "sfcn": sfcn,
+    "agemapper": agemapper,
+    "densenet169_3d": densenet169_3d,
+    "inception_resnet_v2_3d": inception_resnet_v2_3d,
+    "unet": unet,
+}
+
+__all__ = [
+    "BUILDERS",
+    "ScaledResidual",
+    "TrilinearUpsampling3D",
+    "agemapper",
+    "bin_centres",
+    "decode_age",
+    "densenet169_3d",
+    "inception_resnet_v2_3d",
+    "kl_divergence_loss",
+    "pytorch_parameter_count",
+    "sfcn",
+    "soft_labels",
+    "unet",
+]

@@ -1,0 +1,256 @@
+"""PyTorch implementations of the brain-age architectures, written from docs/architectures.md.
+
+They exist to check the Keras ports and the converter against something independent of both:
+their module trees reproduce the original ``state_dict`` keys exactly, so an original checkpoint
+loads with ``strict=True``, and ``REFERENCES`` takes the same options as ``brainzoo.models.BUILDERS``.
+Import this module only where torch is installed (``brainzoo[torch]``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+
+def _pooled_block(in_channels: int, out_channels: int, bias: bool) -> nn.Sequential:
+    """Conv 3^3 (padding 1) -> BN -> MaxPool 2 -> ReLU: the block SFCN and AgeMapper share."""
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1, bias=bias), nn.BatchNorm3d(out_channels),
+                         nn.MaxPool3d(2, stride=2), nn.ReLU())
+
+
+class SFCN(nn.Module):
+    """SFCN (Peng et al. 2021). The classifier's average pool is global, which is the original
+    AvgPool3d([5, 6, 5]) at the published 160x192x160 input; the output is (N, n_bins) log-probabilities."""
+
+    def __init__(self, channels: Sequence[int] = (32, 64, 128, 256, 256, 64), n_bins: int = 40, dropout: float = 0.5):
+        super().__init__()
+        self.feature_extractor = nn.Sequential()
+        widths = (1, *channels)
+        for index in range(len(channels) - 1):
+            self.feature_extractor.add_module(f"conv_{index}",
+                                              _pooled_block(widths[index], widths[index + 1], bias=True))
+        self.feature_extractor.add_module(f"conv_{len(channels) - 1}", nn.Sequential(
+            nn.Conv3d(channels[-2], channels[-1], 1), nn.BatchNorm3d(channels[-1]), nn.ReLU()))
+        self.classifier = nn.Sequential()
+        self.classifier.add_module("average_pool", nn.AdaptiveAvgPool3d(1))
+        if dropout:
+            self.classifier.add_module("dropout", nn.Dropout(dropout))
+        self.classifier.add_module(f"conv_{len(channels)}", nn.Conv3d(channels[-1], n_bins, 1))
+
+    def forward(self, x):
+        return functional.log_softmax(self.classifier(self.feature_extractor(x)), dim=1).flatten(1)
+
+
+class AgeMapper(nn.Module):
+    """AgeMapper (Roibu et al. 2023); ``input_shape`` (depth, height, width, channels) fixes the first
+    Linear's width, as the original's 5x6x5 feature map does."""
+
+    def __init__(self, input_shape: Sequence[int] | None = None, resolution: str = "1mm",
+                 channels: Sequence[int] = (32, 64, 64, 64, 64), dropout_rates: Sequence[float] = (0.0, 0.0, 0.0)):
+        super().__init__()
+        upsample = resolution == "2mm"
+        input_shape = input_shape or ((80, 96, 80, 1) if upsample else (160, 192, 160, 1))
+        self.Upsample = nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True) if upsample else nn.Identity()
+        self.Feature_Extractor = nn.Sequential()
+        widths = (1, *channels)
+        for index in range(len(channels)):
+            self.Feature_Extractor.add_module(f"Convolution_{index}",
+                                              _pooled_block(widths[index], widths[index + 1], bias=False))
+        features = channels[-1]
+        for size in input_shape[:3]:
+            size *= 2 if upsample else 1
+            for _ in channels:
+                size //= 2
+            features *= size
+        self.FullyConnected = nn.Sequential()
+        for number, (in_width, out_width), rate in zip((3, 2, 1), ((features, 96), (96, 32), (32, 1)), dropout_rates):
+            if rate:
+                self.FullyConnected.add_module(f"Dropout_FullyConnected_{number}", nn.Dropout(rate))
+            self.FullyConnected.add_module(f"FullyConnected_{number}", nn.Linear(in_width, out_width))
+            if number > 1:
+                self.FullyConnected.add_module(f"ReluActivation_{number}", nn.ReLU())
+
+    def forward(self, x):
+        x = self.Feature_Extractor(self.Upsample(x))
+        return self.FullyConnected(x.flatten(1))
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, in_channels: int, growth_rate: int, bottleneck_width: int, dropout: float):
+        super().__init__()
+        layers = OrderedDict(norm1=nn.BatchNorm3d(in_channels), relu1=nn.ReLU(),
+                             conv1=nn.Conv3d(in_channels, bottleneck_width, 1, bias=False),
+                             norm2=nn.BatchNorm3d(bottleneck_width), relu2=nn.ReLU(),
+                             conv2=nn.Conv3d(bottleneck_width, growth_rate, 3, padding=1, bias=False))
+        if dropout:
+            layers["dropout"] = nn.Dropout(dropout)
+        self.layers = nn.Sequential(layers)
+
+    def forward(self, x):
+        return torch.cat([x, self.layers(x)], dim=1)
+
+
+class _DenseNet3d(nn.Module):
+    """MONAI's DenseNet module tree (``features``, ``class_layers``) for 3-D single-channel input."""
+
+    def __init__(self, block_layers: Sequence[int], n_outputs: int, dropout: float,
+                 stem_features: int = 64, growth_rate: int = 32, bn_size: int = 4):
+        super().__init__()
+        features = OrderedDict(conv0=nn.Conv3d(1, stem_features, 7, stride=2, padding=3, bias=False),
+                               norm0=nn.BatchNorm3d(stem_features), relu0=nn.ReLU(),
+                               pool0=nn.MaxPool3d(3, stride=2, padding=1))
+        channels = stem_features
+        for block, n_layers in enumerate(block_layers, start=1):
+            dense_block = nn.Sequential()
+            for layer in range(1, n_layers + 1):
+                dense_block.add_module(f"denselayer{layer}",
+                                       _DenseLayer(channels, growth_rate, bn_size * growth_rate, dropout))
+                channels += growth_rate
+            features[f"denseblock{block}"] = dense_block
+            if block < len(block_layers):
+                features[f"transition{block}"] = nn.Sequential(OrderedDict(
+                    norm=nn.BatchNorm3d(channels), relu=nn.ReLU(),
+                    conv=nn.Conv3d(channels, channels // 2, 1, bias=False), pool=nn.AvgPool3d(2, stride=2)))
+                channels //= 2
+        features["norm5"] = nn.BatchNorm3d(channels)
+        self.features = nn.Sequential(features)
+        self.class_layers = nn.Sequential(OrderedDict(relu=nn.ReLU(), pool=nn.AdaptiveAvgPool3d(1),
+                                                      flatten=nn.Flatten(1), out=nn.Linear(channels, n_outputs)))
+
+    def forward(self, x):
+        return self.class_layers(self.features(x))
+
+
+def DenseNet169(n_outputs: int = 1, dropout: float = 0.0) -> nn.Sequential:
+    """The FLAIR project's ``Sequential(monai densenet169(...), Linear(1, 1))``."""
+    return nn.Sequential(_DenseNet3d((6, 12, 32, 32), n_outputs, dropout), nn.Linear(n_outputs, n_outputs))
+
+
+class _Unit(nn.Module):
+    """Conv3d (bias) -> BN (eps 1e-3) -> ReLU, padding k // 2 on every axis."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1):
+        super().__init__()
+        kernel = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
+        self.bn = nn.BatchNorm3d(out_channels, eps=1e-3)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+def _chain(in_channels: int, specs) -> nn.Sequential:
+    """Units in sequence from (out_channels, kernel, stride) specs."""
+    units = []
+    for out_channels, kernel, stride in specs:
+        units.append(_Unit(in_channels, out_channels, kernel, stride))
+        in_channels = out_channels
+    return nn.Sequential(*units)
+
+
+def _pool() -> nn.MaxPool3d:
+    return nn.MaxPool3d(3, stride=2, padding=1)
+
+
+class _Concat(nn.Module):
+    """Runs the ``branch_*`` children on one input and concatenates their outputs in name order."""
+
+    def forward(self, x):
+        return torch.cat([branch(x) for name, branch in self.named_children() if name.startswith("branch_")], dim=1)
+
+
+class _Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = _chain(1, [(32, 3, 2), (32, 3, 1), (64, 3, 1)])
+        self.branch_a = _Unit(64, 96, 3, stride=2)
+        self.branch_b = _pool()
+        self.branch_0 = _chain(160, [(64, 1, 1), (96, 3, 1)])
+        self.branch_1 = _chain(160, [(64, 1, 1), (64, (1, 1, 7), 1), (64, (1, 7, 1), 1), (64, (7, 1, 1), 1),
+                                     (96, 3, 1)])
+        self.branch_2 = _Unit(192, 192, 3, stride=2)
+        self.branch_3 = _pool()
+
+    def forward(self, x):
+        x = self.features(x)
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        x = torch.cat([self.branch_0(x), self.branch_1(x)], dim=1)
+        return torch.cat([self.branch_2(x), self.branch_3(x)], dim=1)
+
+
+class _Residual(_Concat):
+    """ReLU(x + scale * Conv1^3(concat(branches))), the final ReLU optional."""
+
+    def __init__(self, channels: int, branches: Sequence[nn.Module], scale: float, activation: bool = True):
+        super().__init__()
+        for index, branch in enumerate(branches):
+            self.add_module(f"branch_{index}", branch)
+        self.conv = nn.Conv3d(sum(_width(b) for b in branches), channels, 1)
+        self.scale, self.activation = scale, activation
+
+    def forward(self, x):
+        x = x + self.scale * self.conv(super().forward(x))
+        return functional.relu(x) if self.activation else x
+
+
+def _width(branch: nn.Module) -> int:
+    return [m for m in branch.modules() if isinstance(m, nn.Conv3d)][-1].out_channels
+
+
+def _block_a(channels: int = 384) -> _Residual:
+    return _Residual(channels, [_Unit(channels, 32, 1), _chain(channels, [(32, 1, 1), (32, 3, 1)]),
+                                _chain(channels, [(32, 1, 1), (48, 3, 1), (64, 3, 1)])], 0.2)
+
+
+def _block_b(channels: int = 1152) -> _Residual:
+    return _Residual(channels, [_Unit(channels, 192, 1), _chain(channels, [
+        (128, 1, 1), (160, (1, 1, 7), 1), (160, (1, 7, 1), 1), (192, (7, 1, 1), 1)])], 0.2)
+
+
+def _block_c(channels: int = 2144, scale: float = 0.2, activation: bool = True) -> _Residual:
+    return _Residual(channels, [_Unit(channels, 192, 1), _chain(channels, [
+        (192, 1, 1), (224, (1, 1, 3), 1), (224, (1, 3, 1), 1), (256, (3, 1, 1), 1)])], scale, activation)
+
+
+def _reduction(branches: Sequence[nn.Module]) -> _Concat:
+    reduction = _Concat()
+    for index, branch in enumerate(branches):
+        reduction.add_module(f"branch_{index}", branch)
+    return reduction
+
+
+class InceptionResNetV2(nn.Module):
+    """The FLAIR project's 3-D Inception-ResNet-v2 with its Linear(1536, n) -> Linear(n, n) head."""
+
+    def __init__(self, n_outputs: int = 1, dropout: float = 0.2):
+        super().__init__()
+        self.features = nn.Sequential(
+            _Stem(),
+            *(_block_a() for _ in range(5)),
+            _reduction([_Unit(384, 384, 3, 2), _chain(384, [(256, 1, 1), (256, 3, 1), (384, 3, 2)]), _pool()]),
+            *(_block_b() for _ in range(10)),
+            _reduction([_chain(1152, [(256, 1, 1), (384, 3, 2)]), _chain(1152, [(256, 1, 1), (288, 3, 2)]),
+                        _chain(1152, [(256, 1, 1), (288, 3, 1), (320, 3, 2)]), _pool()]),
+            *(_block_c() for _ in range(4)),
+            _block_c(scale=1.0, activation=False),
+        )
+        self.conv = _Unit(2144, 1536, 1)
+        self.global_average_pooling = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Dropout(dropout))
+        self.linear = nn.Sequential(nn.Linear(1536, n_outputs), nn.Linear(n_outputs, n_outputs))
+
+    def forward(self, x):
+        return self.linear(self.global_average_pooling(self.conv(self.features(x))).flatten(1))
+
+
+# Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs).
+REFERENCES = {
+    "sfcn": SFCN,
+    "agemapper": AgeMapper,
+    "densenet169_3d": DenseNet169,
+    "inception_resnet_v2_3d": InceptionResNetV2,
+}

@@ -1,0 +1,158 @@
+"""The Keras architectures at small sizes, their custom layers, and SFCN's age-bin helpers.
+
+Published parameter counts and agreement with the original PyTorch code at full size are checked in
+test_convert.py, where the models are built at the published input shapes anyway.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brainzoo.errors import BrainzooError
+from brainzoo.models import (BUILDERS, ScaledResidual, TrilinearUpsampling3D, agemapper, bin_centres, decode_age,
+                             densenet169_3d, inception_resnet_v2_3d, kl_divergence_loss, pytorch_parameter_count,
+                             sfcn, soft_labels)
+
+# Standard normal mass within 0.5 of the mean, and between 0.5 and 1.5 on one side.
+MASS_CENTRE_BIN = 0.3829249225480262
+MASS_NEXT_BIN = 0.2417303374571288
+SAVING_HDF5 = pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+
+
+@pytest.mark.parametrize("builder, input_shape, options, output_shape", [
+    (sfcn, (32, 40, 36, 1), {}, (2, 40)),
+    (sfcn, (32, 32, 32, 1), {"channels": (8, 8, 8, 8, 8, 4), "n_bins": 10}, (2, 10)),
+    (agemapper, (32, 40, 36, 1), {}, (2, 1)),
+    (agemapper, (16, 20, 18, 1), {"resolution": "2mm", "dropout_rates": (0.1, 0.1, 0.1)}, (2, 1)),
+    (densenet169_3d, (29, 36, 32, 1), {"dropout": 0.1}, (2, 1)),
+    (inception_resnet_v2_3d, (8, 12, 10, 1), {"n_outputs": 2}, (2, 2)),
+], ids=["sfcn", "sfcn-narrow", "agemapper-1mm", "agemapper-2mm", "densenet169", "inception-resnet-v2"])
+def test_builds_and_runs_at_a_small_size(builder, input_shape, options, output_shape):
+    model = builder(input_shape=input_shape, **options)
+    output = model(np.random.default_rng(0).standard_normal((2, *input_shape)).astype(np.float32)).numpy()
+    assert output.shape == output_shape
+    assert np.isfinite(output).all()
+
+
+def test_sfcn_outputs_log_probabilities():
+    model = sfcn(input_shape=(32, 32, 32, 1))
+    log_probabilities = model(np.ones((3, 32, 32, 32, 1), np.float32)).numpy()
+    np.testing.assert_allclose(np.exp(log_probabilities).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_parameter_count_leaves_out_batchnorm_running_statistics():
+    model = agemapper(input_shape=(32, 32, 32, 1), channels=(4, 4, 4, 4, 4))
+    # Five conv (27 * in * 4, no bias) + BN (4 gamma + 4 beta), then dense 4->96->32->1 with biases.
+    convs = 27 * (1 * 4 + 4 * 4 * 4) + 5 * 8
+    dense = (4 * 96 + 96) + (96 * 32 + 32) + (32 + 1)
+    assert pytorch_parameter_count(model) == convs + dense
+    assert model.count_params() == convs + dense + 5 * 8  # Keras also counts the running mean and variance
+
+
+def test_builders_registry_holds_the_brain_age_builders():
+    brain_age = {"sfcn": sfcn, "agemapper": agemapper, "densenet169_3d": densenet169_3d,
+                 "inception_resnet_v2_3d": inception_resnet_v2_3d}
+    assert {name: BUILDERS.get(name) for name in brain_age} == brain_age
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: sfcn(input_shape=(16, 32, 32, 1)), "at least 32"),
+    (lambda: sfcn(input_shape=(32, 32, 32)), "(depth, height, width, channels)"),
+    (lambda: agemapper(resolution="3mm"), "resolution"),
+    (lambda: agemapper(input_shape=(None, None, None, 1)), "fixed spatial sizes"),
+    (lambda: densenet169_3d(input_shape=(28, 64, 64, 1)), "at least 29"),
+])
+def test_unusable_configurations_are_refused(call, message):
+    with pytest.raises(BrainzooError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_trilinear_upsampling_aligns_corners():
+    # Along depth, [0, 1, 3] -> 6 samples at 0, 0.4, 0.8, 1.2, 1.6, 2 (i * 2 / 5) of the input index.
+    volume = np.array([0.0, 1.0, 3.0], np.float32).reshape(1, 3, 1, 1, 1)
+    upsampled = TrilinearUpsampling3D(2)(volume).numpy()
+    assert upsampled.shape == (1, 6, 2, 2, 1)
+    np.testing.assert_allclose(upsampled[0, :, 1, 0, 0], [0.0, 0.4, 0.8, 1.4, 2.2, 3.0], rtol=1e-6)
+    np.testing.assert_array_equal(upsampled[0, :, 0], upsampled[0, :, 1])  # constant input axes stay constant
+
+
+def test_trilinear_upsampling_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    volume = np.random.default_rng(1).standard_normal((2, 5, 7, 4, 3)).astype(np.float32)
+    expected = torch.nn.Upsample(scale_factor=2, mode="trilinear", align_corners=True)(
+        torch.from_numpy(volume.transpose(0, 4, 1, 2, 3))).numpy().transpose(0, 2, 3, 4, 1)
+    np.testing.assert_allclose(TrilinearUpsampling3D(2)(volume).numpy(), expected, atol=1e-6)
+
+
+@SAVING_HDF5
+def test_models_with_custom_layers_save_and_load(tmp_path):
+    inputs = tf.keras.Input((4, 4, 4, 2))
+    upsampled = TrilinearUpsampling3D(2)(inputs)
+    outputs = ScaledResidual(0.2)([upsampled, tf.keras.layers.Conv3D(2, 1)(upsampled)])
+    model = tf.keras.Model(inputs, outputs)
+    volume = np.random.default_rng(2).standard_normal((1, 4, 4, 4, 2)).astype(np.float32)
+    model.save(tmp_path / "model.h5", save_format="h5")
+    loaded = tf.keras.models.load_model(tmp_path / "model.h5", compile=False)
+    np.testing.assert_allclose(loaded(volume).numpy(), model(volume).numpy(), atol=1e-6)
+    assert loaded.layers[1].get_config()["scale"] == 2 and loaded.layers[-1].get_config()["scale"] == 0.2
+
+
+@SAVING_HDF5
+def test_builders_load_weights_from_a_file(tmp_path):
+    source = agemapper(input_shape=(32, 32, 32, 1))
+    source.save(tmp_path / "agemapper.h5", save_format="h5")
+    loaded = agemapper(input_shape=(32, 32, 32, 1), weights=tmp_path / "agemapper.h5")
+    for expected, actual in zip(source.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(actual, expected)
+    with pytest.raises(BrainzooError, match="agemapper.h5: cannot load"):
+        agemapper(input_shape=(32, 32, 32, 1), channels=(8, 8, 8, 8, 8), weights=tmp_path / "agemapper.h5")
+
+
+def test_bin_centres():
+    np.testing.assert_allclose(bin_centres(42, 82, 1), np.arange(42.5, 82, 1.0))
+    flair = bin_centres(15, 95, 2)
+    assert len(flair) == 40 and flair[0] == 16 and flair[-1] == 94
+    with pytest.raises(BrainzooError, match="whole number of steps"):
+        bin_centres(42, 82, 3)
+
+
+def test_soft_labels_integrate_a_gaussian_over_each_bin():
+    labels = soft_labels([60.5, 42.0], 42, 82, 1, sigma=1)
+    assert labels.shape == (2, 40)
+    centre = 18  # the bin [60, 61) of 60.5
+    np.testing.assert_allclose(labels[0, centre - 1:centre + 2], [MASS_NEXT_BIN, MASS_CENTRE_BIN, MASS_NEXT_BIN],
+                               rtol=1e-6)
+    np.testing.assert_allclose(labels[0].sum(), 1.0, rtol=1e-6)
+    # An age on the lower edge keeps only the half of its mass that falls inside the range.
+    np.testing.assert_allclose(labels[1].sum(), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(labels[1, 0], 0.5 - (1 - 0.8413447460685429), rtol=1e-6)  # Phi(1) - Phi(0)
+    wide = soft_labels(60.5, 42, 82, 1, sigma=2)
+    assert wide[0, centre] < MASS_CENTRE_BIN
+
+
+def test_kl_divergence_loss_matches_hand_computation():
+    targets = np.array([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25]], np.float32)
+    predicted = np.log(np.array([[0.25, 0.5, 0.25], [0.25, 0.5, 0.25]], np.float32))
+    # Row 1: 0.5 ln(0.5 / 0.25) + 0.5 ln(0.5 / 0.5) + 1e-16 (ln 1e-16 - ln 0.25); row 2 matches exactly.
+    # Summed over bins, averaged over the batch of 2.
+    expected = (0.5 * math.log(2) + 1e-16 * (math.log(1e-16) - math.log(0.25))) / 2
+    assert float(kl_divergence_loss(targets, predicted)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kl_divergence_loss_matches_the_original_pytorch_loss():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    targets = soft_labels(rng.uniform(45, 80, 4), 42, 82, 1)
+    predicted = np.log(rng.dirichlet(np.ones(40), 4)).astype(np.float32)
+    expected = torch.nn.KLDivLoss(reduction="sum")(torch.from_numpy(predicted), torch.from_numpy(targets) + 1e-16) / 4
+    assert float(kl_divergence_loss(targets, predicted)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_decode_age_gives_expected_value_and_spread():
+    log_probabilities = np.log([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25]])
+    age, spread = decode_age(log_probabilities, [42.5, 43.5, 44.5])
+    # Row 2: 0.5 * 42.5 + 0.25 * 43.5 + 0.25 * 44.5; variance 0.5 * 0.75^2 + 0.25 * 0.25^2 + 0.25 * 1.25^2.
+    np.testing.assert_allclose(age, [43.5, 43.25])
+    np.testing.assert_allclose(spread, [math.sqrt(0.5), math.sqrt(0.6875)])
