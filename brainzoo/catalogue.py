@@ -19,6 +19,8 @@ CATALOGUE_DIR = "neuronets"
 INDEX_FILE = "spec.yaml"
 SPEC_FILE = "spec.yaml"
 CARD_FILE = "model_card.yaml"
+# The brain-extraction model that `predict brain-mask` and the brain-age pipeline use unless told otherwise.
+DEFAULT_BRAIN_MASK_MODEL = "neuronets/deepbet/1.0.2"
 INDEX_HEADER = "# The catalogue index: every model version folder under neuronets/ (validated by `brainzoo validate`).\n"
 
 

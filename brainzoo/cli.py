@@ -75,6 +75,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="fsck present weights and compare sha256 with the specs")
     p.add_argument("--remote", help="instead check that this remote holds every published weights file")
     sub.add_parser("validate", parents=[common], help="check specs, cards and the index against the schemas")
+    p = sub.add_parser("predict", parents=[common], help="run a model on a scan or a whole study")
+    predict_sub = p.add_subparsers(dest="predict_command", required=True)
+    scan_options = argparse.ArgumentParser(add_help=False)
+    scan_options.add_argument("--contrast", help="the scan's contrast (default: from a BIDS suffix such as _T1w)")
+    scan_options.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
+    q = predict_sub.add_parser("brain-mask", parents=[common, scan_options], help="brain extraction of one scan")
+    q.add_argument("infile")
+    q.add_argument("outfile", help="uint8 mask with the input's affine and header")
+    q.add_argument("--model", default=catalogue.DEFAULT_BRAIN_MASK_MODEL)
+    q.add_argument("--threshold", type=float, help="probability threshold (default: the spec's)")
+    q.add_argument("--brain", help="also write the masked brain here")
+    q.add_argument("--probability", help="also write the probability map here")
+    q.add_argument("--qc", help="also write a QC picture (PNG) here")
+    q.add_argument("--record", help="also write the JSON record here")
+    q = predict_sub.add_parser("brain-age", parents=[common, scan_options], help="brain age of one raw scan")
+    q.add_argument("infile")
+    q.add_argument("--model", required=True, help="brain-age catalogue id")
+    q.add_argument("--age", type=float, help="chronological age (years): adds the brain-age gap")
+    q.add_argument("--out", help="JSON record of the prediction")
+    q.add_argument("--flair-outputs", help="folder for brainAge.txt and results.json as the FLAIR container writes")
+    q.add_argument("--qc", help="QC picture (PNG) of the registration")
+    q = predict_sub.add_parser("study", parents=[common], help="every scan of a CSV/TSV or BIDS folder")
+    q.add_argument("task", choices=["brain-mask", "brain-age"])
+    q.add_argument("source", help="CSV/TSV with a path column (optional age, contrast) or a BIDS folder")
+    q.add_argument("out_dir")
+    q.add_argument("--model", help="catalogue id (brain-mask default: deepbet)")
+    q.add_argument("--shard", help="K/N: only every N-th scan from the K-th (cluster array jobs)")
+    q.add_argument("--force", action="store_true")
+    q.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("publish", parents=[common], help="save a version and push its weights to the OSF sibling")
     p.add_argument("model", help="catalogue id")
     where = p.add_mutually_exclusive_group(required=True)
@@ -160,6 +190,34 @@ def convert_records(args: argparse.Namespace) -> Iterator[dict]:
            "record": record}
 
 
+def predict_records(args: argparse.Namespace) -> Iterator[dict]:
+    from brainzoo import inference
+
+    optional = (lambda value: Path(value) if value else None)
+    if args.predict_command == "study":
+        model = args.model or (catalogue.DEFAULT_BRAIN_MASK_MODEL if args.task == "brain-mask" else None)
+        if model is None:
+            raise BrainzooError("predict study brain-age: --model is required (a brain-age catalogue id)")
+        yield from inference.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
+                                       force=args.force, progress=not args.no_progress)
+        return
+    if args.predict_command == "brain-mask":
+        masker = inference.BrainMasker.load(args.model, threshold=args.threshold)
+        record = inference.predict_brain_mask_file(
+            masker, Path(args.infile), Path(args.outfile), brain=optional(args.brain),
+            probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
+            contrast=args.contrast, force=args.force)
+        message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
+    else:
+        record = inference.predict_brain_age_file(
+            args.model, Path(args.infile), age=args.age, out_json=optional(args.out),
+            flair_outputs=optional(args.flair_outputs), qc_png=optional(args.qc), contrast=args.contrast,
+            force=args.force)
+        message = ", ".join(f"{k} {v}" for k, v in record["result"].items() if not isinstance(v, (list, dict)))
+    yield {"action": f"predict-{args.predict_command}", "path": args.infile, "status": "ok", "message": message,
+           "record": record}
+
+
 def training_overrides(args: argparse.Namespace) -> dict:
     return {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
             "seed": args.seed, "checkpoint_every_steps": args.checkpoint_every_steps}
@@ -194,6 +252,8 @@ def run_command(args: argparse.Namespace) -> int:
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)
+    if args.command == "predict":
+        return emit(predict_records(args), args.json)
     root = catalogue.repo_root()
     if args.command == "bootstrap":
         return emit(zoo.bootstrap(root), args.json)

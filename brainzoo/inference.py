@@ -1,0 +1,256 @@
+"""`brainzoo predict`: catalogue versions run on scans, one at a time or a whole study.
+
+The version's spec decides everything: which networks to load (every weights entry; several make an
+ensemble), how its brain-extraction model runs (``inference.method``: ``blocks`` for U-Nets,
+``deepbet`` for the deepbet port), preprocessing and output decoding. Every record names the model
+versions and the sha256 of each weights file used, so a result can be traced to exact bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import nibabel as nib
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+import brainzoo
+from brainzoo import catalogue
+from brainzoo.catalogue import Version
+from brainzoo.errors import BrainzooError
+from brainzoo.fileio import atomic_output, check_writable
+from brainzoo.predict.volumes import load_volume
+
+BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
+
+
+def input_contrast(path: Path, declared: str | None) -> str | None:
+    """The scan's contrast: as declared, else from a BIDS suffix (``_T1w``, ``_FLAIR``...), else unknown."""
+    if declared:
+        return declared
+    match = BIDS_CONTRAST.search(path.name)
+    return match.group(1) if match else None
+
+
+def check_contrast(version: Version, path: Path, contrast: str | None, force: bool) -> None:
+    accepted = version.spec["inference"]["input"]["contrast"]
+    if contrast and contrast not in accepted and not force:
+        raise BrainzooError(f"{path}: is {contrast}, but {version.id} was trained on {', '.join(accepted)}; "
+                            "pass --force to run it anyway")
+
+
+def model_provenance(version: Version) -> dict:
+    return {"id": version.id, "weights": {w.name: w.sha256 for w in version.weights},
+            "brainzoo": brainzoo.__version__, "tensorflow": tf.__version__}
+
+
+def load_networks(version: Version) -> dict[str, tf.keras.Model]:
+    """Every weights file of a version as a Keras model (custom layers registered by the import)."""
+    import brainzoo.models  # noqa: F401  registers the custom layers
+    import brainzoo.models.deepbet  # noqa: F401
+
+    return {w.name: tf.keras.models.load_model(catalogue.resolve_weights(version.id, w.name), compile=False)
+            for w in version.weights}
+
+
+@dataclass
+class BrainMasker:
+    """A brain-extraction version loaded once, for many scans."""
+
+    version: Version
+    run: Callable[[nib.Nifti1Image | Path], tuple[nib.Nifti1Image, nib.Nifti1Image, dict]]
+
+    @classmethod
+    def load(cls, ref: str, threshold: float | None = None) -> BrainMasker:
+        from brainzoo.predict import predict_brain_mask
+
+        version = catalogue.find_version(ref)
+        if version.task != "brain-extraction":
+            raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-extraction model")
+        inference = version.spec["inference"]
+        threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
+        networks = load_networks(version)
+        if inference.get("method", "blocks") == "deepbet":
+            from brainzoo.deepbet_pipeline import DeepbetExtractor
+
+            extractor = DeepbetExtractor(networks["bbox"], networks["segmentation"])
+
+            def run(scan):
+                started = time.perf_counter()
+                image = load_volume(scan)  # the same input checks as every other model
+                result = extractor.extract(image, threshold=threshold)
+                record = {"task": "brain-extraction", "input": {"shape": list(image.shape)},
+                          "prediction": {"threshold": threshold, "brain_voxels": int(result.mask.get_fdata().sum()),
+                                         "brain_volume_ml": round(result.tiv_cm3, 3)},
+                          "timings_s": {"total": round(time.perf_counter() - started, 3)}}
+                return result.mask, result.probability, record
+        else:
+            [network] = networks.values()
+            spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
+
+            def run(scan):
+                return predict_brain_mask(scan, network, spec_inference=spec_inference)
+        return cls(version, run)
+
+
+def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *, brain: Path | None = None,
+                            probability: Path | None = None, qc_png: Path | None = None, record_json: Path | None = None,
+                            contrast: str | None = None, force: bool = False) -> dict:
+    """Write the mask (and optionally the masked brain, probability map, QC picture, JSON record)."""
+    outputs = [p for p in (outfile, brain, probability, qc_png, record_json) if p is not None]
+    for path in outputs:
+        check_writable(path, force)
+    check_contrast(masker.version, infile, input_contrast(infile, contrast), force)
+    scan = load_volume(infile)  # checked once: every bad input stops here, before any output exists
+    mask, probability_img, record = masker.run(scan)
+    record["input"]["path"] = str(infile)
+    record["model"] = model_provenance(masker.version)
+    record["outputs"] = {"mask": str(outfile)}
+    _save_nifti(mask, outfile, force)
+    if brain is not None:
+        brain_data = scan.get_fdata(dtype=np.float32) * (mask.get_fdata() > 0)
+        _save_nifti(nib.Nifti1Image(brain_data, scan.affine, scan.header), brain, force)
+        record["outputs"]["brain"] = str(brain)
+    if probability is not None:
+        _save_nifti(probability_img, probability, force)
+        record["outputs"]["probability"] = str(probability)
+    if qc_png is not None:
+        from brainzoo.predict import qc
+
+        if qc.save_mask_qc(qc_png, scan, mask, force=force):
+            record["outputs"]["qc_png"] = str(qc_png)
+    if record_json is not None:
+        _save_json(record, record_json, force)
+    return record
+
+
+def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
+                           out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
+                           contrast: str | None = None, force: bool = False, networks: dict | None = None) -> dict:
+    """Brain age of one raw scan: our brain extraction (if the spec needs one), then the predictor."""
+    from brainzoo.predict import predict_brain_age
+
+    version = catalogue.find_version(ref)
+    if version.task != "brain-age":
+        raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-age model")
+    unpublished = [w.name for w in version.weights if not w.published]
+    if unpublished:
+        recipe = " ".join(version.weights[0].entry["recipe"]["argv"])
+        raise BrainzooError(f"{version.id}: no weights yet (produce them by conversion: {recipe}, from "
+                            f"{version.weights[0].entry['upstream']['url']}); no brain age is computed without them")
+    targets = [p for p in (out_json, qc_png) if p is not None]
+    if flair_outputs is not None:
+        targets += [flair_outputs / "brainAge.txt", flair_outputs / "results.json"]
+    for path in targets:
+        check_writable(path, force)
+    check_contrast(version, infile, input_contrast(infile, contrast), force)
+    networks = networks or load_networks(version)
+    brain_mask = None
+    steps = [s["step"] for s in version.spec["inference"]["preprocessing"]]
+    mask_record = None
+    if "brain-extraction" in steps:
+        masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
+        brain_mask, _, mask_record = masker.run(infile)
+    record = predict_brain_age(infile, list(networks.values()), spec_inference=version.spec["inference"], age=age,
+                               brain_mask=brain_mask, qc_png=qc_png, force=force)
+    record["model"] = model_provenance(version)
+    if mask_record is not None:
+        record["brain_extraction"] = {"model": model_provenance(masker.version), **mask_record}
+    if out_json is not None:
+        _save_json(record, out_json, force)
+    if flair_outputs is not None:
+        # The FLAIR brain-age container writes these two files; same names and fields.
+        brain_age = record["result"]["brain_age"]
+        with atomic_output(flair_outputs / "brainAge.txt", force) as tmp:
+            tmp.write_text(f"{brain_age}\n")
+        _save_json({"brainAge": brain_age, "biologicalAge": age}, flair_outputs / "results.json", force)
+    return record
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``K/N`` (1-based K) -> (K, N); a cluster array job passes its task index as K."""
+    if text is None:
+        return 1, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise BrainzooError(f"--shard {text!r}: expected K/N with 1 <= K <= N, e.g. 3/10")
+    return int(match.group(1)), int(match.group(2))
+
+
+def study_scans(source: Path) -> list[dict]:
+    """Scans of a study: a CSV/TSV (``path`` column, optional ``age``, ``contrast``) or a BIDS folder."""
+    if source.is_dir():
+        scans = sorted(source.glob("sub-*/**/anat/*.nii*"))
+        if not scans:
+            raise BrainzooError(f"{source}: no sub-*/[ses-*/]anat/*.nii[.gz] scans found")
+        return [{"path": str(p), "id": p.name.split(".nii")[0]} for p in scans]
+    try:
+        rows = list(csv.DictReader(io.StringIO(source.read_text()), delimiter="\t" if source.suffix == ".tsv" else ","))
+    except (OSError, UnicodeDecodeError) as err:
+        raise BrainzooError(f"{source}: cannot read the table: {err}") from None
+    if not rows or "path" not in rows[0]:
+        raise BrainzooError(f"{source}: needs a 'path' column (and optionally 'age', 'contrast')")
+    for row in rows:
+        row["path"] = str(source.parent / row["path"])
+        row.setdefault("id", Path(row["path"]).name.split(".nii")[0])
+    return rows
+
+
+def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
+              progress: bool = True) -> Iterator[dict]:
+    """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error."""
+    k, n = parse_shard(shard)
+    scans = study_scans(source)[k - 1::n]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / ("results.csv" if n == 1 else f"results-{k}-of-{n}.csv")
+    check_writable(table, force)
+    masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL)
+    version = catalogue.find_version(model) if task == "brain-age" else None
+    # Unpublished weights: every row then records predict_brain_age_file's explanation.
+    networks = load_networks(version) if version and all(w.published for w in version.weights) else None
+    rows = []
+    for scan in tqdm(scans, desc=task, unit="scan", disable=not progress):
+        path = Path(scan["path"])
+        row = {"id": scan["id"], "path": str(path), "status": "ok", "error": ""}
+        try:
+            if task == "brain-mask":
+                record = predict_brain_mask_file(masker, path, out_dir / f"{scan['id']}_mask.nii.gz",
+                                                 record_json=out_dir / f"{scan['id']}_mask.json",
+                                                 contrast=scan.get("contrast"), force=force)
+                row["brain_volume_ml"] = record["prediction"]["brain_volume_ml"]
+            else:
+                age = float(scan["age"]) if scan.get("age") not in (None, "") else None
+                record = predict_brain_age_file(model, path, age=age, masker=masker, networks=networks,
+                                                out_json=out_dir / f"{scan['id']}_brain_age.json",
+                                                contrast=scan.get("contrast"), force=force)
+                row |= {k: v for k, v in record["result"].items() if not isinstance(v, (list, dict))}
+        except BrainzooError as err:
+            row |= {"status": "error", "error": str(err)}
+        rows.append(row)
+        yield {"action": f"predict-{task}", "path": str(path), "status": row["status"], "message": row["error"]}
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(table, force) as tmp:
+        tmp.write_text(buffer.getvalue())
+    yield {"action": f"predict-{task}", "path": str(table), "status": "ok", "message": f"{len(rows)} scan(s)"}
+
+
+def _save_nifti(image: nib.Nifti1Image, path: Path, force: bool) -> None:
+    with atomic_output(path, force) as tmp:
+        nib.save(image, tmp)
+
+
+def _save_json(record: dict, path: Path, force: bool) -> None:
+    with atomic_output(path, force) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
