@@ -110,9 +110,23 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
             yield f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder"
     if isinstance(spec.get("inference"), dict) and isinstance(spec["inference"].get("entry_point"), dict):
         yield from (f"{spec_rel}: {p}" for p in entry_point_problems(spec["inference"]["entry_point"], "inference.entry_point"))
+    yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
     for i, entry in enumerate(spec.get("weights") or []):
         if isinstance(entry, dict):
             yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
+
+
+def preprocessing_problems(spec: dict) -> Iterator[str]:
+    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own)."""
+    inference = spec.get("inference")
+    if not isinstance(inference, dict) or inference.get("method") == "deepbet":
+        return
+    from brainzoo.predict import check_preprocessing
+
+    try:
+        check_preprocessing(inference.get("preprocessing") or [])
+    except BrainzooError as err:
+        yield f"inference.preprocessing: {err}"
 
 
 def weights_problems(entry: dict, where: str, version_folder: Path) -> Iterator[str]:

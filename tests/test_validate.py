@@ -58,6 +58,8 @@ def test_toy_catalogue_is_valid(catalogue):
      f"{TOY}/spec.yaml: inference.entry_point.argv[9]: placeholder {{gpu}} is not declared in options"),
     ("spec.yaml", lambda s: s["inference"]["entry_point"].update(argv=["python3 predict.py {infile}"]),
      f"{TOY}/spec.yaml: inference.entry_point.argv[0]: 'python3 predict.py {{infile}}' does not match"),
+    ("spec.yaml", lambda s: s["inference"]["preprocessing"].append({"step": "zscore", "over": "nonzero"}),
+     f"{TOY}/spec.yaml: inference.preprocessing: preprocessing step 'zscore': unknown option(s) over"),
     ("spec.yaml", lambda s: s["inference"]["entry_point"]["options"]["threshold"].update(default="half"),
      f"{TOY}/spec.yaml: inference.entry_point.options.threshold.default: 'half' is not of type float"),
 ])

@@ -1,0 +1,274 @@
+"""Prediction: a brain mask or a brain age from one NIfTI scan, driven by a model version's spec.
+
+The spec's ``inference`` section (a plain dict here) says what the model expects: ``input`` (orientation,
+spacing, shape, optional block shape), ``preprocessing`` (steps run in the listed order) and ``output`` (how to
+decode). A model is a Keras model or any callable on float32 arrays shaped (batch, D, H, W, 1).
+
+Preprocessing steps: ``first-volume`` (always done on loading), ``n4`` (bias-field correction),
+``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182),
+``reorient`` / ``resample`` / ``conform`` (= both, to ``input``'s orientation, spacing and shape), and the
+array steps of :mod:`brainzoo.predict.steps` (``crop``, ``pad``, ``resize``, ``zscore``, ``divide-by-mean``,
+``minmax``, ``scale``).
+
+Each call returns a record (a plain dict, JSON-ready): the input, the steps with their options, the
+predictions, per-step timings in seconds and the warnings raised on the way (which are also re-issued).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from brainzoo.errors import BrainzooError
+from brainzoo.predict import brain_age, qc
+from brainzoo.predict.blocks import Model, predict_blocks, run_model
+from brainzoo.predict.postprocess import clean_mask
+from brainzoo.predict.registration import FSL_MNI152_AFFINE, mni152_brain, n4_correct, register_to_mni152
+from brainzoo.predict.steps import ARRAY_STEPS, apply_array_step, check_step_options
+from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSource, conform, load_mask,
+                                      load_volume, native_like, reorient, resample, source_name)
+
+# A registered brain overlapping the template's brain mask less than this has most likely gone wrong.
+REGISTRATION_DICE_WARNING = 0.85
+
+
+def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
+                       batch_size: int = 1, keep_largest: bool = True, fill_holes: bool = True,
+                       max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
+                       force: bool = False) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
+    """Brain mask (uint8) and brain probability (float32) of a scan, both on the scan's own grid and header.
+
+    The model runs on the grid the spec's preprocessing makes (in blocks of ``input.block_shape`` blended
+    with Gaussian weights, ``overlap`` apart, ``batch_size`` at a time; whole if no block shape); its
+    probability map is resampled back to the native grid, thresholded at ``output.threshold`` (0.5 if not
+    given) and cleaned (largest component, holes filled). ``qc_png``, if given, gets a picture of the mask.
+    """
+    _check_spec(spec_inference, {"probability-mask"})
+    with _Recorder(img, "brain-extraction") as recorder:
+        with recorder.timed("load"):
+            image = load_volume(img, max_voxels=max_voxels)
+        recorder.describe_input(image)
+        volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
+        with recorder.timed("predict"):
+            probability = predict_blocks(volume.data, model, block_shape=spec_inference["input"].get("block_shape"),
+                                         overlap=overlap, batch_size=batch_size)
+        if probability.shape[-1] != 1:
+            raise BrainzooError(f"the model returned {probability.shape[-1]} channels; a probability-mask model "
+                                "returns one")
+        with recorder.timed("to-native"):
+            native_probability = np.clip(volume.to_native_grid(probability[..., 0]), 0, 1)
+        threshold = spec_inference["output"].get("threshold", 0.5)
+        with recorder.timed("postprocess"):
+            mask = clean_mask(native_probability, threshold, keep_largest=keep_largest, fill=fill_holes)
+        if not mask.any():
+            warnings.warn(f"{source_name(img)}: the predicted brain mask is empty", stacklevel=2)
+        mask_img = native_like(image, mask, np.uint8)
+        probability_img = native_like(image, native_probability, np.float32)
+        brain_voxels = int(mask.sum())
+        voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000
+        recorder.record["prediction"] = {
+            "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes,
+            "overlap": overlap, "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),
+        }
+        if qc_png is not None:
+            with recorder.timed("qc"):
+                written = qc.save_mask_qc(qc_png, image, mask_img, force=force)
+                recorder.record["qc_png"] = str(qc_png) if written else None
+    return mask_img, probability_img, recorder.record
+
+
+def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inference: dict, age: float | None = None,
+                      brain_mask: ImageSource | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
+                      qc_png: str | os.PathLike | None = None, force: bool = False) -> dict:
+    """Brain age of a scan from one model or an ensemble sharing one spec; the record holds the result.
+
+    The scan is preprocessed once as the spec says (``brain_mask`` serves a ``brain-extraction`` step), every
+    model runs on the whole preprocessed volume, each output is decoded (``age``, and ``sd`` of the predicted
+    age distribution where the model gives one), and the ensemble mean and spread are reported. With the
+    chronological ``age``, the record adds the gap and, if the spec has ``output.bias_correction``, the
+    bias-corrected gap (see :mod:`brainzoo.predict.brain_age`). ``qc_png`` gets a picture of the
+    registration when the preprocessing registers.
+    """
+    _check_spec(spec_inference, {"age-log-probabilities", "age"})
+    if not models:
+        raise BrainzooError("no model given")
+    if age is not None and not (isinstance(age, numbers.Real) and np.isfinite(age) and age >= 0):
+        raise BrainzooError(f"chronological age must be a non-negative number of years, not {age!r}")
+    with _Recorder(img, "brain-age") as recorder:
+        with recorder.timed("load"):
+            image = load_volume(img, max_voxels=max_voxels)
+            context = _Context(brain_mask=None if brain_mask is None else load_mask(brain_mask, image,
+                                                                                    max_voxels=max_voxels))
+        recorder.describe_input(image)
+        if brain_mask is not None:
+            recorder.record["input"]["brain_mask"] = source_name(brain_mask)
+            if not any(step["step"] == "brain-extraction" for step in spec_inference["preprocessing"]):
+                warnings.warn(f"{source_name(brain_mask)}: not used; this model's preprocessing has no "
+                              "brain-extraction step", stacklevel=2)
+        volume = _preprocess(GriddedVolume.native(image), spec_inference, context, recorder)
+        predictions = []
+        for index, model in enumerate(models):
+            with recorder.timed("predict"):
+                output = run_model(model, volume.data[np.newaxis, ..., np.newaxis])
+            predictions.append({"model": index} | brain_age.decode_output(output, spec_inference["output"]))
+        recorder.record["predictions"] = predictions
+        recorder.record["result"] = brain_age.ensemble([p["age"] for p in predictions])
+        if age is not None:
+            recorder.record["result"] |= brain_age.brain_age_gap(recorder.record["result"]["brain_age"], age,
+                                                                 spec_inference["output"].get("bias_correction"))
+        if qc_png is not None:
+            with recorder.timed("qc"):
+                recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
+    return recorder.record
+
+
+def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
+    kind = spec_inference["output"]["type"]
+    if kind not in allowed:
+        raise BrainzooError(f"this model's output type is {kind!r}; expected {' or '.join(sorted(allowed))}")
+    model_input = spec_inference["input"]
+    if len(model_input.get("contrast", [])) > 1 or model_input.get("channels", 1) != 1:
+        raise BrainzooError("this model takes several contrasts at once; prediction takes one scan")
+
+
+class _Recorder:
+    """Builds one prediction's record: input, steps, timings, and the warnings raised while it runs."""
+
+    def __init__(self, img: ImageSource, task: str):
+        self.record = {"task": task, "input": {"path": source_name(img)}, "preprocessing": [], "timings_s": {},
+                       "warnings": []}
+        self._catcher = warnings.catch_warnings(record=True)
+
+    def __enter__(self) -> _Recorder:
+        self._start = time.perf_counter()
+        self._caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._catcher.__exit__(*exc_info)
+        for caught in self._caught:
+            if issubclass(caught.category, UserWarning):
+                self.record["warnings"].append(str(caught.message))
+            warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
+        self.record["timings_s"]["total"] = round(time.perf_counter() - self._start, 3)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        timings = self.record["timings_s"]
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def describe_input(self, image: nib.Nifti1Image) -> None:
+        self.record["input"] |= {
+            "shape": list(image.shape[:3]),
+            "voxel_size_mm": [round(float(s), 4) for s in nib.affines.voxel_sizes(image.affine)],
+            "orientation": "".join(nib.aff2axcodes(image.affine)),
+            "data_type": str(image.get_data_dtype()),
+        }
+
+
+@dataclass
+class _Context:
+    """What image steps need beyond the volume, and what they leave for the record and the QC picture."""
+
+    brain_mask: np.ndarray | None = None
+    registered: np.ndarray | None = None
+
+
+def check_preprocessing(steps: list[dict]) -> None:
+    """Every step is one this library runs, with exactly the options it takes (checked before any work)."""
+    for step in steps:
+        name = step["step"]
+        if name in ARRAY_STEPS:
+            check_step_options(step)
+        elif name not in _IMAGE_STEPS:
+            raise BrainzooError(f"preprocessing step {name!r} is not supported by brainzoo.predict")
+        elif len(step) > 1:
+            raise BrainzooError(f"preprocessing step {name!r} takes no options (it uses the spec's input)")
+
+
+def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context,
+                recorder: _Recorder) -> GriddedVolume:
+    """Run the spec's preprocessing steps in order; the result must have the model's input shape."""
+    model_input = spec_inference["input"]
+    check_preprocessing(spec_inference["preprocessing"])
+    for step in spec_inference["preprocessing"]:
+        name = step["step"]
+        with recorder.timed(name):
+            if name in ARRAY_STEPS:
+                volume = apply_array_step(volume, step)
+            else:
+                volume = _IMAGE_STEPS[name](volume, model_input, context, recorder.record)
+        recorder.record["preprocessing"].append(dict(step))
+    if list(volume.data.shape) != list(model_input["shape"]):
+        raise BrainzooError(f"the spec's preprocessing makes a {'x'.join(map(str, volume.data.shape))} volume but "
+                            f"input.shape is {'x'.join(map(str, model_input['shape']))}")
+    return volume
+
+
+def _first_volume(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    """Nothing left to do: loading always keeps the first volume of a series (and warns)."""
+    return volume
+
+
+def _n4(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    return volume.moved(n4_correct(volume.data, volume.affine)[0])
+
+
+def _brain_extraction(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    if context.brain_mask is None:
+        raise BrainzooError("this model's preprocessing has a brain-extraction step: pass a brain mask")
+    mask = volume.from_native_grid(context.brain_mask.astype(np.float32), order=0) > 0
+    return volume.moved(volume.data * mask)
+
+
+def _register(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    registered, template_to_input, summary = register_to_mni152(volume.data, volume.affine)
+    summary["template_to_input_world"] = np.round(template_to_input, 6).tolist()
+    record["registration"] = summary
+    if summary["dice_with_template_mask"] < REGISTRATION_DICE_WARNING:
+        warnings.warn(f"{record['input']['path']}: the registered brain overlaps the template brain mask only "
+                      f"{summary['dice_with_template_mask']:.2f} (Dice); registration may have failed, or the scan "
+                      "is not skull-stripped", stacklevel=2)
+    context.registered = registered
+    return volume.moved(registered, np.linalg.inv(volume.affine) @ template_to_input @ FSL_MNI152_AFFINE)
+
+
+def _reorient(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    return reorient(volume, model_input["orientation"])
+
+
+def _resample(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    return resample(volume, model_input["spacing_mm"], model_input["shape"])
+
+
+def _conform(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    return conform(volume, model_input["orientation"], model_input["spacing_mm"], model_input["shape"])
+
+
+_IMAGE_STEPS: dict[str, Callable[[GriddedVolume, dict, _Context, dict], GriddedVolume]] = {
+    "first-volume": _first_volume, "n4": _n4, "brain-extraction": _brain_extraction, "register": _register,
+    "reorient": _reorient, "resample": _resample, "conform": _conform,
+}
+
+
+def _registration_qc(path: str | os.PathLike, context: _Context, force: bool) -> str | None:
+    if context.registered is None:
+        warnings.warn(f"{path}: no QC picture; this model's preprocessing does not register", stacklevel=2)
+        return None
+    brain = nib.Nifti1Image(context.registered, FSL_MNI152_AFFINE)
+    template_mask = nib.Nifti1Image(mni152_brain()[1].astype(np.uint8), FSL_MNI152_AFFINE)
+    return str(path) if qc.save_registration_qc(path, brain, template_mask, force=force) else None
+
+
+__all__ = ["predict_brain_mask", "predict_brain_age"]

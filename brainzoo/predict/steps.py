@@ -1,0 +1,137 @@
+"""The array steps of a model's preprocessing, named as in ``spec.yaml`` (``{step: crop, shape: [160, 192, 160]}``).
+
+The options of a step are the keyword arguments of its function here, so a spec with a misspelt or missing
+option fails with a message instead of running with a default. Geometric steps also return the map from
+their output voxel indices to their input ones, which keeps the way back to the native grid exact.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Sequence
+
+import numpy as np
+
+from brainzoo.errors import BrainzooError
+from brainzoo.predict.volumes import GriddedVolume, resample_indices
+
+
+def _three_sizes(value: Sequence[int], step: str) -> tuple[int, int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
+        raise BrainzooError(f"preprocessing step {step!r}: shape must be three positive integers, not {value!r}")
+    return tuple(value)
+
+
+def _translation(offset: Sequence[float]) -> np.ndarray:
+    new_to_old = np.eye(4)
+    new_to_old[:3, 3] = offset
+    return new_to_old
+
+
+def centre_crop(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the central ``shape`` voxels; the start on each axis is ``(old - new) // 2`` (as SFCN's crop_center)."""
+    shape = _three_sizes(shape, "crop")
+    if any(new > old for new, old in zip(shape, data.shape)):
+        raise BrainzooError(f"preprocessing step 'crop': cannot crop {_dims(data.shape)} to the larger {_dims(shape)}")
+    start = [(old - new) // 2 for old, new in zip(data.shape, shape)]
+    window = tuple(slice(s, s + n) for s, n in zip(start, shape))
+    return data[window], _translation(start)
+
+
+def centre_pad(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pad to ``shape``, the extra ``(new - old) // 2`` voxels before and the rest after."""
+    shape = _three_sizes(shape, "pad")
+    if any(new < old for new, old in zip(shape, data.shape)):
+        raise BrainzooError(f"preprocessing step 'pad': cannot pad {_dims(data.shape)} to the smaller {_dims(shape)}")
+    before = [(new - old) // 2 for old, new in zip(data.shape, shape)]
+    widths = [(b, new - old - b) for b, old, new in zip(before, data.shape, shape)]
+    return np.pad(data, widths), _translation([-b for b in before])
+
+
+def resize(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear resize to ``shape`` with voxel centres aligned as torch's ``interpolate(align_corners=False)``.
+
+    That is what MONAI's ``Resize`` (used by the FLAIR brain-age models) does: the output voxel ``i`` samples
+    the input at ``(i + 0.5) * old / new - 0.5``, clamped to the edge voxels.
+    """
+    shape = _three_sizes(shape, "resize")
+    scale = np.asarray(data.shape, dtype=float) / np.asarray(shape, dtype=float)
+    new_to_old = _translation(0.5 * scale - 0.5)
+    new_to_old[:3, :3] = np.diag(scale)
+    return resample_indices(data, new_to_old, shape, mode="nearest"), new_to_old
+
+
+def zscore(data: np.ndarray, nonzero: bool = False) -> np.ndarray:
+    """Subtract the mean and divide by the standard deviation; with ``nonzero``, over (and only of) voxels != 0."""
+    selected = data != 0 if nonzero else np.ones(data.shape, dtype=bool)
+    values = data[selected].astype(np.float64)
+    std = values.std() if values.size else 0.0
+    if std == 0:
+        raise BrainzooError("preprocessing step 'zscore': the volume is constant")
+    return np.where(selected, (data - values.mean()) / std, 0).astype(np.float32)
+
+
+def divide_by_mean(data: np.ndarray) -> np.ndarray:
+    """Divide by the mean over the whole array, background included (SFCN, AgeMapper)."""
+    mean = data.mean(dtype=np.float64)
+    if mean == 0:
+        raise BrainzooError("preprocessing step 'divide-by-mean': the volume's mean is 0")
+    return (data / mean).astype(np.float32)
+
+
+def minmax(data: np.ndarray) -> np.ndarray:
+    """Scale linearly to [0, 1]."""
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise BrainzooError("preprocessing step 'minmax': the volume is constant")
+    return ((data - low) / (high - low)).astype(np.float32)
+
+
+def scale(data: np.ndarray, factor: float) -> np.ndarray:
+    """Multiply by a fixed ``factor`` (a per-contrast scale, as in AgeMapper)."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise BrainzooError(f"preprocessing step 'scale': factor must be a number, not {factor!r}")
+    return (data * np.float32(factor)).astype(np.float32)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(n) for n in shape)
+
+
+GEOMETRIC_STEPS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
+    "crop": centre_crop, "pad": centre_pad, "resize": resize,
+}
+INTENSITY_STEPS: dict[str, Callable[..., np.ndarray]] = {
+    "zscore": zscore, "divide-by-mean": divide_by_mean, "minmax": minmax, "scale": scale,
+}
+ARRAY_STEPS = GEOMETRIC_STEPS.keys() | INTENSITY_STEPS.keys()
+
+
+def check_options(name: str, function: Callable, options: dict, skip: int = 1) -> None:
+    """Fail unless ``options`` are exactly the keyword arguments ``function`` takes after its first ``skip``."""
+    parameters = list(inspect.signature(function).parameters.values())[skip:]
+    known = {p.name for p in parameters}
+    unknown = sorted(set(options) - known)
+    missing = [p.name for p in parameters if p.default is inspect.Parameter.empty and p.name not in options]
+    if unknown or missing:
+        takes = ", ".join(sorted(known)) or "no options"
+        problem = f"unknown option(s) {', '.join(unknown)}" if unknown else f"missing option(s) {', '.join(missing)}"
+        raise BrainzooError(f"preprocessing step {name!r}: {problem} (it takes {takes})")
+
+
+def check_step_options(step: dict) -> None:
+    """An array step's options must be exactly the keyword arguments of its function."""
+    name = step["step"]
+    check_options(name, {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], {k: v for k, v in step.items() if k != "step"})
+
+
+def apply_array_step(volume: GriddedVolume, step: dict) -> GriddedVolume:
+    """Run one array step (``step`` is the spec entry: its name under ``step``, its options beside it)."""
+    name = step["step"]
+    options = {key: value for key, value in step.items() if key != "step"}
+    check_step_options(step)
+    if name in GEOMETRIC_STEPS:
+        data, new_to_old = GEOMETRIC_STEPS[name](volume.data, **options)
+        return volume.moved(data, new_to_old)
+    return volume.moved(INTENSITY_STEPS[name](volume.data, **options))

@@ -1,0 +1,235 @@
+"""Reading input scans safely, and moving voxel arrays between a scan's native grid and a model's grid.
+
+Every geometric step records the map from its output voxel indices to its input voxel indices; composing
+them gives one map from the model grid to the native grid. Going back is one resampling through the inverse
+of that map, so flips, axis swaps and whole-voxel shifts come back exactly, and the output keeps the input's
+affine and header.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+from nibabel.affines import voxel_sizes
+from scipy import ndimage
+
+from brainzoo.errors import BrainzooError
+
+ImageSource = Union[str, os.PathLike, nib.Nifti1Image]
+
+# 512^3 voxels is 512 MiB as float32; prediction holds several arrays that size (the blending sums in float64).
+DEFAULT_MAX_VOXELS = 512**3
+VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
+# Relative difference below which a voxel size equals a model's spacing (a drift of 0.1 voxel per 1000).
+SAME_SPACING_TOLERANCE = 1e-4
+
+
+def source_name(source: ImageSource) -> str:
+    """The name to put in messages: the path, or the file an in-memory image was read from."""
+    if isinstance(source, nib.spatialimages.SpatialImage):
+        return source.get_filename() or "<in-memory image>"
+    return str(source)
+
+
+def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
+    """Read a NIfTI scan and return it as a float32 3D image with the input's affine and header.
+
+    Refuses (with a BrainzooError naming the file) anything a model cannot sensibly be run on: other formats,
+    unreadable or truncated files, 2D images, volumes larger than ``max_voxels``, absurd voxel sizes,
+    NaN or infinite voxels, and constant volumes. A 4D series gives its first volume, with a warning.
+    """
+    name = source_name(source)
+    img = source if isinstance(source, nib.spatialimages.SpatialImage) else _open_image(name)
+    if not isinstance(img, nib.Nifti1Image):
+        raise BrainzooError(f"{name}: not a NIfTI image (read as {type(img).__name__}); convert it to .nii or .nii.gz")
+    data = _read_first_volume(img, name, max_voxels)
+    _check_geometry(img.affine, name)
+    _check_values(data, name)
+    return type(img)(data, img.affine, img.header)
+
+
+def _open_image(name: str) -> nib.spatialimages.SpatialImage:
+    if not Path(name).is_file():
+        raise BrainzooError(f"{name}: no such file")
+    try:
+        return nib.load(name)
+    except nib.filebasedimages.ImageFileError as exc:
+        raise BrainzooError(f"{name}: not a NIfTI image ({exc})") from exc
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise BrainzooError(f"{name}: cannot read the header ({exc})") from exc
+
+
+def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> np.ndarray:
+    shape = img.shape
+    if len(shape) < 3 or min(shape[:3]) < 2:
+        raise BrainzooError(f"{name}: a 2D image (shape {shape}); a 3D volume is needed")
+    if len(shape) > 4:
+        raise BrainzooError(f"{name}: has {len(shape)} dimensions (shape {shape}); a 3D volume is needed")
+    n_voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if n_voxels > max_voxels:
+        raise BrainzooError(f"{name}: {'x'.join(map(str, shape[:3]))} is {n_voxels} voxels, more than the limit of "
+                            f"{max_voxels}; down-sample it or raise the voxel limit")
+    dtype = img.get_data_dtype()
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise BrainzooError(f"{name}: voxel type {dtype} is not a scalar intensity")
+    if len(shape) == 4 and shape[3] > 1:
+        warnings.warn(f"{name}: a 4D series of {shape[3]} volumes; using the first", stacklevel=3)
+    try:
+        data = img.dataobj[..., 0] if len(shape) == 4 else img.dataobj[...]
+        return np.asarray(data, dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise BrainzooError(f"{name}: cannot read the voxel data ({exc}); the file may be truncated") from exc
+
+
+def _check_geometry(affine: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise BrainzooError(f"{name}: the header's voxel-to-world affine is not invertible")
+    sizes = voxel_sizes(affine)
+    low, high = VOXEL_SIZE_LIMITS_MM
+    if sizes.min() < low or sizes.max() > high:
+        raise BrainzooError(f"{name}: voxel size {_format_mm(sizes)} mm is outside {low}-{high} mm; "
+                            "check the header's pixdim and units")
+
+
+def _check_values(data: np.ndarray, name: str) -> None:
+    n_bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        raise BrainzooError(f"{name}: {n_bad} voxels are NaN or infinite")
+    low, high = data.min(), data.max()
+    if low == high:
+        raise BrainzooError(f"{name}: an empty (constant) volume: every voxel is {low:g}")
+
+
+def _format_mm(sizes: Sequence[float]) -> str:
+    return "x".join(f"{s:.3g}" for s in sizes)
+
+
+def load_mask(source: ImageSource, reference: nib.Nifti1Image, *,
+              max_voxels: int = DEFAULT_MAX_VOXELS) -> np.ndarray:
+    """A brain mask (voxels > 0) as a boolean array on the grid of ``reference``.
+
+    A mask on another grid (a different orientation, say) is brought onto the reference grid through the two
+    affines with nearest-neighbour sampling.
+    """
+    mask_img = load_volume(source, max_voxels=max_voxels)
+    mask = np.asarray(mask_img.dataobj) > 0
+    if not mask.any():
+        raise BrainzooError(f"{source_name(source)}: the brain mask has no voxel above 0")
+    if mask.shape == reference.shape[:3] and np.allclose(mask_img.affine, reference.affine, atol=1e-3):
+        return mask
+    resampled = resample_world(mask.astype(np.float32), mask_img.affine, reference.shape[:3], reference.affine,
+                               order=0)
+    if not resampled.any():
+        raise BrainzooError(f"{source_name(source)}: the brain mask does not overlap the image in world space")
+    return resampled > 0
+
+
+def resample_world(data: np.ndarray, affine: np.ndarray, shape: Sequence[int], target_affine: np.ndarray,
+                   *, order: int = 1) -> np.ndarray:
+    """``data`` (with voxel-to-world ``affine``) sampled on the grid ``shape``/``target_affine``; 0 outside."""
+    return resample_indices(data, np.linalg.inv(affine) @ target_affine, shape, order=order)
+
+
+def resample_indices(data: np.ndarray, out_to_in: np.ndarray, shape: Sequence[int], *, order: int = 1,
+                     mode: str = "constant") -> np.ndarray:
+    """Sample ``data`` at ``out_to_in @ index`` for every index of an output of ``shape`` (float32).
+
+    ``order`` 1 is trilinear (images, probabilities), 0 nearest (labels). A diagonal map takes scipy's faster
+    separable path. At whole-voxel positions trilinear sampling returns the voxel values exactly.
+    """
+    linear = out_to_in[:3, :3]
+    if np.count_nonzero(linear - np.diag(np.diagonal(linear))) == 0:
+        linear = np.diagonal(linear)
+    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), linear, offset=out_to_in[:3, 3],
+                                    output_shape=tuple(int(n) for n in shape), output=np.float32, order=order,
+                                    mode=mode, cval=0.0, prefilter=False)
+
+
+@dataclass(frozen=True)
+class GriddedVolume:
+    """A voxel array on some grid, with the map from that grid's voxel indices to the native scan's.
+
+    ``to_native`` is a 4x4 matrix acting on homogeneous voxel indices; the world affine of the current grid
+    is ``native_affine @ to_native``.
+    """
+
+    data: np.ndarray
+    to_native: np.ndarray
+    native_affine: np.ndarray
+    native_shape: tuple[int, int, int]
+
+    @classmethod
+    def native(cls, img: nib.Nifti1Image) -> GriddedVolume:
+        """The scan on its own grid."""
+        return cls(np.asarray(img.dataobj, dtype=np.float32), np.eye(4), img.affine, tuple(img.shape[:3]))
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.native_affine @ self.to_native
+
+    @property
+    def voxel_sizes(self) -> np.ndarray:
+        return voxel_sizes(self.affine)
+
+    def moved(self, data: np.ndarray, new_to_old: np.ndarray | None = None) -> GriddedVolume:
+        """The same scan after a step that produced ``data``; ``new_to_old`` maps its indices to the current."""
+        to_native = self.to_native if new_to_old is None else self.to_native @ new_to_old
+        return GriddedVolume(np.asarray(data, dtype=np.float32), to_native, self.native_affine, self.native_shape)
+
+    def to_native_grid(self, array: np.ndarray, *, order: int = 1) -> np.ndarray:
+        """An array on this grid resampled onto the native grid (0 where the native grid reaches outside it)."""
+        return resample_indices(array, np.linalg.inv(self.to_native), self.native_shape, order=order)
+
+    def from_native_grid(self, array: np.ndarray, *, order: int = 0) -> np.ndarray:
+        """An array on the native grid (a brain mask, say) resampled onto this grid."""
+        return resample_indices(array, self.to_native, self.data.shape, order=order)
+
+
+def reorient(volume: GriddedVolume, axcodes: str) -> GriddedVolume:
+    """Flip and permute axes (no interpolation) so that the voxel axes point along ``axcodes`` ("RAS")."""
+    current = orientations.io_orientation(volume.affine)
+    transform = orientations.ornt_transform(current, orientations.axcodes2ornt(tuple(axcodes)))
+    data = orientations.apply_orientation(volume.data, transform)
+    return volume.moved(data, orientations.inv_ornt_aff(transform, volume.data.shape))
+
+
+def resample(volume: GriddedVolume, spacing_mm: Sequence[float], shape: Sequence[int]) -> GriddedVolume:
+    """Trilinear resampling to voxels of ``spacing_mm`` on a grid of ``shape`` centred on the field of view.
+
+    The centre is rounded to a whole input voxel, so when the spacing already matches this is a pure crop
+    or zero-pad and the values are unchanged. Voxel sizes within ``SAME_SPACING_TOLERANCE`` of the target
+    count as matching: headers store them in float32, and 1.2000022 mm is meant to be 1.2 mm.
+    """
+    scale = np.asarray(spacing_mm, dtype=float) / volume.voxel_sizes
+    scale[np.abs(scale - 1) < SAME_SPACING_TOLERANCE] = 1.0
+    old_shape = np.asarray(volume.data.shape, dtype=float)
+    new_shape = np.asarray(shape, dtype=float)
+    offset = np.floor((old_shape - 1) / 2 - scale * (new_shape - 1) / 2 + 0.5)
+    new_to_old = np.eye(4)
+    new_to_old[:3, :3] = np.diag(scale)
+    new_to_old[:3, 3] = offset
+    return volume.moved(resample_indices(volume.data, new_to_old, shape), new_to_old)
+
+
+def conform(volume: GriddedVolume, orientation: str, spacing_mm: Sequence[float],
+            shape: Sequence[int]) -> GriddedVolume:
+    """A model's input grid: axes along ``orientation``, voxels of ``spacing_mm``, array of ``shape``."""
+    return resample(reorient(volume, orientation), spacing_mm, shape)
+
+
+def native_like(reference: nib.Nifti1Image, data: np.ndarray, dtype: type) -> nib.Nifti1Image:
+    """An output on the input's grid: the input's affine, qform/sform codes and header, voxel type ``dtype``."""
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_slope_inter(None, None)
+    header["cal_min"] = 0
+    header["cal_max"] = 0
+    return type(reference)(np.asarray(data).astype(dtype), reference.affine, header)
