@@ -12,7 +12,6 @@ with torch, checks the Keras model against the PyTorch reference implementation
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -26,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable
+from brainzoo.fileio import atomic_output, check_writable, sha256_of
 from brainzoo.models import BUILDERS
 
 layers = tf.keras.layers
@@ -254,14 +253,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {key: tensor.detach().cpu().numpy() for key, tensor in content.items()}
 
 
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray], options: Mapping) -> dict:
     """Compare ``model`` with the PyTorch reference implementation holding the same tensors.
 
@@ -322,7 +313,7 @@ def convert_checkpoint(arch: str, src: str | os.PathLike, dst: str | os.PathLike
         "options": options,
         "input_shape": list(model.input_shape[1:]),
         "source": str(src),
-        "source_sha256": sha256sum(src),
+        "source_sha256": sha256_of(src),
         "keras_model": dst.name,
         "torch_version": torch.__version__,
         "tensorflow_version": tf.__version__,

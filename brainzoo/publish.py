@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from brainzoo import annex, catalogue, sources, zoo
+from brainzoo import annex, catalogue, sources
 from brainzoo.catalogue import Version, WeightsFile
 from brainzoo.errors import BrainzooError
+from brainzoo.fileio import sha256_of
 
 OSF_GIT_SIBLING = "osf"  # create-sibling-osf's git remote; annex.OSF_NAME is its storage special remote
 OSF_PROJECT_ID = re.compile(r"[a-z0-9]{5}")
@@ -101,7 +102,7 @@ def check_weights(root: Path, version: Version, on_osf: set[str]) -> None:
         rel = weights.path.relative_to(root)
         if not weights.published:
             problems.append(f"{rel}: not produced yet (no sha256 in the spec); convert it first")
-        elif weights.present and (actual := zoo.sha256_of(weights.path)) != weights.sha256:
+        elif weights.present and (actual := sha256_of(weights.path)) != weights.sha256:
             problems.append(f"{rel}: content has sha256 {actual}, the spec says {weights.sha256} "
                             "(changed after it was published?); restore the file or update the spec")
         elif not weights.present and (problem := sources.key_problem(weights)):

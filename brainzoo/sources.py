@@ -19,6 +19,7 @@ import yaml
 from brainzoo import annex, catalogue, zoo
 from brainzoo.catalogue import Version, WeightsFile
 from brainzoo.errors import BrainzooError
+from brainzoo.fileio import sha256_of
 
 # git-annex remote costs by kind of source (lower is tried first), set in each clone's git config.
 COSTS = {"inrepo-store": 100, "mirror": 150, "osf": 200, "web": 250}
@@ -93,7 +94,7 @@ def get(root: Path, ref: str, source: str | None = None) -> Iterator[dict]:
 
 def checksum_outcome(root: Path, weights: WeightsFile) -> dict:
     """Compare a fetched file with the spec's sha256 (git-annex checks too, unless verification is off)."""
-    actual = zoo.sha256_of(weights.path)
+    actual = sha256_of(weights.path)
     if actual == weights.sha256:
         return {"status": "ok", "message": "sha256 matches the spec"}
     annex.run(["git", "annex", "drop", "--force", str(weights.path)], root)

@@ -7,12 +7,12 @@ any record is an error, so batch work reports every item and never stops silentl
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Iterator
 
 from brainzoo import annex, catalogue
 from brainzoo.catalogue import Version, WeightsFile
+from brainzoo.fileio import sha256_of
 
 
 def bootstrap(root: Path) -> Iterator[dict]:
@@ -57,14 +57,6 @@ def info(ref: str, root: Path) -> Iterator[dict]:
            "weights": [dict(w.entry, present=w.present) for w in version.weights],
            "license": card.get("License"), "citation": card.get("Citation"), "metrics": card.get("Metrics"),
            **weights_summary(version)}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def published_weights(root: Path) -> list[WeightsFile]:

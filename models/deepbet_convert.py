@@ -14,7 +14,6 @@ Command (writes ``OUT/weights/<network>.h5`` and ``OUT/conversion/<network>.json
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output
+from brainzoo.fileio import atomic_output, sha256_of
 from brainzoo.models.deepbet import (BBOX_INPUT_SHAPE, SEGMENTATION_INPUT_SHAPE, InstanceNormalization,
                                      deepbet_bbox, deepbet_segmentation)
 
@@ -269,10 +268,6 @@ def keras_from_torchscript(network: Network):
     return model, module, source
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def convert(network: Network, weights_path: Path, record_path: Path, force: bool = False) -> dict:
     """Write the converted network to ``weights_path`` (a full Keras ``.h5`` model) and what was done,
     with the self-check result, to ``record_path`` (JSON). Returns the record."""
@@ -281,11 +276,11 @@ def convert(network: Network, weights_path: Path, record_path: Path, force: bool
     difference = max_abs_difference(module, model, self_check_input(network.input_shape))
     with atomic_output(weights_path, force) as tmp:
         model.save(tmp, save_format="h5", include_optimizer=False)
-        weights_sha256 = _sha256(tmp)
+        weights_sha256 = sha256_of(tmp)
     record = {
         "network": network.name,
         "source": {"package": "deepbet", "version": DEEPBET_VERSION,
-                   "file": f"data/models/{network.torchscript_file}", "sha256": _sha256(source)},
+                   "file": f"data/models/{network.torchscript_file}", "sha256": sha256_of(source)},
         "output": {"file": weights_path.name, "sha256": weights_sha256, "keras_model": model.name,
                    "input_shape": list(network.input_shape), "tensors_mapped": len(module.state_dict())},
         "versions": {"torch": torch.__version__, "tensorflow": tf.__version__, "numpy": np.__version__},

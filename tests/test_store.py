@@ -105,6 +105,7 @@ def test_this_repository_serves_its_store_weights_from_a_fresh_clone(version_id,
     from a single-branch clone of this repository's committed main."""
     clone = clone_main(REPO, tmp_path / "clone")
     assert brainzoo("bootstrap", cwd=clone).returncode == 0
+    assert brainzoo("verify", "--remote", "inrepo-store", cwd=clone).returncode == 0  # every key is in the store
     got = brainzoo("get", version_id, "--json", cwd=clone)
     assert got.returncode == 0, got.stdout + got.stderr
     assert brainzoo("verify", cwd=clone).returncode == 0
