@@ -9,6 +9,7 @@ versions and the sha256 of each weights file used, so a result can be traced to 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -77,26 +78,27 @@ class BrainMasker:
             raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-extraction model")
         inference = version.spec["inference"]
         threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
-        networks = load_networks(version)
+        # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
+        networks = functools.cache(lambda: load_networks(version))
         if inference.get("method", "blocks") == "deepbet":
             from brainzoo.deepbet_pipeline import DeepbetExtractor
 
-            extractor = DeepbetExtractor(networks["bbox"], networks["segmentation"])
+            extractor = functools.cache(lambda: DeepbetExtractor(networks()["bbox"], networks()["segmentation"]))
 
             def run(scan):
                 started = time.perf_counter()
                 image = load_volume(scan)  # the same input checks as every other model
-                result = extractor.extract(image, threshold=threshold)
+                result = extractor().extract(image, threshold=threshold)
                 record = {"task": "brain-extraction", "input": {"shape": list(image.shape)},
                           "prediction": {"threshold": threshold, "brain_voxels": int(result.mask.get_fdata().sum()),
                                          "brain_volume_ml": round(result.tiv_cm3, 3)},
                           "timings_s": {"total": round(time.perf_counter() - started, 3)}}
                 return result.mask, result.probability, record
         else:
-            [network] = networks.values()
             spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
 
             def run(scan):
+                [network] = networks().values()
                 return predict_brain_mask(scan, network, spec_inference=spec_inference)
         return cls(version, run)
 
