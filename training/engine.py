@@ -42,6 +42,7 @@ class TrainingPlan:
     seed: int = 0
     checkpoint_every_steps: int = 50
     early_stopping: dict | None = None
+    precise_bn_batches: int = 0
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -86,6 +87,12 @@ def random_generators(model: tf.keras.Model) -> list[tf.random.Generator]:
             if getattr(keras_rng, "_generator", None) is not None:
                 generators.append(keras_rng._generator)
     return generators
+
+
+def batch_norm_probe(model: tf.keras.Model) -> tuple[list, tf.keras.Model | None]:
+    """The trainable BatchNorm layers of a functional model, and a model that outputs their inputs."""
+    layers = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.BatchNormalization) and layer.trainable]
+    return layers, (tf.keras.Model(model.inputs, [layer.input for layer in layers]) if layers else None)
 
 
 def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], tf.data.Dataset],
@@ -140,6 +147,33 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
         losses = strategy.run(train_step, args=(x, y))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
 
+    bn_layers, bn_probe = batch_norm_probe(model) if plan.precise_bn_batches else ([], None)
+
+    @tf.function
+    def bn_moments_step(x):
+        def replica(x):
+            inputs = bn_probe(x, training=True)
+            moments = [tf.nn.moments(t, axes=list(range(len(t.shape) - 1))) for t in inputs]
+            return [(mean, variance + tf.square(mean)) for mean, variance in moments]
+        per_replica = strategy.run(replica, args=(x,))
+        return tf.nest.map_structure(lambda t: strategy.reduce(tf.distribute.ReduceOp.MEAN, t, axis=None), per_replica)
+
+    def precise_batch_norm(epoch: int) -> None:
+        """Set the moving statistics to those of ``precise_bn_batches`` training batches at the current weights.
+
+        (PreciseBN, Wu & Johnson 2021.) The moving averages mix statistics of weights that have since changed and,
+        where a layer normalises few values per batch (SFCN's last block is 1^3 at small inputs, so batch-size
+        values per channel), they can be far enough off to make the validation metric and the saved model much
+        worse than the weights are.
+        """
+        batches = strategy.experimental_distribute_dataset(train_data(epoch).take(plan.precise_bn_batches))
+        per_batch = [bn_moments_step(x) for x, _ in batches]
+        for index, layer in enumerate(bn_layers):
+            mean, square = (np.mean([np.asarray(moments[index][k], np.float64) for moments in per_batch], axis=0)
+                            for k in (0, 1))
+            layer.moving_mean.assign(mean.astype(np.float32))
+            layer.moving_variance.assign(np.maximum(square - mean**2, 0.0).astype(np.float32))
+
     @tf.function
     def eval_step(x, y):
         pred = model(x, training=False)
@@ -179,6 +213,8 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
         if step % plan.steps_per_epoch:
             raise BrainzooError(f"training data for epoch {epoch} ended after {step % plan.steps_per_epoch} of "
                                 f"{plan.steps_per_epoch} steps; use fewer steps_per_epoch or repeat the data")
+        if bn_layers:
+            precise_batch_norm(epoch)
         record = {"epoch": epoch + 1, "step": step, "loss": loss, **evaluate()}
         with writer.as_default(step=step):
             for key, value in record.items():

@@ -1,0 +1,66 @@
+"""Training learns, end to end through the real CLI: synthetic heads -> `brainzoo tfrecords` -> `brainzoo train`.
+
+The fixture specs in tests/fixtures/training are tuned so that each run takes a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+
+SHAPE = (32, 32, 32)
+SPLITS = {"train": (192, 0), "validation": (48, 1)}  # subjects and seed: other seeds, other anatomy
+
+
+def cli(*args, cwd) -> dict:
+    """Run ``brainzoo ARGS --json`` in a subprocess; its last record."""
+    result = subprocess.run([sys.executable, "-m", "brainzoo.cli", *map(str, args), "--json"], cwd=cwd,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory) -> dict:
+    """The subjects table of each split, written once for both models."""
+    from brainzoo.training.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("heads")
+    return {split: write_synthetic_dataset(root / split, n, shape=SHAPE, seed=seed) for split, (n, seed) in SPLITS.items()}
+
+
+def records(heads: dict, kind: str, folder) -> dict:
+    for split, table in heads.items():
+        cli("tfrecords", table, folder / split, "--kind", kind, "--label-column", "mask", cwd=folder)
+    return {split: folder / split for split in heads}
+
+
+def train(spec: str, data: dict, folder) -> dict:
+    return cli("train", FIXTURES / "training" / spec, "--train", data["train"], "--validation", data["validation"],
+               "--out", folder / "run", "--no-progress", cwd=folder)
+
+
+def ages(table) -> np.ndarray:
+    with open(table, newline="") as f:
+        return np.array([float(row["age"]) for row in csv.DictReader(f)])
+
+
+@pytest.mark.slow
+def test_sfcn_predicts_age_far_better_than_the_training_mean(heads, tmp_path):
+    result = train("sfcn-synthetic.yaml", records(heads, "regression", tmp_path), tmp_path)
+    baseline = np.abs(ages(heads["validation"]) - ages(heads["train"]).mean()).mean()
+    assert result["val_n"] == SPLITS["validation"][0]
+    assert result["val_mae"] <= 0.5 * baseline, (result["val_mae"], baseline)
+
+
+@pytest.mark.slow
+def test_unet_finds_the_brain(heads, tmp_path):
+    result = train("unet-synthetic.yaml", records(heads, "segmentation", tmp_path), tmp_path)
+    assert result["val_dice"] >= 0.9, result["val_dice"]

@@ -1,0 +1,276 @@
+"""`brainzoo train` and `brainzoo transfer`: a version's spec, the user's TFRecords, and the engine.
+
+The spec's ``training`` section says everything that makes a run reproducible: the data pipeline
+(``training.data``), loss, optimiser and schedule, epochs, batch size and seed. Command-line values
+override it for one run and are written into the run's own record.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import fnmatch
+import json
+import shlex
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import tensorflow as tf
+import yaml
+
+from brainzoo import catalogue
+from brainzoo.errors import BrainzooError
+from brainzoo.fileio import atomic_output, sha256_of
+from brainzoo.models import BUILDERS
+from brainzoo.models.layers import pytorch_parameter_count
+from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
+from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
+from brainzoo.training.tfrecords import read_dataset
+
+
+def model_input_shape(data: dict) -> tuple[int, int, int, int]:
+    shape = data.get("block_shape") or data.get("input_shape")
+    if not shape:
+        raise BrainzooError("training.data: needs block_shape (segmentation) or input_shape (regression)")
+    return (*shape, 1)
+
+
+def model_builder(architecture: dict, input_shape) -> Callable[[], tf.keras.Model]:
+    name = architecture["builder"]
+    if name not in BUILDERS:
+        raise BrainzooError(f"architecture.builder: unknown builder {name!r} (known: {', '.join(sorted(BUILDERS))})")
+    return lambda: BUILDERS[name](input_shape=input_shape, **architecture.get("options", {}))
+
+
+def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
+    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch."""
+    kind = data.get("kind")
+    augmentation = Augmentation(**data["augmentation"]) if data.get("augmentation") else None
+    common = {"batch_size": plan.batch_size, "normalization": data.get("normalization", "zscore")}
+    if kind == "segmentation":
+        def pipeline(records, seed, training):
+            return segmentation_blocks(read_dataset(records), data["block_shape"],
+                                       sampling="random" if training else "grid",
+                                       blocks_per_volume=data.get("blocks_per_volume", 8),
+                                       overlap=0 if training else data.get("overlap", 0),
+                                       augmentation=augmentation if training else None,
+                                       shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
+                                       seed=seed, drop_remainder=training, **common)
+    elif kind == "regression":
+        def pipeline(records, seed, training):
+            return regression_volumes(read_dataset(records), data["input_shape"], targets=data.get("targets", ["age"]),
+                                      random_crop=training and data.get("random_crop", False),
+                                      augmentation=augmentation if training else None,
+                                      shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
+                                      seed=seed, drop_remainder=training, **common)
+    else:
+        raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation or regression")
+
+    def train(epoch: int) -> tf.data.Dataset:
+        return pipeline(train_records, plan.seed + epoch, True).repeat()
+
+    def validation() -> tf.data.Dataset:
+        return pipeline(validation_records, plan.seed, False)
+
+    return train, (validation if validation_records else None)
+
+
+def resolve_spec(ref: str) -> tuple[dict, Path | None]:
+    """A catalogue version (id or folder) or a path to a spec file."""
+    path = Path(ref)
+    if path.is_file():
+        return catalogue.read_yaml(path), None
+    version = catalogue.find_version(ref)
+    return version.spec, version.path
+
+
+def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
+    """Record ``run`` in ``folder/run.json``; the same run resumes from its checkpoints there.
+
+    A different earlier run is an error, or with ``force`` is replaced: its checkpoints go, since the engine
+    would otherwise resume from them.
+    """
+    run_file = folder / "run.json"
+    if run_file.exists() and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
+        if not force:
+            raise BrainzooError(f"{folder}: holds a different run ({run_file.read_text()}); "
+                                "choose another folder or pass --force")
+        for checkpoints in folder.glob(f"**/{CHECKPOINT_DIR}"):
+            shutil.rmtree(checkpoints)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_output(run_file, force=True) as tmp:
+        tmp.write_text(json.dumps(run, indent=2))
+
+
+def train(ref: str, train_records, validation_records, out_dir, *, force: bool = False, progress: bool = True,
+          **overrides) -> dict:
+    """Train the model a spec describes; resumes when ``out_dir`` holds this run's checkpoints."""
+    spec, _ = resolve_spec(ref)
+    if "training" not in spec:
+        raise BrainzooError(f"{ref}: its spec has no training section")
+    out_dir = Path(out_dir)
+    claim_run_folder(out_dir, {"spec": ref, "train": str(train_records), "validation": str(validation_records),
+                               "overrides": {k: v for k, v in overrides.items() if v is not None}}, force)
+    training = spec["training"]
+    plan = TrainingPlan.from_spec(training, **overrides)
+    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
+    builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
+    return fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
+
+
+def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str]) -> list[str]:
+    """Copy weights layer by layer (by name); layers matching ``replace`` keep their fresh initialisation.
+
+    A layer present in both with different weight shapes must be listed in ``replace``: nothing is
+    copied by position or shape guessing. Returns the names of the replaced layers.
+    """
+    source_layers = {layer.name: layer for layer in source.layers}
+    replaced = []
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        if any(fnmatch.fnmatch(layer.name, pattern) for pattern in replace):
+            replaced.append(layer.name)
+            continue
+        if layer.name not in source_layers:
+            raise BrainzooError(f"transfer: layer {layer.name} has no counterpart in the source model; list it in --replace")
+        weights = source_layers[layer.name].get_weights()
+        if [w.shape for w in weights] != [w.shape for w in layer.get_weights()]:
+            raise BrainzooError(f"transfer: layer {layer.name} changes shape; list it in --replace")
+        layer.set_weights(weights)
+    return replaced
+
+
+def transfer(source_ref: str, train_records, validation_records, dest: str, *, options: dict | None = None,
+             replace: list[str] = (), freeze_epochs: int = 0, trainable: list[str] = (), root: Path | None = None,
+             force: bool = False, progress: bool = True, **overrides) -> dict:
+    """Fine-tune a catalogue version on the user's TFRecords and write a new version folder ``dest``.
+
+    ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
+    follows a ``bins`` option. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
+    replaced ones) learn; then everything does. The new folder gets a spec (source recorded), a card with
+    the measured validation metric and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
+    """
+    root = root or catalogue.repo_root()
+    source = catalogue.find_version(source_ref, root)
+    dest_id = dest.strip("/") if dest.startswith(catalogue.CATALOGUE_DIR + "/") else f"{catalogue.CATALOGUE_DIR}/{dest.strip('/')}"
+    dest_dir = root / dest_id
+    if (dest_dir / catalogue.SPEC_FILE).exists() and not force:
+        raise BrainzooError(f"{dest_id}: already exists; choose a new version or pass --force")
+    if not validation_records:
+        raise BrainzooError("transfer: needs --validation records; the new version's card reports the metric on them")
+    spec = copy.deepcopy(source.spec)
+    training = spec.get("training")
+    if not training:
+        raise BrainzooError(f"{source.id}: its spec has no training section to fine-tune with")
+    architecture = spec["architecture"]
+    architecture["options"] = {**architecture.get("options", {}), **(options or {})}
+    bins = (options or {}).get("bins")
+    if bins:
+        architecture["options"].pop("bins")
+        start, stop, step = bins
+        architecture["options"]["n_bins"] = int(round((stop - start) / step))
+        training["loss"]["bins"] = {"start": start, "stop": stop, "step": step}
+        spec["inference"]["output"]["bins"] = {"start": start, "stop": stop, "step": step}
+    plan = TrainingPlan.from_spec(training, **overrides)
+    input_shape = model_input_shape(training["data"])
+    build = model_builder(architecture, input_shape)
+    if "parameters" in architecture:
+        architecture["parameters"] = pytorch_parameter_count(build())
+    source_weights = catalogue.resolve_weights(source.id)
+
+    def build_initialised() -> tf.keras.Model:
+        model = build()
+        transplant(_source_model(source, source_weights, input_shape), model, list(replace))
+        return model
+
+    # Work inside the new folder, so an interrupted transfer resumes; it is removed once the version is written.
+    work = dest_dir / ".transfer"
+    claim_run_folder(work, {"source": source.id, "train": str(train_records), "validation": str(validation_records),
+                            "options": options, "replace": replace, "freeze_epochs": freeze_epochs,
+                            "trainable": trainable, "overrides": {k: v for k, v in overrides.items() if v is not None}},
+                     force)
+    results = []
+    phases = [("frozen", freeze_epochs), ("all", plan.epochs - freeze_epochs)] if freeze_epochs else [("all", plan.epochs)]
+    previous = None
+    for phase, epochs in phases:
+        if epochs <= 0:
+            continue
+        phase_plan = TrainingPlan(**{**plan.__dict__, "epochs": epochs})
+        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records)
+        patterns = list(trainable) + list(replace) if phase == "frozen" else None
+
+        def phase_model(previous=previous, patterns=patterns) -> tf.keras.Model:
+            # Weights only: a saved SFCN's log_softmax activation does not deserialise with load_model.
+            if previous is None:
+                model = build_initialised()
+            else:
+                model = build()
+                model.load_weights(previous)
+            if patterns is not None:
+                for layer in model.layers:
+                    layer.trainable = any(fnmatch.fnmatch(layer.name, p) for p in patterns)
+            return model
+
+        results.append(fit(phase_model, train_data, validation_data, phase_plan, work / phase, progress=progress))
+        previous = work / phase / "model.h5"
+    record = _write_version(root, dest_id, source, spec, previous, results[-1], source_ref, train_records,
+                            validation_records, options, replace, freeze_epochs, trainable, overrides)
+    shutil.rmtree(work)
+    return record
+
+
+def _source_model(source: catalogue.Version, weights: Path, input_shape) -> tf.keras.Model:
+    model = model_builder(source.spec["architecture"], input_shape)()
+    model.load_weights(weights)
+    return model
+
+
+def _write_version(root, dest_id, source, spec, model_file, result, source_ref, train_records, validation_records,
+                   options, replace, freeze_epochs, trainable, overrides) -> dict:
+    dest_dir = root / dest_id
+    model_name, version = dest_id.split("/")[1:3]
+    spec.update(id=dest_id, model=model_name, version=version)
+    spec.pop("variant", None)
+    if len(dest_id.split("/")) == 4:
+        spec["variant"] = dest_id.split("/")[3]
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "size": model_file.stat().st_size, "sha256": sha256_of(model_file),
+                        "sources": [{"type": "inrepo-store"}]}]
+    spec.pop("conversion", None)
+    spec["training"]["transferred_from"] = {"id": source.id, "sha256": source.weights_file().sha256}
+    for option in spec["inference"]["entry_point"]["options"].values():
+        if option.get("default") == source.id:
+            option["default"] = dest_id
+    command = ["brainzoo", "transfer", source_ref, dest_id, "--train", str(train_records),
+               "--validation", str(validation_records)]
+    if options and options.get("bins"):
+        command += ["--bins", *map(str, options["bins"])]
+    command += [a for pattern in replace for a in ("--replace", pattern)]
+    if freeze_epochs:
+        command += ["--freeze-epochs", str(freeze_epochs)] + [a for p in trainable for a in ("--trainable", p)]
+    command += [a for key, value in overrides.items() if value is not None for a in (f"--{key.replace('_', '-')}", str(value))]
+    metric = next(k for k in result if k.startswith("val_") and k not in ("val_loss", "val_n"))
+    card = copy.deepcopy(source.card)
+    card["Model_details"].update(Model_version=version, Model_date=datetime.date.today().isoformat(),
+                                 More_information=f"Fine-tuned from {source.id} with brainzoo transfer.")
+    card["Caveats_and_recommendations"] = (f"Fine-tuned from {source.id}, whose card's caveats apply too. The measured "
+                                           "metric covers only the records named under Evaluation_data.")
+    card["Metrics"] = [{"name": metric.removeprefix("val_").upper() if metric == "val_mae" else "Dice",
+                        "value": round(float(result[metric]), 4), "unit": "years" if metric == "val_mae" else "",
+                        "statistic": "mean", "dataset": str(validation_records), "split": "validation",
+                        "n": int(result["val_n"]), "source": "measured", "command": shlex.join(command)}]
+    card["Training_data"] = {"Datasets": str(train_records), "Motivation": "fine-tuning on the user's data",
+                             "Preprocessing": f"as in {source.id}'s spec (training.data)"}
+    card["Evaluation_data"] = {"Datasets": str(validation_records), "Motivation": "held-out validation records",
+                               "Preprocessing": "as for training, without augmentation"}
+    (dest_dir / "weights").mkdir(parents=True, exist_ok=True)
+    with atomic_output(dest_dir / "weights" / "model.h5", force=True) as tmp:
+        tmp.write_bytes(model_file.read_bytes())
+    for name, data in (("spec.yaml", spec), ("model_card.yaml", card)):
+        with atomic_output(dest_dir / name, force=True) as tmp:
+            tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    catalogue.add_to_index(root, dest_id, spec["task"])
+    return {"action": "transfer", "path": dest_id, "status": "ok", "message": f"{metric} {result[metric]:.4f}",
+            "metrics": {k: v for k, v in result.items() if k.startswith("val_")}}
