@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -42,6 +45,33 @@ def brainzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("BRAINZOO_ROOT", None)
     return subprocess.run([sys.executable, "-m", "brainzoo.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+def load_fixture(name: str) -> dict:
+    """A conversion fixture: the original architecture's state_dict shapes, input rule and outputs."""
+    return json.loads((FIXTURES / "conversion" / f"{name}.json").read_text())
+
+
+def seeded_state_dict(shapes: dict) -> dict[str, np.ndarray]:
+    """The fixtures' ``seeding_rule``: every tensor from a generator seeded with the CRC32 of its key."""
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = np.array(0, np.int64)
+            continue
+        rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
+        if "running_var" in key:
+            values = rng.uniform(0.5, 1.5, shape)
+        elif "running_mean" in key:
+            values = rng.uniform(-0.1, 0.1, shape)
+        elif len(shape) >= 2:
+            values = rng.uniform(-1, 1, shape) * np.sqrt(3 / np.prod(shape[1:]))
+        elif key.endswith("weight"):
+            values = rng.uniform(0.5, 1.5, shape)
+        else:
+            values = rng.uniform(-0.1, 0.1, shape)
+        state[key] = values.astype(np.float32)
+    return state
 
 
 def fixture_spec() -> dict:

@@ -8,7 +8,6 @@ reproduce those numbers.
 
 import hashlib
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ import tensorflow as tf
 from brainzoo.convert import ARCHITECTURES, convert_checkpoint, convert_state_dict, read_checkpoint, record_path
 from brainzoo.errors import BrainzooError
 from brainzoo.models import pytorch_parameter_count
+from conftest import load_fixture, seeded_state_dict
 
-FIXTURES = Path(__file__).parent / "fixtures" / "conversion"
 # The shared folder beside the repository, where the original checkpoint files are (not needed otherwise).
 SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "conversion"
 ARCHITECTURE_OF_FIXTURE = {
@@ -30,32 +29,6 @@ ARCHITECTURE_OF_FIXTURE = {
     "inception_resnet_v2_flair": "inception-resnet-v2",
 }
 SHARED_CHECKPOINTS = {"sfcn_peng2021.legacy.p": "sfcn_peng2021", "agemapper_1mm.pth": "agemapper_1mm"}
-
-
-def load_fixture(name: str) -> dict:
-    return json.loads((FIXTURES / f"{name}.json").read_text())
-
-
-def seeded_state_dict(shapes: dict) -> dict[str, np.ndarray]:
-    """The fixtures' ``seeding_rule``: every tensor from a generator seeded with the CRC32 of its key."""
-    state = {}
-    for key, shape in shapes.items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = np.array(0, np.int64)
-            continue
-        rng = np.random.default_rng(zlib.crc32(key.encode("utf-8")))
-        if "running_var" in key:
-            values = rng.uniform(0.5, 1.5, shape)
-        elif "running_mean" in key:
-            values = rng.uniform(-0.1, 0.1, shape)
-        elif len(shape) >= 2:
-            values = rng.uniform(-1, 1, shape) * np.sqrt(3 / np.prod(shape[1:]))
-        elif key.endswith("weight"):
-            values = rng.uniform(0.5, 1.5, shape)
-        else:
-            values = rng.uniform(-0.1, 0.1, shape)
-        state[key] = values.astype(np.float32)
-    return state
 
 
 def fixture_input(shape_ncdhw) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""`brainzoo transfer`: fine-tune a converted SFCN onto new age bins and get a version `brainzoo validate` accepts."""
+"""`brainzoo transfer`: fine-tune a converted UK Biobank SFCN onto the FLAIR project's age bins
+([42, 82] step 1 -> [15, 95] step 2) and get a version `brainzoo validate` accepts."""
 
 from __future__ import annotations
 
@@ -9,28 +10,30 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, brainzoo, sh, write_index, write_version
+from conftest import REPO, brainzoo, load_fixture, seeded_state_dict, sh, write_index, write_version
 
-SOURCE = "neuronets/sfcn-small/1.0.0"
-DEST = "neuronets/sfcn-small-wide/1.0.0"
+SOURCE = "neuronets/sfcn-ukbiobank-seeded/1.0.0"
+DEST = "neuronets/sfcn-flair-bins/1.0.0"
 HEAD = "classifier_conv_6"  # SFCN's last 1^3 conv, named after len(channels) in brainzoo.models.sfcn
 SHAPE = (32, 32, 32)
 
 
 def source_version(root, model_file) -> None:
-    """The converted UK Biobank SFCN's spec and card, shrunk to a small SFCN whose weights are ``model_file``."""
-    from brainzoo.models.sfcn import sfcn
+    """The UK Biobank SFCN's catalogue entry, its weights converted from the fixture's seeded state_dict.
+
+    The published layout (40 bins over [42, 82] years), trained here at 32^3 (SFCN is fully convolutional).
+    """
+    from brainzoo.convert import convert_state_dict
 
     converted = REPO / "neuronets" / "sfcn-ukbiobank" / "1.0.0"
     spec = yaml.safe_load((converted / "spec.yaml").read_text())
     card = yaml.safe_load((converted / "model_card.yaml").read_text())
-    spec.update(id=SOURCE, model="sfcn-small")
-    spec["architecture"]["options"]["channels"] = [4, 4, 4, 4, 4, 4]
+    spec.update(id=SOURCE, model="sfcn-ukbiobank-seeded")
     spec["inference"]["entry_point"]["options"]["model"]["default"] = SOURCE
     spec["training"]["data"].update(input_shape=list(SHAPE), random_crop=False)
     spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
                         "sources": [{"type": "inrepo-store"}]}]
-    model = sfcn((*SHAPE, 1), **spec["architecture"]["options"])
+    model = convert_state_dict("sfcn", seeded_state_dict(load_fixture("sfcn_peng2021")["state_dict"]))
     model.save(model_file, save_format="h5")
     write_version(root, spec, card, weights={"weights/model.h5": model_file.read_bytes()})
     write_index(root)
