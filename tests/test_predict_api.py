@@ -6,6 +6,7 @@ import pytest
 from conftest import SHARED_DATA
 
 from brainzoo.errors import BrainzooError
+from brainzoo.metrics import dice
 from brainzoo.predict import predict_brain_age, predict_brain_mask
 
 MASK_SPEC = {
@@ -50,10 +51,6 @@ def _as_lps(img):
     return img.as_reoriented(transform)
 
 
-def _dice(first, second):
-    return 2 * np.logical_and(first, second).sum() / (first.sum() + second.sum())
-
-
 def test_mask_on_the_native_grid_matches_the_brain(tmp_path):
     img, brain = _head()
     mask_img, probability_img, record = predict_brain_mask(img, _pointwise_threshold, spec_inference=MASK_SPEC,
@@ -61,7 +58,7 @@ def test_mask_on_the_native_grid_matches_the_brain(tmp_path):
     assert mask_img.shape == img.shape and mask_img.get_data_dtype() == np.uint8
     assert probability_img.get_data_dtype() == np.float32
     np.testing.assert_array_equal(mask_img.affine, img.affine)
-    assert _dice(np.asarray(mask_img.dataobj) > 0, brain) > 0.95
+    assert dice(np.asarray(mask_img.dataobj) > 0, brain) > 0.95
     voxel_ml = 1.2 * 1.0 * 1.5 / 1000
     assert record["prediction"]["brain_volume_ml"] == pytest.approx(record["prediction"]["brain_voxels"] * voxel_ml,
                                                                     abs=1e-3)

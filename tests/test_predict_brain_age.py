@@ -6,9 +6,10 @@ import pytest
 from conftest import SHARED_DATA
 
 from brainzoo.errors import BrainzooError
+from brainzoo.metrics import dice
 from brainzoo.predict import predict_brain_age
 from brainzoo.predict.brain_age import bin_centres, brain_age_gap, decode_output, ensemble
-from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, dice, mni152_brain, n4_correct,
+from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, mni152_brain, n4_correct,
                                            register_to_mni152)
 from brainzoo.predict.volumes import resample_world
 

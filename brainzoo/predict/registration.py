@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from nibabel.affines import voxel_sizes
 
 from brainzoo.errors import BrainzooError
+from brainzoo.metrics import dice
 from brainzoo.predict.volumes import resample_world
 
 FSL_MNI152_SHAPE = (182, 218, 182)
@@ -172,9 +173,3 @@ def _ras_world_map(transform: sitk.AffineTransform) -> np.ndarray:
     lps[:3, :3] = matrix
     lps[:3, 3] = np.asarray(transform.GetTranslation()) + centre - matrix @ centre
     return _RAS_TO_LPS @ lps @ _RAS_TO_LPS
-
-
-def dice(first: np.ndarray, second: np.ndarray) -> float:
-    """Dice overlap of two boolean arrays (1 for two empty masks)."""
-    total = int(first.sum()) + int(second.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(first, second).sum()) / total
