@@ -156,15 +156,20 @@ def find_version(ref: str, root: Path | None = None) -> Version:
 
 def add_to_index(root: Path, version_id: str, task: str) -> None:
     """List a version in the top-level index (replacing an earlier entry), keeping the index sorted."""
-    from brainzoo.fileio import atomic_output
-
     index_file = root / INDEX_FILE
     index = read_yaml(index_file)
     entries = [e for e in index.get("catalogue") or [] if e["path"] != version_id]
     entries.append({"id": version_id, "path": version_id, "task": task})
     index["catalogue"] = sorted(entries, key=lambda e: e["path"])
-    with atomic_output(index_file, force=True) as tmp:
-        tmp.write_text(INDEX_HEADER + yaml.safe_dump(index, sort_keys=False))
+    write_yaml(index_file, index, header=INDEX_HEADER)
+
+
+def write_yaml(path: Path, data: dict, header: str = "") -> None:
+    """Replace a catalogue YAML file atomically, in the layout its files are kept in (keys in order, 110 columns)."""
+    from brainzoo.fileio import atomic_output
+
+    with atomic_output(path, force=True) as tmp:
+        tmp.write_text(header + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110))
 
 
 def resolve_weights(ref: str | os.PathLike, name: str | None = None) -> Path:

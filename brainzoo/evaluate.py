@@ -24,7 +24,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
-import yaml
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
@@ -199,5 +198,4 @@ def write_card_metrics(version: catalogue.Version, entries: list[dict]) -> None:
     keys = {(e["name"], e["statistic"], e["dataset"]) for e in entries}
     kept = [m for m in card.get("Metrics", []) if (m.get("name"), m.get("statistic"), m.get("dataset")) not in keys]
     card["Metrics"] = kept + entries
-    with atomic_output(card_file, force=True) as tmp:
-        tmp.write_text(yaml.safe_dump(card, sort_keys=False, width=120))
+    catalogue.write_yaml(card_file, card)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
-import yaml
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
@@ -268,9 +267,8 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
     (dest_dir / "weights").mkdir(parents=True, exist_ok=True)
     with atomic_output(dest_dir / "weights" / "model.h5", force=True) as tmp:
         tmp.write_bytes(model_file.read_bytes())
-    for name, data in (("spec.yaml", spec), ("model_card.yaml", card)):
-        with atomic_output(dest_dir / name, force=True) as tmp:
-            tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    catalogue.write_yaml(dest_dir / catalogue.SPEC_FILE, spec)
+    catalogue.write_yaml(dest_dir / catalogue.CARD_FILE, card)
     catalogue.add_to_index(root, dest_id, spec["task"])
     return {"action": "transfer", "path": dest_id, "status": "ok", "message": f"{metric} {result[metric]:.4f}",
             "metrics": {k: v for k, v in result.items() if k.startswith("val_")}}
