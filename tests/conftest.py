@@ -26,12 +26,13 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARE
 
 
 @pytest.fixture(autouse=True, scope="session")
-def git_identity():
-    """Commits made by tests need an identity; git-annex needs the venv's bin/ on PATH."""
+def git_identity(tmp_path_factory):
+    """Commits made by tests need an identity; git-annex needs the venv's bin/ on PATH; caches stay in the run."""
     saved = dict(os.environ)
     os.environ.update(GIT_AUTHOR_NAME="brainzoo tests", GIT_AUTHOR_EMAIL="tests@brainzoo.invalid",
                       GIT_COMMITTER_NAME="brainzoo tests", GIT_COMMITTER_EMAIL="tests@brainzoo.invalid",
-                      PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""))
+                      PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+                      BRAINZOO_CACHE=str(tmp_path_factory.mktemp("cache")))
     yield
     os.environ.clear()
     os.environ.update(saved)

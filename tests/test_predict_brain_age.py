@@ -9,6 +9,7 @@ from brainzoo.errors import BrainzooError
 from brainzoo.metrics import dice
 from brainzoo.predict import predict_brain_age
 from brainzoo.predict.brain_age import bin_centres, brain_age_gap, decode_output, ensemble
+from brainzoo.predict import registration
 from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, mni152_brain, n4_correct,
                                            register_to_mni152)
 from brainzoo.predict.volumes import resample_world
@@ -41,6 +42,25 @@ def _brain_points():
 
 def _mean_distance_mm(first, second, points):
     return float(np.linalg.norm((first @ points - second @ points)[:3], axis=0).mean())
+
+
+def test_the_cached_template_is_the_one_made_from_nilearn(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINZOO_CACHE", str(tmp_path))
+    mni152_brain.cache_clear()
+    try:
+        made = mni152_brain()
+        assert registration.template_cache_file().parent == tmp_path
+        mni152_brain.cache_clear()
+        cached = mni152_brain()
+        registration.template_cache_file().write_bytes(b"not a cache")  # a broken cache is made again
+        mni152_brain.cache_clear()
+        remade = mni152_brain()
+    finally:
+        mni152_brain.cache_clear()
+    for first, second in ((made, cached), (made, remade)):
+        for a, b in zip(first, second):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert made[1].sum() > 1_500_000 and made[0][~made[1]].max() == 0
 
 
 def test_bin_centres_of_sfcn_and_flair_models():
