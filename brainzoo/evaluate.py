@@ -72,9 +72,9 @@ def reference_reader(reference_model: str | None, reference_column: str) -> tupl
 
 
 def read_table(data: Path, reference_column: str, need_column: bool) -> list[dict]:
-    rows = study_scans(data)
     if data.is_dir():
         raise BrainzooError(f"{data}: evaluation needs a CSV/TSV table with 'path' and reference columns")
+    rows = study_scans(data)
     if need_column and reference_column not in rows[0]:
         raise BrainzooError(f"{data}: no column {reference_column!r} of reference masks (use --reference-column "
                             "or --reference-model)")
@@ -159,6 +159,9 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
         tmp.write_text(buffer.getvalue())
     with atomic_output(summary_file, force=force) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
+    if update_card and record["failed"]:
+        raise BrainzooError(f"{summary_file}: written, but not put on the card: {len(record['failed'])} scan(s) failed "
+                            f"({', '.join(record['failed'])}); a card's figures cover every scan of its table")
     if update_card:
         write_card_metrics(masker.version, card_metrics(record))
     dice_summary = record["summary"]["dice"]

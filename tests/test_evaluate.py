@@ -12,9 +12,8 @@ import pytest
 import yaml
 from scipy.spatial.distance import cdist
 
-from brainzoo import catalogue
+from brainzoo import catalogue, evaluate
 from brainzoo.errors import BrainzooError
-from brainzoo.evaluate import evaluate_brain_masks
 from brainzoo.metrics import dice, hausdorff95
 from conftest import DEEPBET, REPO, brainzoo, sh, write_index, write_version
 
@@ -68,10 +67,13 @@ def heads(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_scans_are_measured_and_a_bad_one_is_recorded(deepbet_weights, heads, tmp_path):
-    records = list(evaluate_brain_masks(deepbet_weights, heads, tmp_path / "eval", dataset="synthetic heads",
-                                        split="unseen", progress=False))
-    *scans, final = records
+def test_scans_are_measured_and_a_bad_one_is_recorded(deepbet_weights, heads, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "write_card_metrics", lambda *args: pytest.fail("a card was written"))
+    records = evaluate.evaluate_brain_masks(deepbet_weights, heads, tmp_path / "eval", dataset="synthetic heads",
+                                            split="unseen", update_card=True, progress=False)
+    scans = [next(records) for _ in range(4)]
+    with pytest.raises(BrainzooError, match="not put on the card: 1 scan"):
+        next(records)
     assert [r["status"] for r in scans] == ["ok", "ok", "ok", "error"]
     assert "broken_T1w.nii.gz" in scans[-1]["message"]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "scans.csv")))
@@ -82,12 +84,12 @@ def test_scans_are_measured_and_a_bad_one_is_recorded(deepbet_weights, heads, tm
     assert summary["n"] == 3 and summary["failed"] == ["broken_T1w"]
     assert summary["summary"]["dice"]["min"] == min(float(row["dice"]) for row in rows[:3])
     assert summary["model"]["weights"] == {w.name: w.sha256 for w in catalogue.find_version(DEEPBET, REPO).weights}
-    assert final["status"] == "ok" and summary["protocol"]["timed"].startswith("the model's whole brain extraction")
+    assert summary["protocol"]["timed"].startswith("the model's whole brain extraction")
 
     with pytest.raises(BrainzooError, match="exists"):
-        next(evaluate_brain_masks(deepbet_weights, heads, tmp_path / "eval", progress=False))
+        next(evaluate.evaluate_brain_masks(deepbet_weights, heads, tmp_path / "eval", progress=False))
     with pytest.raises(BrainzooError, match="no column 'label'"):
-        next(evaluate_brain_masks(deepbet_weights, heads, tmp_path / "other", reference_column="label"))
+        next(evaluate.evaluate_brain_masks(deepbet_weights, heads, tmp_path / "other", reference_column="label"))
 
 
 @pytest.mark.slow
