@@ -18,7 +18,11 @@ warms the page cache, so that no tool pays for reading the libraries from disk. 
 weights (none are trained yet): its masks mean nothing, only its time and memory are compared. Run from the
 repository root (needs torch, deepbet and nobrainer, env/requirements-dev.in):
 
-    nice python benchmarks/bench_brain_mask.py [--threads 2] [--scan PATH] [--keep FOLDER] [--overlap 0]
+    nice python benchmarks/bench_brain_mask.py [--threads 2] [--scan PATH] [--keep FOLDER] [--overlap 0] [--rounds 3]
+
+Each round runs the four tools one after another; the table shows each tool's median over the rounds and
+the ratios compare those medians (the ours/deepbet range over rounds is printed too, since a few seconds'
+process is at the mercy of anything else the machine does).
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--scan", type=Path, default=IXI533, help="whole-head T1 (default: IXI533 raw)")
     parser.add_argument("--keep", type=Path, help="write the input, U-Net, masks and logs here (default: a temp dir)")
     parser.add_argument("--overlap", type=float, default=0.0, help="our U-Net block overlap (default 0, as nobrainer)")
+    parser.add_argument("--rounds", type=int, default=3, help="times each tool runs, alternating (default 3)")
     args = parser.parse_args()
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "1",
            "TF_NUM_INTRAOP_THREADS": str(args.threads), "TF_NUM_INTEROP_THREADS": "1",
@@ -118,8 +123,6 @@ def main() -> None:
     tf.keras.utils.set_random_seed(0)
     unet((*BLOCK, 1)).save(model_file)
     masks = {name: folder / f"{name}_mask.nii.gz" for name in ("ours-deepbet", "deepbet", "nobrainer", "ours-unet")}
-    for mask in masks.values():
-        mask.unlink(missing_ok=True)  # nobrainer will not overwrite
     runs = {
         "ours-deepbet": ("ours: brainzoo predict brain-mask (deepbet port)",
                          [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-deepbet"]]),
@@ -137,14 +140,20 @@ def main() -> None:
     print(f"{args.scan.name} conformed to 256^3 1 mm RAS; {args.threads} threads, oneDNN on; TensorFlow "
           f"{tf.__version__}, PyTorch {version('torch')}, deepbet {version('deepbet')}, "
           f"nobrainer {version('nobrainer')}")
-    print("timed: each tool's whole process (start, imports, model load, predict, write the mask), run once, after "
-          "an untimed import of every framework")
+    print(f"timed: each tool's whole process (start, imports, model load, predict, write the mask), median of "
+          f"{args.rounds} rounds, after an untimed import of every framework")
+    rounds = []
+    for _ in range(args.rounds):
+        for mask in masks.values():
+            mask.unlink(missing_ok=True)  # neither nobrainer nor we overwrite
+        rounds.append({name: measure(argv, folder / f"{name}.log", env) for name, (_, argv) in runs.items()})
+    results = {name: tuple(np.median([r[name] for r in rounds], axis=0)) for name in runs}
     print(f"{'tool':<52}{'wall s':>8}{'CPU s':>8}{'peak RSS GiB':>14}")
-    results = {}
-    for name, (label, argv) in runs.items():
-        results[name] = measure(argv, folder / f"{name}.log", env)
+    for name, (label, _) in runs.items():
         wall, cpu, rss = results[name]
-        print(f"{label:<52}{wall:>8.1f}{cpu:>8.1f}{rss:>14.2f}", flush=True)
+        print(f"{label:<52}{wall:>8.1f}{cpu:>8.1f}{rss:>14.2f}")
+    per_round = [r["ours-deepbet"][0] / r["deepbet"][0] for r in rounds]
+    print(f"ours/deepbet wall per round: {', '.join(f'{x:.2f}' for x in per_round)}")
 
     def ratios(ours: str, peer: str) -> str:
         return f"ours/{peer}: " + ", ".join(f"{what} {mine / theirs:.2f}" for what, mine, theirs

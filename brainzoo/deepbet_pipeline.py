@@ -79,11 +79,21 @@ def quantile(volume: np.ndarray, q: float) -> np.float32:
 
 def normalize(volume: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
     """deepbet's network input: window ``[low, high]`` to [0, 1], standardise (sample sd), then move to
-    mean 0.449 and sd 0.226."""
-    x = np.clip((volume - low) / (high - low), 0, 1)
-    mean = np.float32(x.mean(dtype=np.float64))
-    sd = np.float32(x.std(dtype=np.float64, ddof=1))
-    return np.float32(NETWORK_SD) * ((x - mean) / sd) + np.float32(NETWORK_MEAN)
+    mean 0.449 and sd 0.226.
+
+    The arithmetic is float32 in place; the mean and the sum of squared deviations accumulate in float64,
+    one slab at a time, so that no 256^3 float64 copy is made (a third of a second per scan).
+    """
+    x = volume - low
+    x /= high - low
+    np.clip(x, 0, 1, out=x)
+    mean = np.add.reduce(x, axis=None, dtype=np.float64) / x.size
+    squares = sum(np.dot(d, d) for d in (slab.ravel().astype(np.float64) - mean for slab in x))
+    x -= np.float32(mean)
+    x /= np.float32(np.sqrt(squares / (x.size - 1)))
+    x *= np.float32(NETWORK_SD)
+    x += np.float32(NETWORK_MEAN)
+    return x
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
