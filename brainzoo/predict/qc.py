@@ -71,5 +71,6 @@ def _three_planes(background: nib.Nifti1Image, overlay: nib.Nifti1Image, *, titl
                         origin="lower", aspect=row_mm / column_mm)
         axes.set_title(name, color="white", fontsize=9)
         axes.axis("off")
+    figure.subplots_adjust(top=0.84)  # room for the title above the view names
     figure.suptitle(title, color="white", fontsize=10)
     return figure
