@@ -1,0 +1,73 @@
+"""Distillation sets: teacher masks (the deepbet port) and given masks, conformed to a student grid, as TFRecords."""
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainzoo.errors import BrainzooError
+from brainzoo.inference import BrainMasker
+from brainzoo.metrics import dice
+from brainzoo.training.distill import TABLE, write_distillation_set
+from brainzoo.training.synthetic import write_synthetic_dataset
+from brainzoo.training.tfrecords import read_dataset, read_table, write_tfrecords
+
+GRID = {"orientation": "RAS", "spacing_mm": [4, 4, 4], "shape": [48, 48, 48]}
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """Two synthetic heads; the second reoriented to LPS, which the set must undo."""
+    folder = tmp_path_factory.mktemp("heads")
+    rows = list(csv.DictReader(write_synthetic_dataset(folder, 2, shape=(64, 64, 64), seed=5).open()))
+    scan, mask = folder / rows[1]["path"], folder / rows[1]["mask"]
+    for path in (scan, mask):
+        img = nib.load(path)
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = np.array(img.shape[:2]) - 1  # new voxel i is old voxel n - 1 - i
+        flipped = np.ascontiguousarray(np.asanyarray(img.dataobj)[::-1, ::-1])
+        nib.save(nib.Nifti1Image(flipped, img.affine @ flip, img.header), path)
+    return [(folder / r["path"], folder / r["mask"]) for r in rows]
+
+
+def test_teacher_and_given_masks_land_on_the_student_grid(deepbet_weights, heads, tmp_path):
+    (teacher_scan, _), given = heads
+    table = write_distillation_set([teacher_scan, given], tmp_path / "set", grid=GRID, teacher=deepbet_weights)
+    rows = list(csv.DictReader(table.open()))
+    assert [r["mask_from"] for r in rows] == [deepbet_weights, str(given[1])]
+    teacher_mask = BrainMasker.load(deepbet_weights).run(teacher_scan)[0]
+    for row, source in zip(rows, [teacher_mask, nib.load(given[1])]):
+        image, label = nib.load(table.parent / row["path"]), nib.load(table.parent / row["label"])
+        assert image.shape == label.shape == (48, 48, 48)
+        assert nib.aff2axcodes(image.affine) == ("R", "A", "S")
+        np.testing.assert_allclose(nib.affines.voxel_sizes(image.affine), 4)
+        # Back in world space, the student's mask voxels fall in the source mask: the teacher's or the given one.
+        back = nib.affines.apply_affine(np.linalg.inv(source.affine) @ label.affine,
+                                        np.argwhere(np.asanyarray(label.dataobj) > 0))
+        assert (np.asanyarray(source.dataobj)[tuple(np.round(back).astype(int).T)] > 0).mean() > 0.97
+
+    examples = read_table(table, kind="segmentation")
+    write_tfrecords(examples, tmp_path / "records", kind="segmentation", progress=False)
+    volume, label = next(iter(read_dataset(sorted((tmp_path / "records").glob("*.tfrec*"))).map(
+        lambda e: (e["volume"], e["label"]))))
+    assert volume.shape == label.shape == (48, 48, 48)
+    given_label = np.asanyarray(nib.load(table.parent / rows[0]["label"]).dataobj)
+    assert dice(label.numpy() > 0, given_label > 0) == 1.0
+
+
+def test_bad_requests_are_refused(heads, tmp_path):
+    scan, mask = heads[0]
+    with pytest.raises(BrainzooError, match="lacks shape"):
+        write_distillation_set([(scan, mask)], tmp_path, grid={"orientation": "RAS", "spacing_mm": [2, 2, 2]})
+    write_distillation_set([(scan, mask)], tmp_path, grid=GRID)
+    with pytest.raises(BrainzooError, match=f"{TABLE}: exists"):
+        write_distillation_set([(scan, mask)], tmp_path, grid=GRID)
+    far = {**GRID, "spacing_mm": [1, 1, 1], "shape": [8, 8, 8]}
+    empty = tmp_path / "empty-mask.nii.gz"
+    img = nib.load(mask)
+    data = np.zeros(img.shape, np.uint8)
+    data[0, 0, 0] = 1  # a mask in a corner, outside a small grid at the centre
+    nib.save(nib.Nifti1Image(data, img.affine), empty)
+    with pytest.raises(BrainzooError, match="falls outside the student grid"):
+        write_distillation_set([(scan, empty)], tmp_path / "far", grid=far)

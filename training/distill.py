@@ -1,0 +1,78 @@
+"""Distillation sets for a brain-extraction student: scans with a teacher's masks, on the student's grid.
+
+A student U-Net (nobrainer's topology, cheap to run) learns brain extraction from whole-head scans whose
+targets are the masks a teacher draws: by default the exact Keras port of deepbet, ``deepbet/1.0.2``.
+Scans that come with a mask of their own (synthetic heads built from label maps, say) keep it. Every scan
+and its mask are conformed to the student's grid (orientation, spacing and shape, as in a spec's
+``inference.input``), written as a NIfTI pair, and listed in ``distillation.csv`` (columns ``path``,
+``label``, ``source``, ``mask_from``) that :func:`brainzoo.training.tfrecords.read_table` reads with
+``kind="segmentation"``. The table is written last, so a folder with a table is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from brainzoo.errors import BrainzooError
+from brainzoo.fileio import atomic_output
+from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
+
+TEACHER = "deepbet/1.0.2"
+TABLE = "distillation.csv"
+
+
+def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
+                           out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = TEACHER,
+                           force: bool = False) -> Path:
+    """Conform each scan and its mask to ``grid`` and write them with a table; returns the table's path.
+
+    ``scans``: paths, or ``(scan, mask)`` pairs for scans whose mask is given; the teacher (a catalogue
+    brain-extraction version) draws the mask of every other scan. ``grid``: ``orientation``, ``spacing_mm``
+    and ``shape``. Output names follow the input order (``scan-001_T1w.nii.gz``, ``scan-001_mask.nii.gz``).
+    """
+    if not scans:
+        raise BrainzooError("no scans given for the distillation set")
+    missing = {"orientation", "spacing_mm", "shape"} - set(grid)
+    if missing:
+        raise BrainzooError(f"the student grid lacks {', '.join(sorted(missing))}")
+    out_dir = Path(out_dir)
+    if (out_dir / TABLE).exists() and not force:
+        raise BrainzooError(f"{out_dir / TABLE}: exists; pass force=True (--force) to rewrite the set")
+    pairs = [tuple(scan) if isinstance(scan, (tuple, list)) else (scan, None) for scan in scans]
+    masker = None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (scan, mask) in enumerate(pairs, start=1):
+        image = load_volume(scan)
+        if mask is None:
+            if masker is None:
+                from brainzoo.inference import BrainMasker  # TensorFlow and the teacher only when needed
+                masker = BrainMasker.load(teacher)
+            native_mask = np.asarray(masker.run(image)[0].dataobj) > 0
+        else:
+            native_mask = load_mask(mask, image)
+        conformed = conform(GriddedVolume.native(image), grid["orientation"], grid["spacing_mm"], grid["shape"])
+        student_mask = conformed.from_native_grid(native_mask.astype(np.float32), order=0) > 0.5
+        if not student_mask.any():
+            raise BrainzooError(f"{scan}: its brain mask falls outside the student grid "
+                                f"{'x'.join(map(str, grid['shape']))} at {grid['spacing_mm']} mm")
+        name = f"scan-{index:03d}"
+        for suffix, data, dtype in (("T1w", conformed.data, np.float32), ("mask", student_mask, np.uint8)):
+            with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force=True) as temporary:
+                nib.save(nib.Nifti1Image(data.astype(dtype), conformed.affine), temporary)
+        rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz", "source": os.fspath(scan),
+                     "mask_from": teacher if mask is None else os.fspath(mask)})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=["path", "label", "source", "mask_from"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(out_dir / TABLE, force=True) as temporary:
+        temporary.write_text(table.getvalue())
+    return out_dir / TABLE
