@@ -144,6 +144,34 @@ def test_augment_with_zero_ranges_is_the_identity():
     np.testing.assert_array_equal(new_label.numpy(), label.numpy())
 
 
+def test_resolution_blurs_like_a_gaussian_filter_and_leaves_labels_alone():
+    volume = tf.random.stateless_normal((16, 18, 20), seed=[3, 4])
+    label = tf.cast(volume > 0, tf.float32)
+    blur_only = dataclasses.replace(NO_CHANGE, resolution=2.0)
+    sigmas = set()
+    for seed in range(3):
+        new_volume, new_label = augment(volume, label, seed=tf.constant([seed, 0]), config=blur_only)
+        np.testing.assert_array_equal(new_label.numpy(), label.numpy())
+        # Its sd per axis is drawn in [0, 2] voxels from the last of augment's seeds (after _maybe's gate draw);
+        # with those, it is scipy's Gaussian filter with mirrored edges.
+        resolution_seed = tf.random.experimental.stateless_split(tf.constant([seed, 0]), num=7)[6]
+        blur_seed = tf.random.experimental.stateless_split(resolution_seed, num=2)[1]
+        drawn = tf.maximum(tf.random.stateless_uniform([3], blur_seed, minval=0.0, maxval=2.0), 1e-3).numpy()
+        expected = volume.numpy()
+        for axis, sigma in enumerate(drawn):
+            expected = ndimage.gaussian_filter1d(expected, sigma, axis, mode="reflect", truncate=6 / sigma)
+        np.testing.assert_allclose(new_volume.numpy(), expected, atol=1e-4)
+        assert new_volume.numpy().std() < volume.numpy().std()
+        sigmas.add(tuple(np.round(drawn, 3)))
+    assert len(sigmas) == 3
+    # Blurring draws its own seed: the other transforms come out as without it.
+    config = Augmentation(probability=1.0)
+    with_blur = dataclasses.replace(config, resolution=1.0)
+    _, plain = augment(volume, label, seed=tf.constant([7, 0]), config=config)
+    _, blurred = augment(volume, label, seed=tf.constant([7, 0]), config=with_blur)
+    np.testing.assert_array_equal(plain.numpy(), blurred.numpy())
+
+
 def test_left_right_flip_reverses_axis_0():
     volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     flips_only = dataclasses.replace(NO_CHANGE, flip_axes=(0,), probability=0.0)

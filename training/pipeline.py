@@ -40,6 +40,7 @@ class Augmentation:
     gamma: float = 0.3  # log(gamma) in [-g, g]
     noise: float = 0.05  # Gaussian noise standard deviation up to this
     bias_field: float = 0.3  # log of a smooth multiplicative field, up to this in magnitude
+    resolution: float = 0.0  # Gaussian blur sd per axis up to this many voxels: thicker slices, lower resolution
     probability: float = 0.5
 
 
@@ -72,20 +73,24 @@ def grid_corners(volume_shape: tf.Tensor | Sequence[int], block_shape: Sequence[
 
 def augment(volume: tf.Tensor, label: tf.Tensor | None = None, *, seed: tf.Tensor,
             config: Augmentation = Augmentation()) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Randomly flip, affine-resample, bias, gamma-correct, rescale and add noise to a 3D volume.
+    """Randomly flip, affine-resample, blur, bias, gamma-correct, rescale and add noise to a 3D volume.
 
     ``label`` (same shape, optional) follows the spatial transforms with nearest-neighbour sampling, so it
     keeps its values (a mask stays binary). ``seed`` is a shape-[2] integer tensor; equal seeds, equal output.
     """
-    seeds = iter(tf.unstack(tf.random.experimental.stateless_split(seed, num=7)))
+    flip_seed, affine_seed, *intensity_seeds, resolution_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, num=7))
     spatial = (volume,) if label is None else (volume, label)
-    flips = tf.random.stateless_uniform([len(config.flip_axes)], next(seeds)) < 0.5
+    flips = tf.random.stateless_uniform([len(config.flip_axes)], flip_seed) < 0.5
     for index, axis in enumerate(config.flip_axes):
         spatial = tf.cond(flips[index], lambda: tuple(tf.reverse(x, [axis]) for x in spatial), lambda: spatial)
-    spatial = _maybe(next(seeds), config.probability, lambda s: _random_affine(spatial, s, config), spatial)
+    spatial = _maybe(affine_seed, config.probability, lambda s: _random_affine(spatial, s, config), spatial)
     volume = spatial[0]
-    for transform in (_random_bias_field, _random_gamma, _random_scale_shift, _random_noise):
-        volume = _maybe(next(seeds), config.probability,
+    if config.resolution > 0:
+        volume = _maybe(resolution_seed, config.probability, lambda s: _random_blur(volume, s, config), volume)
+    for transform, transform_seed in zip((_random_bias_field, _random_gamma, _random_scale_shift, _random_noise),
+                                         intensity_seeds):
+        volume = _maybe(transform_seed, config.probability,
                         lambda s, transform=transform: transform(volume, s, config), volume)
     return volume, (None if label is None else spatial[1])
 
@@ -316,6 +321,24 @@ def _strided(volume: tf.Tensor, indices: list[tf.Tensor]) -> list[tf.Tensor]:
     """Per-axis voxel indices scaled by the axis' stride in the flattened (C-order) volume."""
     shape = tf.shape(volume)
     return [indices[0] * shape[1] * shape[2], indices[1] * shape[2], indices[2]]
+
+
+def _random_blur(volume: tf.Tensor, seed: tf.Tensor, config: Augmentation) -> tf.Tensor:
+    """Separable Gaussian blur, its sd drawn per axis in [0, ``resolution``] voxels: a scan of lower or
+    anisotropic resolution. Edges are mirrored, so the background does not bleed in from outside."""
+    radius = math.ceil(3 * config.resolution)
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    sigmas = tf.maximum(_uniform(seed, [3], 0.0, config.resolution), 1e-3)
+    blurred = volume[None, ..., None]
+    for axis in range(3):
+        kernel = tf.exp(-0.5 * (offsets / sigmas[axis]) ** 2)
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = 2 * radius + 1
+        padding = [[0, 0]] * 5
+        padding[axis + 1] = [radius, radius]
+        blurred = tf.nn.conv3d(tf.pad(blurred, padding, mode="SYMMETRIC"),
+                               tf.reshape(kernel / tf.reduce_sum(kernel), shape), [1] * 5, "VALID")
+    return blurred[0, ..., 0]
 
 
 def _random_bias_field(volume: tf.Tensor, seed: tf.Tensor, config: Augmentation) -> tf.Tensor:
