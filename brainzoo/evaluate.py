@@ -11,8 +11,6 @@ command and data that produced it.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import platform
@@ -27,7 +25,7 @@ import tensorflow as tf
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable, sha256_of
+from brainzoo.fileio import atomic_output, check_writable, sha256_of, write_csv
 from brainzoo.inference import BrainMasker, model_provenance, study_scans
 from brainzoo.metrics import dice, hausdorff95
 from brainzoo.predict.volumes import load_mask, load_volume
@@ -150,13 +148,8 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
               "summary": {key: summary([r[key] for r in done]) for key in ("dice", "hd95_mm", "seconds")},
               "model_load_and_first_scan_s": round(warm_up_s, 3), "protocol": protocol(),
               "command": shlex.join(command)}
-    with atomic_output(table, force=force) as tmp:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, ["id", "path", "reference", "dice", "hd95_mm", "predicted_ml", "reference_ml",
-                                         "seconds", "error"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(results)
-        tmp.write_text(buffer.getvalue())
+    write_csv(table, results, ["id", "path", "reference", "dice", "hd95_mm", "predicted_ml", "reference_ml",
+                               "seconds", "error"], force)
     with atomic_output(summary_file, force=force) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     if update_card and record["failed"]:

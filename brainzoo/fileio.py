@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from brainzoo.errors import BrainzooError
 
@@ -40,6 +42,17 @@ def atomic_output(path: str | os.PathLike, force: bool = False) -> Iterator[Path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], columns: Sequence[str], force: bool = False) -> Path:
+    """A CSV table with a header row, written atomically (``\\n`` line ends; missing values left empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_output(path, force) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return Path(path)
 
 
 def _umask() -> int:

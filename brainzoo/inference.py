@@ -27,7 +27,7 @@ import brainzoo
 from brainzoo import catalogue
 from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable
+from brainzoo.fileio import atomic_output, check_writable, write_csv
 from brainzoo.predict.volumes import load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -238,13 +238,7 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
             row |= {"status": "error", "error": str(err)}
         rows.append(row)
         yield {"action": f"predict-{task}", "path": str(path), "status": row["status"], "message": row["error"]}
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_output(table, force) as tmp:
-        tmp.write_text(buffer.getvalue())
+    write_csv(table, rows, list(dict.fromkeys(key for row in rows for key in row)), force)
     yield {"action": f"predict-{task}", "path": str(table), "status": "ok", "message": f"{len(rows)} scan(s)"}
 
 

@@ -1,7 +1,8 @@
 """Distillation sets for a brain-extraction student: scans with a teacher's masks, on the student's grid.
 
 A student U-Net (nobrainer's topology, cheap to run) learns brain extraction from whole-head scans whose
-targets are the masks a teacher draws: by default the exact Keras port of deepbet, ``deepbet/1.0.2``.
+targets are the masks a teacher draws: by default the catalogue's brain-extraction model, the exact Keras
+port of deepbet.
 Scans that come with a mask of their own (synthetic heads built from label maps, say) keep it. Every scan
 and its mask are conformed to the student's grid (orientation, spacing and shape, as in a spec's
 ``inference.input``), written as a NIfTI pair, and listed in ``distillation.csv`` (columns ``path``,
@@ -11,8 +12,6 @@ and its mask are conformed to the student's grid (orientation, spacing and shape
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,16 +19,16 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from brainzoo.catalogue import DEFAULT_BRAIN_MASK_MODEL
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output
+from brainzoo.fileio import atomic_output, write_csv
 from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
 
-TEACHER = "deepbet/1.0.2"
 TABLE = "distillation.csv"
 
 
 def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
-                           out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = TEACHER,
+                           out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = DEFAULT_BRAIN_MASK_MODEL,
                            force: bool = False) -> Path:
     """Conform each scan and its mask to ``grid`` and write them with a table; returns the table's path.
 
@@ -44,7 +43,7 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
         raise BrainzooError(f"the student grid lacks {', '.join(sorted(missing))}")
     out_dir = Path(out_dir)
     if (out_dir / TABLE).exists() and not force:
-        raise BrainzooError(f"{out_dir / TABLE}: exists; pass force=True (--force) to rewrite the set")
+        raise BrainzooError(f"{out_dir / TABLE}: exists; pass force=True to rewrite the set")
     pairs = [tuple(scan) if isinstance(scan, (tuple, list)) else (scan, None) for scan in scans]
     masker = None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,14 +64,8 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
                                 f"{'x'.join(map(str, grid['shape']))} at {grid['spacing_mm']} mm")
         name = f"scan-{index:03d}"
         for suffix, data, dtype in (("T1w", conformed.data, np.float32), ("mask", student_mask, np.uint8)):
-            with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force=True) as temporary:
+            with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force) as temporary:
                 nib.save(nib.Nifti1Image(data.astype(dtype), conformed.affine), temporary)
         rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz", "source": os.fspath(scan),
                      "mask_from": teacher if mask is None else os.fspath(mask)})
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["path", "label", "source", "mask_from"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_output(out_dir / TABLE, force=True) as temporary:
-        temporary.write_text(table.getvalue())
-    return out_dir / TABLE
+    return write_csv(out_dir / TABLE, rows, ["path", "label", "source", "mask_from"], force)

@@ -14,9 +14,7 @@ different. The templates are prepared once per process (seconds); each head then
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output
+from brainzoo.fileio import atomic_output, write_csv
 
 _TEMPLATE_MM = 2.0
 _PAD = 16  # template voxels of room for the shell around the brain
@@ -122,14 +120,7 @@ def write_synthetic_dataset(
             with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force) as temporary:
                 nib.save(nib.Nifti1Image(data, head.affine), temporary)
         rows.append({"path": f"{name}_T1w.nii.gz", "mask": f"{name}_mask.nii.gz", "age": age, "sex": _SEX_CODES[sex]})
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=["path", "mask", "age", "sex"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_path = out_dir / "subjects.csv"
-    with atomic_output(csv_path, force) as temporary:
-        temporary.write_text(table.getvalue())
-    return csv_path
+    return write_csv(out_dir / "subjects.csv", rows, ["path", "mask", "age", "sex"], force)
 
 
 def _smooth_field(rng: np.random.Generator, shape: Sequence[int], *, terms: int, amplitude: float) -> np.ndarray:
