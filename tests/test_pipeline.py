@@ -11,6 +11,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
+from brainzoo.predict.steps import percentile_window
 from brainzoo.training import pipeline
 from brainzoo.training.pipeline import (Augmentation, augment, grid_corners, normalize, regression_volumes,
                                         segmentation_blocks)
@@ -197,6 +198,14 @@ def test_normalisations():
     assert abs(scored.mean()) < 1e-5 and abs(scored.std() - 1) < 1e-4
     assert abs(normalize(volume, "mean").numpy().mean() - 1) < 1e-5
     assert normalize(volume, None) is volume
+
+
+def test_percentile_window_in_training_equals_the_inference_step():
+    """A student trained with ``normalization: percentile`` must see what ``{step: percentile}`` gives it."""
+    volume = np.random.default_rng(1).gamma(2.0, 300.0, (9, 10, 11)).astype(np.float32)
+    trained = normalize(tf.constant(volume), "percentile").numpy()
+    np.testing.assert_allclose(trained, percentile_window(volume), atol=1e-6)
+    assert trained.min() == 0 and trained.max() == 1
 
 
 def test_regression_centre_crop_and_pad(shards):

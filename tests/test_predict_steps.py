@@ -72,6 +72,8 @@ def test_zscore_over_nonzero_voxels_leaves_background_at_zero():
     ({"step": "divide-by-mean"}, [0.0, 0.5, 1.0, 2.5]),
     ({"step": "minmax"}, [0.0, 0.2, 0.4, 1.0]),
     ({"step": "scale", "factor": 0.5}, [0.0, 1.0, 2.0, 5.0]),
+    # percentiles 25 and 75 of (0, 2, 4, 10) are 1.5 and 5.5: clipped, then that window scaled to [0, 1]
+    ({"step": "percentile", "low": 25, "high": 75}, [0.0, 0.125, 0.625, 1.0]),
 ])
 def test_intensity_steps_by_hand(step, expected):
     data = np.array([0.0, 2.0, 4.0, 10.0], np.float32).reshape(4, 1, 1)
@@ -88,6 +90,8 @@ def test_intensity_steps_by_hand(step, expected):
     ({"step": "pad", "shape": [2, 8, 8]}, "smaller"),
     ({"step": "scale", "factor": "2"}, "must be a number"),
     ({"step": "minmax", "range": [0, 1]}, "unknown option"),
+    ({"step": "percentile", "low": 99.5, "high": 0.5}, "must be below"),
+    ({"step": "percentile", "high": 101}, r"in \[0, 100\]"),
 ])
 def test_bad_step_options_are_reported(step, message):
     with pytest.raises(BrainzooError, match=message):
@@ -99,3 +103,5 @@ def test_constant_input_to_a_normalisation_is_reported():
         apply_array_step(_volume(np.ones((3, 3, 3))), {"step": "zscore"})
     with pytest.raises(BrainzooError, match="mean is 0"):
         apply_array_step(_volume(np.zeros((3, 3, 3))), {"step": "divide-by-mean"})
+    with pytest.raises(BrainzooError, match="percentiles are equal"):
+        apply_array_step(_volume(np.ones((3, 3, 3))), {"step": "percentile"})

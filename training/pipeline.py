@@ -18,7 +18,8 @@ import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
 
-NORMALIZATIONS = ("zscore", "mean", None)
+NORMALIZATIONS = ("zscore", "mean", "percentile", None)
+PERCENTILE_WINDOW = (0.5, 99.5)  # as the inference step ``percentile`` by default, and deepbet
 SAMPLINGS = ("random", "grid")
 _EPSILON = 1e-6
 
@@ -45,12 +46,26 @@ class Augmentation:
 
 
 def normalize(volume: tf.Tensor, method: str | None) -> tf.Tensor:
-    """Per-volume intensity normalisation: ``zscore`` (mean 0, sd 1), ``mean`` (divide by the mean) or ``None``."""
+    """Per-volume intensity normalisation: ``zscore`` (mean 0, sd 1), ``mean`` (divide by the mean),
+    ``percentile`` (the 0.5-99.5 percentile window scaled to [0, 1], as the inference step) or ``None``."""
+    if method == "percentile":
+        floor, ceiling = (_percentile(volume, q) for q in PERCENTILE_WINDOW)
+        return (tf.clip_by_value(volume, floor, ceiling) - floor) / tf.maximum(ceiling - floor, _EPSILON)
     if method == "zscore":
         return (volume - tf.reduce_mean(volume)) / tf.maximum(tf.math.reduce_std(volume), _EPSILON)
     if method == "mean":
         return volume / tf.maximum(tf.reduce_mean(volume), _EPSILON)
     return volume
+
+
+def _percentile(volume: tf.Tensor, q: float) -> tf.Tensor:
+    """The ``q``-th percentile with linear interpolation between order statistics, as numpy's default."""
+    values = tf.sort(tf.reshape(volume, [-1]))
+    position = q / 100.0 * tf.cast(tf.size(values) - 1, tf.float64)
+    below = tf.cast(tf.floor(position), tf.int32)
+    above = tf.minimum(below + 1, tf.size(values) - 1)
+    weight = tf.cast(position - tf.floor(position), values.dtype)
+    return values[below] + weight * (values[above] - values[below])
 
 
 def grid_corners(volume_shape: tf.Tensor | Sequence[int], block_shape: Sequence[int],

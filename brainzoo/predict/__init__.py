@@ -8,7 +8,7 @@ Preprocessing steps: ``first-volume`` (always done on loading), ``n4`` (bias-fie
 ``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182),
 ``reorient`` / ``resample`` / ``conform`` (= both, to ``input``'s orientation, spacing and shape), and the
 array steps of :mod:`brainzoo.predict.steps` (``crop``, ``pad``, ``resize``, ``zscore``, ``divide-by-mean``,
-``minmax``, ``scale``).
+``minmax``, ``percentile``, ``scale``).
 
 Each call returns a record (a plain dict, JSON-ready): the input, the steps with their options, the
 predictions, per-step timings in seconds and the warnings raised on the way (which are also re-issued).

@@ -88,6 +88,23 @@ def minmax(data: np.ndarray) -> np.ndarray:
     return ((data - low) / (high - low)).astype(np.float32)
 
 
+def percentile_window(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Clip to the ``low`` and ``high`` percentiles (linear interpolation) and scale that window to [0, 1].
+
+    Unlike a z-score, the result does not depend on how much background or neck the field of view holds, nor
+    on a few bright voxels (fat, vessels): deepbet normalises this way with 0.5 and 99.5.
+    """
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise BrainzooError(f"preprocessing step 'percentile': {name} must be a percentile in [0, 100], not {value!r}")
+    if low >= high:
+        raise BrainzooError(f"preprocessing step 'percentile': low ({low}) must be below high ({high})")
+    floor, ceiling = np.percentile(data, [low, high])
+    if floor == ceiling:
+        raise BrainzooError(f"preprocessing step 'percentile': the {low} and {high} percentiles are equal ({floor:g})")
+    return ((np.clip(data, floor, ceiling) - floor) / (ceiling - floor)).astype(np.float32)
+
+
 def scale(data: np.ndarray, factor: float) -> np.ndarray:
     """Multiply by a fixed ``factor`` (a per-contrast scale, as in AgeMapper)."""
     if isinstance(factor, bool) or not isinstance(factor, (int, float)):
@@ -103,7 +120,8 @@ GEOMETRIC_STEPS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
     "crop": centre_crop, "pad": centre_pad, "resize": resize,
 }
 INTENSITY_STEPS: dict[str, Callable[..., np.ndarray]] = {
-    "zscore": zscore, "divide-by-mean": divide_by_mean, "minmax": minmax, "scale": scale,
+    "zscore": zscore, "divide-by-mean": divide_by_mean, "minmax": minmax, "percentile": percentile_window,
+    "scale": scale,
 }
 ARRAY_STEPS = GEOMETRIC_STEPS.keys() | INTENSITY_STEPS.keys()
 
