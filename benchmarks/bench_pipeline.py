@@ -102,7 +102,7 @@ def model_blocks_per_second(block: tuple[int, ...], batch: int, repeats: int) ->
     from brainzoo.models.unet import unet
     from brainzoo.training.objectives import Objective
 
-    model = unet((*block, 1), base_filters=4, batchnorm=True)
+    model = unet((*block, 1), base_filters=4, norm="batch")
     objective = Objective({"name": "dice"})
     optimizer = tf.keras.optimizers.Adam(1e-3)
     x = tf.constant(np.random.default_rng(0).standard_normal((batch, *block, 1)), tf.float32)

@@ -25,11 +25,26 @@ def test_same_layers_and_outputs_as_nobrainer_unet():
 
 
 def test_batchnorm_and_light_variants_build_at_small_sizes():
-    light = unet((16, 24, 32, 1), base_filters=4, batchnorm=True)
+    light = unet((16, 24, 32, 1), base_filters=4, norm="batch")
     assert light.output_shape == (None, 16, 24, 32, 1)
     assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in light.layers)
     with pytest.raises(ValueError, match="multiple of 8"):
         unet((20, 24, 32, 1))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        unet((16, 16, 16, 1), norm="layer")
+
+
+def test_instance_norm_variant_loads_bare_and_ignores_intensity_scale(tmp_path):
+    """Per-scan statistics after the first convolution: scaling a scan's intensities changes nothing inside it
+    (zero padding at the borders still sees the scale), and the ``.h5`` needs no custom objects."""
+    model = unet((16, 16, 16, 1), base_filters=2, norm="instance")
+    assert any(isinstance(layer, tf.keras.layers.GroupNormalization) for layer in model.layers)
+    model.save(tmp_path / "model.h5")
+    loaded = tf.keras.models.load_model(tmp_path / "model.h5", compile=False)
+    x = np.random.default_rng(2).random((1, 16, 16, 16, 1)).astype("float32")
+    np.testing.assert_allclose(loaded(x).numpy(), model(x).numpy(), atol=1e-6)
+    inner = (slice(None), slice(6, 10), slice(6, 10), slice(6, 10))
+    np.testing.assert_allclose(model(x * 7.0).numpy()[inner], model(x).numpy()[inner], atol=1e-4)
 
 
 def test_saved_model_runs_in_nobrainer_predict(tmp_path):
