@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gzip", action="store_true")
     p.add_argument("--force", action="store_true", help="replace shards already in OUT")
 
+    p = sub.add_parser("distill", parents=[common],
+                       help="a brain-extraction student's training table: teacher masks and synthetic contrasts")
+    p.add_argument("scans", nargs="+", metavar="SCAN", help="whole-head NIfTI scans")
+    p.add_argument("--student", required=True, help="the student's version or spec.yaml: its inference grid")
+    p.add_argument("--teacher", default=catalogue.DEFAULT_BRAIN_MASK_MODEL, help="brain-extraction version")
+    p.add_argument("--contrasts", type=int, default=0, help="synthetic contrasts of each scan")
+    p.add_argument("--real-copies", type=int, default=1, help="times each real scan is listed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder: teacher/, contrasts/ and student.csv")
+    p.add_argument("--force", action="store_true", help="rewrite an existing set")
+
     p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
     p.add_argument("--arch", required=True, choices=[*CONVERTIBLE, *DEEPBET_NETWORKS],
                    help="architecture of the checkpoint (deepbet-*: read from the installed deepbet package)")
@@ -250,6 +261,17 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                                  compress=not args.no_gzip, force=args.force, progress=not args.json)
         yield {"action": "tfrecords", "path": args.out, "status": "ok", "message": f"{len(shards)} shard(s)",
                "shards": [str(s) for s in shards]}
+    elif args.command == "distill":
+        from brainzoo.training.distill import write_student_set
+
+        grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")
+        if not grid:
+            raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
+        table = write_student_set(args.scans, args.out, grid=grid, teacher=args.teacher, contrasts=args.contrasts,
+                                  real_copies=args.real_copies, seed=args.seed, force=args.force)
+        rows = sum(1 for _ in table.open()) - 1
+        yield {"action": "distill", "path": str(table), "status": "ok",
+               "message": f"{rows} rows; next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
     elif args.command == "train":
         result = training_run.train(args.spec, args.train, args.validation, args.out, force=args.force,
                                     progress=not args.no_progress, **training_overrides(args))
@@ -264,7 +286,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("tfrecords", "train", "transfer"):
+    if args.command in ("tfrecords", "distill", "train", "transfer"):
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)

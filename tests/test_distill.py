@@ -1,15 +1,18 @@
 """Distillation sets: teacher masks (the deepbet port) and given masks, conformed to a student grid, as TFRecords."""
 
 import csv
+import json
 
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
+from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
 from brainzoo.inference import BrainMasker
 from brainzoo.metrics import dice
-from brainzoo.training.distill import TABLE, write_distillation_set
+from brainzoo.training.distill import STUDENT_TABLE, TABLE, write_distillation_set
 from brainzoo.training.synthetic import write_synthetic_dataset
 from brainzoo.training.tfrecords import read_dataset, read_table, write_tfrecords
 
@@ -71,3 +74,33 @@ def test_bad_requests_are_refused(heads, tmp_path):
     nib.save(nib.Nifti1Image(data, img.affine), empty)
     with pytest.raises(BrainzooError, match="falls outside the student grid"):
         write_distillation_set([(scan, empty)], tmp_path / "far", grid=far)
+
+
+def test_distill_command_lists_real_heads_and_their_synthetic_contrasts(deepbet_weights, heads, tmp_path, capsys):
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({"inference": {"input": GRID}}))
+    scans = [str(scan) for scan, _ in heads]
+    out = tmp_path / "set"
+    argv = ["distill", *scans, "--student", str(student), "--teacher", deepbet_weights, "--contrasts", "2",
+            "--real-copies", "3", "--out", str(out), "--json"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["message"].startswith("10 rows")
+    rows = list(csv.DictReader((out / STUDENT_TABLE).open()))
+    assert [r["path"] for r in rows[:3]] == ["teacher/scan-001_T1w.nii.gz", "teacher/scan-002_T1w.nii.gz",
+                                             "teacher/scan-001_T1w.nii.gz"]
+    assert [r["label"] for r in rows[6:]] == ["contrasts/scan-001_mask.nii.gz"] * 2 + ["contrasts/scan-002_mask.nii.gz"] * 2
+    teacher_masks = [np.asarray(nib.load(out / "teacher" / f"scan-00{i}_mask.nii.gz").dataobj) for i in (1, 2)]
+    for i, mask in enumerate(teacher_masks, start=1):
+        np.testing.assert_array_equal(np.asarray(nib.load(out / "contrasts" / f"scan-00{i}_mask.nii.gz").dataobj), mask)
+    assert main(["tfrecords", str(out / STUDENT_TABLE), str(tmp_path / "records"), "--kind", "segmentation"]) == 0
+    assert sum(1 for _ in read_dataset(tmp_path / "records")) == 10
+    assert main(argv) == 1  # the set exists: nothing is rewritten without --force
+    assert "exists; pass force" in capsys.readouterr().err
+
+
+def test_distill_command_needs_a_student_grid(heads, tmp_path, capsys):
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({"training": {"epochs": 1}}))
+    assert main(["distill", str(heads[0][0]), "--student", str(student), "--out", str(tmp_path / "set")]) == 1
+    assert "has no inference.input" in capsys.readouterr().err
+    assert not (tmp_path / "set").exists()

@@ -8,10 +8,13 @@ and its mask are conformed to the student's grid (orientation, spacing and shape
 ``inference.input``), written as a NIfTI pair, and listed in ``distillation.csv`` (columns ``path``,
 ``label``, ``source``, ``mask_from``) that :func:`brainzoo.training.tfrecords.read_table` reads with
 ``kind="segmentation"``. The table is written last, so a folder with a table is complete.
+:func:`write_student_set` adds synthetic contrasts of those heads (:mod:`.contrast_synthesis`) and lists
+everything in one table for ``brainzoo tfrecords``; ``brainzoo distill`` runs it.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,8 +26,10 @@ from brainzoo.catalogue import DEFAULT_BRAIN_MASK_MODEL
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output, write_csv
 from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
+from brainzoo.training.contrast_synthesis import write_contrast_set
 
 TABLE = "distillation.csv"
+STUDENT_TABLE = "student.csv"
 
 
 def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
@@ -69,3 +74,30 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
         rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz", "source": os.fspath(scan),
                      "mask_from": teacher if mask is None else os.fspath(mask)})
     return write_csv(out_dir / TABLE, rows, ["path", "label", "source", "mask_from"], force)
+
+
+def write_student_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
+                      out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = DEFAULT_BRAIN_MASK_MODEL,
+                      contrasts: int = 0, real_copies: int = 1, seed: int = 0, force: bool = False) -> Path:
+    """A student's training table: the distillation set in ``teacher/`` and ``contrasts`` synthetic contrasts
+    of each head in ``contrasts/``, listed together in ``student.csv`` (``path``, ``label``, ``source``).
+
+    Each real head is listed ``real_copies`` times, so that its synthetic copies do not swamp it.
+    """
+    if contrasts < 0 or real_copies < 0 or not contrasts + real_copies:
+        raise BrainzooError(f"need real copies or synthetic contrasts (non-negative), got {real_copies} and {contrasts}")
+    out_dir = Path(out_dir)
+    if (out_dir / STUDENT_TABLE).exists() and not force:
+        raise BrainzooError(f"{out_dir / STUDENT_TABLE}: exists; pass force=True to rewrite the set")
+    real = write_distillation_set(scans, out_dir / "teacher", grid=grid, teacher=teacher, force=force)
+    rows = _rows_under(real, "teacher") * real_copies
+    if contrasts:
+        rows += _rows_under(write_contrast_set(real, out_dir / "contrasts", variants=contrasts, seed=seed, force=force),
+                            "contrasts")
+    return write_csv(out_dir / STUDENT_TABLE, rows, ["path", "label", "source"], force)
+
+
+def _rows_under(table: Path, folder: str) -> list[dict]:
+    with table.open(newline="") as handle:
+        return [{"path": f"{folder}/{row['path']}", "label": f"{folder}/{row['label']}", "source": row["source"]}
+                for row in csv.DictReader(handle)]
