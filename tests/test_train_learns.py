@@ -64,3 +64,26 @@ def test_sfcn_predicts_age_far_better_than_the_training_mean(heads, tmp_path):
 def test_unet_finds_the_brain(heads, tmp_path):
     result = train("unet-synthetic.yaml", records(heads, "segmentation", tmp_path), tmp_path)
     assert result["val_dice"] >= 0.9, result["val_dice"]
+
+
+def test_block_trained_unet_is_saved_for_its_whole_inference_grid(heads, tmp_path):
+    """Trained on 16^3 blocks, run on whole 32^3 volumes (the spec's inference grid): model.h5 takes 32^3."""
+    import tensorflow as tf
+    import yaml
+
+    spec = {"architecture": {"builder": "unet", "options": {"base_filters": 2, "norm": "instance"}},
+            "inference": {"input": {"orientation": "RAS", "spacing_mm": [2, 2, 2], "shape": list(SHAPE)}},
+            "training": {"data": {"kind": "segmentation", "block_shape": [16, 16, 16], "blocks_per_volume": 1,
+                                  "normalization": "percentile"},
+                         "loss": {"name": "dice"}, "optimizer": {"name": "adam", "learning_rate": 0.01},
+                         "epochs": 1, "steps_per_epoch": 2, "batch_size": 2, "seed": 0}}
+    data = records(heads, "segmentation", tmp_path)
+    for name, with_grid in (("whole", True), ("blocks", False)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(spec if with_grid else {k: v for k, v in spec.items() if k != "inference"}))
+        cli("train", path, "--train", data["train"], "--out", tmp_path / name, "--no-progress", cwd=tmp_path)
+    whole = tf.keras.models.load_model(tmp_path / "whole" / "model.h5", compile=False)
+    blocks = tf.keras.models.load_model(tmp_path / "blocks" / "model.h5", compile=False)
+    assert whole.input_shape == (None, *SHAPE, 1) and blocks.input_shape == (None, 16, 16, 16, 1)
+    for a, b in zip(whole.get_weights(), blocks.get_weights()):  # same seed, same run: the same weights
+        np.testing.assert_array_equal(a, b)

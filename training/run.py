@@ -115,7 +115,27 @@ def train(ref: str, train_records, validation_records, out_dir, *, force: bool =
     plan = TrainingPlan.from_spec(training, **overrides)
     train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
     builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
-    return fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
+    result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
+    grid = whole_grid_shape(spec)
+    if grid and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
+        whole = model_builder(spec["architecture"], (*grid, 1))()
+        whole.set_weights(tf.keras.models.load_model(out_dir / "model.h5", compile=False).get_weights())
+        with atomic_output(out_dir / "model.h5", force=True) as tmp:
+            whole.save(tmp, save_format="h5")
+    return result
+
+
+def whole_grid_shape(spec: dict) -> list[int] | None:
+    """The grid a block-trained segmentation model is saved for: its whole inference grid, when it runs on
+    that grid in one piece (``inference.input`` has a ``shape`` and no ``block_shape``).
+
+    The U-Net is fully convolutional, so the weights are the same; but ``nobrainer predict`` and a bare
+    ``load_model`` need a model whose input is the volume they are given.
+    """
+    if spec["training"]["data"].get("kind") != "segmentation":
+        return None
+    grid = spec.get("inference", {}).get("input", {})
+    return list(grid["shape"]) if "shape" in grid and "block_shape" not in grid else None
 
 
 def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str]) -> list[str]:
