@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common, training_options], help="train a version's model as its spec says")
     p.add_argument("spec", help="catalogue id, version folder or spec.yaml")
     p.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, model.h5, metrics.json")
+    p.add_argument("--init-weights", help="start from this saved model's weights (matched by layer name)")
     p = sub.add_parser("transfer", parents=[common, training_options],
                        help="fine-tune a catalogue version and write a new version folder")
     p.add_argument("source", help="catalogue id to start from")
@@ -273,7 +274,8 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "distill", "path": str(table), "status": "ok",
                "message": f"{rows} rows; next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
     elif args.command == "train":
-        result = training_run.train(args.spec, args.train, args.validation, args.out, force=args.force,
+        result = training_run.train(args.spec, args.train, args.validation, args.out,
+                                    init_weights=args.init_weights, force=args.force,
                                     progress=not args.no_progress, **training_overrides(args))
         yield {"action": "train", "path": args.out, "status": "ok",
                "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),

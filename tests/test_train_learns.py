@@ -66,8 +66,9 @@ def test_unet_finds_the_brain(heads, tmp_path):
     assert result["val_dice"] >= 0.9, result["val_dice"]
 
 
-def test_block_trained_unet_is_saved_for_its_whole_inference_grid(heads, tmp_path):
-    """Trained on 16^3 blocks, run on whole 32^3 volumes (the spec's inference grid): model.h5 takes 32^3."""
+def test_block_trained_unet_is_saved_for_its_whole_inference_grid_and_starts_a_second_stage(heads, tmp_path):
+    """Trained on 16^3 blocks, run on whole 32^3 volumes (the spec's inference grid): model.h5 takes 32^3;
+    ``--init-weights`` starts another run from it."""
     import tensorflow as tf
     import yaml
 
@@ -87,3 +88,20 @@ def test_block_trained_unet_is_saved_for_its_whole_inference_grid(heads, tmp_pat
     assert whole.input_shape == (None, *SHAPE, 1) and blocks.input_shape == (None, 16, 16, 16, 1)
     for a, b in zip(whole.get_weights(), blocks.get_weights()):  # same seed, same run: the same weights
         np.testing.assert_array_equal(a, b)
+
+    # A second stage on whole volumes starts from the first stage's model (learning rate 0: nothing moves).
+    stage2 = {**spec, "training": {**spec["training"], "optimizer": {"name": "adam", "learning_rate": 0.0},
+                                   "data": {**spec["training"]["data"], "block_shape": list(SHAPE)}}}
+    (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(stage2))
+    cli("train", tmp_path / "stage2.yaml", "--train", data["train"], "--out", tmp_path / "stage2", "--no-progress",
+        "--init-weights", tmp_path / "blocks" / "model.h5", cwd=tmp_path)
+    for a, b in zip(tf.keras.models.load_model(tmp_path / "stage2" / "model.h5", compile=False).get_weights(),
+                    blocks.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    run = json.loads((tmp_path / "stage2" / "run.json").read_text())
+    assert run["init_weights"]["path"] == str(tmp_path / "blocks" / "model.h5")
+    from brainzoo.errors import BrainzooError
+    from brainzoo.training.run import train as train_spec
+    with pytest.raises(BrainzooError, match="no such model file"):
+        train_spec(str(tmp_path / "stage2.yaml"), data["train"], None, tmp_path / "stage3", init_weights=tmp_path / "no.h5")
+    assert not (tmp_path / "stage3").exists()

@@ -102,19 +102,35 @@ def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
         tmp.write_text(json.dumps(run, indent=2))
 
 
-def train(ref: str, train_records, validation_records, out_dir, *, force: bool = False, progress: bool = True,
-          **overrides) -> dict:
-    """Train the model a spec describes; resumes when ``out_dir`` holds this run's checkpoints."""
+def train(ref: str, train_records, validation_records, out_dir, *, init_weights: str | None = None,
+          force: bool = False, progress: bool = True, **overrides) -> dict:
+    """Train the model a spec describes; resumes when ``out_dir`` holds this run's checkpoints.
+
+    ``init_weights``: a saved model (.h5) whose weights, matched by layer name, start the run instead of a
+    random initialisation: a second stage (say, whole volumes after blocks) goes on from the first's model.
+    """
     spec, _ = resolve_spec(ref)
     if "training" not in spec:
         raise BrainzooError(f"{ref}: its spec has no training section")
     out_dir = Path(out_dir)
-    claim_run_folder(out_dir, {"spec": ref, "train": str(train_records), "validation": str(validation_records),
-                               "overrides": {k: v for k, v in overrides.items() if v is not None}}, force)
+    run = {"spec": ref, "train": str(train_records), "validation": str(validation_records),
+           "overrides": {k: v for k, v in overrides.items() if v is not None}}
+    if init_weights is not None:
+        if not Path(init_weights).is_file():
+            raise BrainzooError(f"{init_weights}: no such model file to start from")
+        run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
+    claim_run_folder(out_dir, run, force)
     training = spec["training"]
     plan = TrainingPlan.from_spec(training, **overrides)
     train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
     builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
+    if init_weights is not None:
+        fresh = builder
+
+        def builder() -> tf.keras.Model:  # the engine restores its checkpoints over this when resuming
+            model = fresh()
+            transplant(tf.keras.models.load_model(init_weights, compile=False), model, [])
+            return model
     result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
     grid = whole_grid_shape(spec)
     if grid and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
