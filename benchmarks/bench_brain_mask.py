@@ -5,6 +5,8 @@ to a file; each tool then runs on that file as a fresh child process, so its wal
 cover interpreter start, imports, model loading, prediction and writing the mask:
 
 - ours, deepbet port: ``brainzoo predict brain-mask IN OUT`` (catalogue version neuronets/deepbet/1.0.2);
+- ours, the student distilled from it: ``brainzoo predict brain-mask IN OUT --model`` neuronets/brainzoo-unet/0.1.0
+  (a U-Net on the whole head at 2 mm; its weights are trained, so its Dice against deepbet means something);
 - deepbet 1.0.2 from PyPI (TorchScript on the CPU, ``torch.set_num_threads(--threads)``);
 - nobrainer 1.2.1: ``nobrainer predict -b 128 128 128 -l`` on a brainy U-Net .h5 (``brainzoo.models.unet``,
   nobrainer's exact topology), which runs eight non-overlapping 128^3 blocks;
@@ -42,6 +44,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 IXI533 = REPO.parent / "shared" / "data" / "ixi" / "raw" / "IXI533-Guys-1066-T1.nii.gz"
 GRID = {"orientation": "RAS", "spacing_mm": [1, 1, 1], "shape": [256, 256, 256]}
+STUDENT = "neuronets/brainzoo-unet/0.1.0"
 BLOCK = [128, 128, 128]
 # The U-Net run as `nobrainer predict` runs it: the whole volume z-scored, 128^3 blocks, its default threshold 0.3.
 UNET_INFERENCE = {"input": {"contrast": ["T1w"], **GRID, "block_shape": BLOCK},
@@ -122,10 +125,13 @@ def main() -> None:
     nib.save(nib.Nifti1Image(conformed.data, conformed.affine), scan)
     tf.keras.utils.set_random_seed(0)
     unet((*BLOCK, 1)).save(model_file)
-    masks = {name: folder / f"{name}_mask.nii.gz" for name in ("ours-deepbet", "deepbet", "nobrainer", "ours-unet")}
+    masks = {name: folder / f"{name}_mask.nii.gz"
+             for name in ("ours-deepbet", "ours-student", "deepbet", "nobrainer", "ours-unet")}
     runs = {
         "ours-deepbet": ("ours: brainzoo predict brain-mask (deepbet port)",
                          [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-deepbet"]]),
+        "ours-student": ("ours: brainzoo predict brain-mask (student U-Net)",
+                         [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-student"], "--model", STUDENT]),
         "deepbet": ("deepbet 1.0.2 BrainExtraction.run (PyTorch)",
                     python_call("bench_brain_mask", "run_deepbet", str(scan), str(masks["deepbet"]), args.threads)),
         "nobrainer": ("nobrainer predict (U-Net .h5, 8 blocks)",
@@ -156,11 +162,14 @@ def main() -> None:
     print(f"ours/deepbet wall per round: {', '.join(f'{x:.2f}' for x in per_round)}")
 
     def ratios(ours: str, peer: str) -> str:
-        return f"ours/{peer}: " + ", ".join(f"{what} {mine / theirs:.2f}" for what, mine, theirs
+        return f"{ours}/{peer}: " + ", ".join(f"{what} {mine / theirs:.2f}" for what, mine, theirs
                                              in zip(("wall", "CPU", "peak RSS"), results[ours], results[peer]))
 
-    ours, theirs = (np.asanyarray(nib.load(masks[name]).dataobj) > 0 for name in ("ours-deepbet", "deepbet"))
+    ours, student, theirs = (np.asanyarray(nib.load(masks[name]).dataobj) > 0
+                             for name in ("ours-deepbet", "ours-student", "deepbet"))
     print(f"{ratios('ours-deepbet', 'deepbet')}; Dice of the masks {dice(ours, theirs):.5f}")
+    print(f"{ratios('ours-student', 'deepbet')}; Dice of the masks {dice(student, theirs):.4f}")
+    print(f"{ratios('ours-student', 'nobrainer')} (nobrainer's U-Net has random weights: time and memory only)")
     print(f"{ratios('ours-unet', 'nobrainer')} (the same U-Net .h5; it has seeded random weights, so its masks "
           "and any Dice of them are meaningless: only time and memory are compared)")
     print(f"files in {folder}")
