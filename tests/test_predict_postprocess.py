@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.postprocess import binarize, clean_mask, fill_holes, largest_component
@@ -45,3 +46,17 @@ def test_clean_mask_options():
     assert clean_mask(probability).sum() == 6**3
     assert clean_mask(probability, keep_largest=False, fill=False).sum() == _blobs().sum()
     assert clean_mask(probability, 0.9).sum() == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clean_mask_on_the_box_equals_the_whole_array(seed):
+    """Random blobs and cavities, some touching the array's faces: the boxed clean-up changes nothing."""
+    rng = np.random.default_rng(seed)
+    probability = ndimage.gaussian_filter(rng.random((30, 26, 34)), 1.5)
+    probability = (probability - probability.min()) / np.ptp(probability)
+    probability[:, :, :3] = 0  # an empty side, so the box does not reach every face
+    whole = ndimage.binary_fill_holes(largest_component(probability >= 0.5))
+    np.testing.assert_array_equal(clean_mask(probability), whole)
+    np.testing.assert_array_equal(clean_mask(probability, keep_largest=False),
+                                  ndimage.binary_fill_holes(probability >= 0.5))
+    assert not clean_mask(np.zeros((4, 4, 4))).any()

@@ -37,10 +37,30 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def clean_mask(probability: np.ndarray, threshold: float = 0.5, *, keep_largest: bool = True,
                fill: bool = True) -> np.ndarray:
-    """Threshold, then optionally keep the largest component and fill holes."""
+    """Threshold, then optionally keep the largest component and fill holes.
+
+    Both run on the mask's bounding box grown by one voxel, which gives the same result (every voxel outside
+    the box is background connected to the array's border) in a fraction of the time on a 1 mm head.
+    """
     mask = binarize(probability, threshold)
+    box = _bounding_box(mask, margin=1)
+    if box is None:
+        return mask
+    inner = mask[box]
     if keep_largest:
-        mask = largest_component(mask)
+        inner = largest_component(inner)
     if fill:
-        mask = fill_holes(mask)
+        inner = fill_holes(inner)
+    mask[box] = inner
     return mask
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...] | None:
+    """The slices of the box around ``mask``'s voxels, ``margin`` wider on each side within the array."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(max(hits[0] - margin, 0), min(hits[-1] + margin + 1, mask.shape[axis])))
+    return tuple(box)
