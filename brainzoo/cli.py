@@ -270,7 +270,8 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
             raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
         table = write_student_set(args.scans, args.out, grid=grid, teacher=args.teacher, contrasts=args.contrasts,
                                   real_copies=args.real_copies, seed=args.seed, force=args.force)
-        rows = sum(1 for _ in table.open()) - 1
+        with table.open() as handle:
+            rows = sum(1 for _ in handle) - 1
         yield {"action": "distill", "path": str(table), "status": "ok",
                "message": f"{rows} rows; next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
     elif args.command == "train":

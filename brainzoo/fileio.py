@@ -55,6 +55,13 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], columns: Sequenc
     return Path(path)
 
 
+def save_nifti(image, path: str | os.PathLike, force: bool = False) -> Path:
+    """Write a nibabel image atomically (its format from the suffix, ``.nii.gz`` compressed)."""
+    with atomic_output(path, force) as tmp:
+        image.to_filename(tmp)
+    return Path(path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

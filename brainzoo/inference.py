@@ -27,7 +27,7 @@ import brainzoo
 from brainzoo import catalogue
 from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable, write_csv
+from brainzoo.fileio import atomic_output, check_writable, save_nifti, write_csv
 from brainzoo.predict.volumes import load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -116,13 +116,13 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
     record["input"]["path"] = str(infile)
     record["model"] = model_provenance(masker.version)
     record["outputs"] = {"mask": str(outfile)}
-    _save_nifti(mask, outfile, force)
+    save_nifti(mask, outfile, force)
     if brain is not None:
         brain_data = scan.get_fdata(dtype=np.float32) * (mask.get_fdata() > 0)
-        _save_nifti(nib.Nifti1Image(brain_data, scan.affine, scan.header), brain, force)
+        save_nifti(nib.Nifti1Image(brain_data, scan.affine, scan.header), brain, force)
         record["outputs"]["brain"] = str(brain)
     if probability is not None:
-        _save_nifti(probability_img, probability, force)
+        save_nifti(probability_img, probability, force)
         record["outputs"]["probability"] = str(probability)
     if qc_png is not None:
         from brainzoo.predict import qc
@@ -240,11 +240,6 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
         yield {"action": f"predict-{task}", "path": str(path), "status": row["status"], "message": row["error"]}
     write_csv(table, rows, list(dict.fromkeys(key for row in rows for key in row)), force)
     yield {"action": f"predict-{task}", "path": str(table), "status": "ok", "message": f"{len(rows)} scan(s)"}
-
-
-def _save_nifti(image: nib.Nifti1Image, path: Path, force: bool) -> None:
-    with atomic_output(path, force) as tmp:
-        nib.save(image, tmp)
 
 
 def _save_json(record: dict, path: Path, force: bool) -> None:

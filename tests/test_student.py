@@ -61,3 +61,15 @@ def test_nobrainer_predict_agrees_on_a_real_scan_it_never_saw(student, tmp_path)
     image = load_volume(SHARED_DATA / "ixi" / "raw" / "IXI533-Guys-1066-T1.nii.gz")
     agreement, _ = _agreement(student, image, tmp_path)
     assert agreement >= 0.97, agreement
+
+
+def test_weights_are_the_cards_network_without_subnormal_floats(student):
+    """The card's 1.19 M parameters, and none of HD-BET's trap: subnormal floats that make CPUs crawl."""
+    import tensorflow as tf
+
+    from brainzoo.models.deepbet_convert import subnormal_fraction
+
+    model = tf.keras.models.load_model(catalogue.resolve_weights(STUDENT, "model"), compile=False)
+    assert model.count_params() == 1_193_761
+    assert model.input_shape == (None, 128, 128, 128, 1)
+    assert subnormal_fraction(model.get_weights()) == 0

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, write_csv
+from brainzoo.fileio import save_nifti, write_csv
 from brainzoo.training.tfrecords import read_table
 
 TABLE = "contrasts.csv"
@@ -104,16 +104,11 @@ def write_contrast_set(table: str | os.PathLike, out_dir: str | os.PathLike, *, 
         except BrainzooError as error:
             raise BrainzooError(f"{example.where}: {error}") from None
         name = f"scan-{index:03d}"
-        _save(mask_data.astype(np.uint8), scan.affine, out_dir / f"{name}_mask.nii.gz", force)
+        save_nifti(nib.Nifti1Image(mask_data.astype(np.uint8), scan.affine), out_dir / f"{name}_mask.nii.gz", force)
         for variant in range(1, variants + 1):
             rng = np.random.default_rng([seed, index, variant])
             path = f"{name}_contrast-{variant:02d}.nii.gz"
-            _save(random_contrast(labels, rng), scan.affine, out_dir / path, force)
+            save_nifti(nib.Nifti1Image(random_contrast(labels, rng), scan.affine), out_dir / path, force)
             rows.append({"path": path, "label": f"{name}_mask.nii.gz", "source": os.fspath(example.volume),
                          "seed": f"{seed} {index} {variant}"})
     return write_csv(out_dir / TABLE, rows, ["path", "label", "source", "seed"], force)
-
-
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, force: bool) -> None:
-    with atomic_output(path, force) as temporary:
-        nib.save(nib.Nifti1Image(data, affine), temporary)

@@ -24,7 +24,7 @@ import numpy as np
 
 from brainzoo.catalogue import DEFAULT_BRAIN_MASK_MODEL
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, write_csv
+from brainzoo.fileio import save_nifti, write_csv
 from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
 from brainzoo.training.contrast_synthesis import write_contrast_set
 
@@ -69,8 +69,7 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
                                 f"{'x'.join(map(str, grid['shape']))} at {grid['spacing_mm']} mm")
         name = f"scan-{index:03d}"
         for suffix, data, dtype in (("T1w", conformed.data, np.float32), ("mask", student_mask, np.uint8)):
-            with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force) as temporary:
-                nib.save(nib.Nifti1Image(data.astype(dtype), conformed.affine), temporary)
+            save_nifti(nib.Nifti1Image(data.astype(dtype), conformed.affine), out_dir / f"{name}_{suffix}.nii.gz", force)
         rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz", "source": os.fspath(scan),
                      "mask_from": teacher if mask is None else os.fspath(mask)})
     return write_csv(out_dir / TABLE, rows, ["path", "label", "source", "mask_from"], force)

@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
+from brainzoo.predict.steps import PERCENTILE_WINDOW
 
 NORMALIZATIONS = ("zscore", "mean", "percentile", None)
-PERCENTILE_WINDOW = (0.5, 99.5)  # as the inference step ``percentile`` by default, and deepbet
 SAMPLINGS = ("random", "grid")
 _EPSILON = 1e-6
 

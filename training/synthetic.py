@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, write_csv
+from brainzoo.fileio import save_nifti, write_csv
 
 _TEMPLATE_MM = 2.0
 _PAD = 16  # template voxels of room for the shell around the brain
@@ -117,8 +117,7 @@ def write_synthetic_dataset(
         head = synthetic_head(age, sex=sex, shape=shape, seed=int(rng.integers(2**31)))
         name = f"sub-{index + 1:03d}"
         for suffix, data in (("T1w", head.volume), ("mask", head.mask)):
-            with atomic_output(out_dir / f"{name}_{suffix}.nii.gz", force) as temporary:
-                nib.save(nib.Nifti1Image(data, head.affine), temporary)
+            save_nifti(nib.Nifti1Image(data, head.affine), out_dir / f"{name}_{suffix}.nii.gz", force)
         rows.append({"path": f"{name}_T1w.nii.gz", "mask": f"{name}_mask.nii.gz", "age": age, "sex": _SEX_CODES[sex]})
     return write_csv(out_dir / "subjects.csv", rows, ["path", "mask", "age", "sex"], force)
 

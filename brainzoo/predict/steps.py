@@ -88,7 +88,11 @@ def minmax(data: np.ndarray) -> np.ndarray:
     return ((data - low) / (high - low)).astype(np.float32)
 
 
-def percentile_window(data: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+PERCENTILE_WINDOW = (0.5, 99.5)  # deepbet's window; training's ``normalization: percentile`` uses it too
+
+
+def percentile_window(data: np.ndarray, low: float = PERCENTILE_WINDOW[0],
+                      high: float = PERCENTILE_WINDOW[1]) -> np.ndarray:
     """Clip to the ``low`` and ``high`` percentiles (linear interpolation) and scale that window to [0, 1].
 
     Unlike a z-score, the result does not depend on how much background or neck the field of view holds, nor
