@@ -111,6 +111,18 @@ def test_a_keras_model_runs_in_blocks():
     np.testing.assert_array_equal(np.asarray(keras_mask.dataobj), np.asarray(numpy_mask.dataobj))
 
 
+def test_one_block_on_the_brain_gives_the_tiled_mask_and_records_where_it_ran():
+    img, _ = _head()
+    spec = {**MASK_SPEC, "input": {**MASK_SPEC["input"], "block_shape": [48, 48, 48], "block_placement": "brain"}}
+    mask_img, _, record = predict_brain_mask(img, _pointwise_threshold, spec_inference=spec)
+    tiled = predict_brain_mask(img, _pointwise_threshold, spec_inference=MASK_SPEC)[0]
+    np.testing.assert_array_equal(np.asarray(mask_img.dataobj), np.asarray(tiled.dataobj))
+    assert all(0 <= start <= 64 - 48 for start in record["prediction"]["brain_block_start"])
+    del spec["input"]["block_shape"]
+    with pytest.raises(BrainzooError, match="no block_shape"):
+        predict_brain_mask(img, _pointwise_threshold, spec_inference=spec)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "ixi" / "t1_2mm").is_dir(),
                     reason="needs ../shared/data/ixi/t1_2mm (real IXI T1)")
 def test_real_scan_stored_lps_gives_the_same_mask():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from brainzoo.errors import BrainzooError
-from brainzoo.predict.blocks import block_starts, gaussian_weights, predict_blocks
+from brainzoo.predict.blocks import block_starts, gaussian_weights, predict_blocks, predict_brain_block
 
 
 class Recording:
@@ -97,3 +97,45 @@ def test_bad_options_are_reported(options, message):
 def test_model_with_the_wrong_output_shape_is_reported():
     with pytest.raises(BrainzooError, match="returned shape"):
         predict_blocks(_volume((8, 8, 8)), lambda batch: batch[:, :4])
+
+
+def _head_with_a_brain():
+    """A 'head' whose bright 'brain' (values 1) sits high and a dimmer 'neck' (values 0.3) pulls the centre
+    of mass down: only a second pass centres the block on the brain."""
+    head = np.zeros((40, 40, 48), np.float32)
+    head[8:32, 8:32, 4:24] = 0.3
+    head[14:26, 12:28, 30:44] = 1.0
+    return head
+
+
+def test_the_brain_block_moves_from_the_centre_of_mass_onto_the_brain():
+    head = _head_with_a_brain()
+    model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
+    output, start = predict_brain_block(head, model, block_shape=(24, 24, 24))
+    assert model.shapes == [(1, 24, 24, 24, 1)] * 2
+    assert start == (8, 8, 20)  # the first block (z 12-35) saw the brain's lower part; the second holds it all
+    np.testing.assert_array_equal(output[..., 0], head == 1.0)
+
+
+def test_one_pass_stays_at_the_centre_of_mass_and_cuts_the_brain():
+    head = _head_with_a_brain()
+    output, start = predict_brain_block(head, lambda batch: (batch > 0.5).astype(np.float32),
+                                        block_shape=(24, 24, 24), passes=1)
+    assert start[2] < 24 and 0 < output[..., 0].sum() < (head == 1.0).sum()
+
+
+def test_the_brain_block_stops_when_it_stays_put_or_finds_nothing():
+    head = np.zeros((30, 30, 30), np.float32)
+    head[10:20, 10:20, 10:20] = 1.0
+    model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
+    predict_brain_block(head, model, block_shape=(16, 16, 16), passes=3)
+    assert len(model.shapes) == 1  # already centred: a second pass would see the same block
+    empty = Recording(lambda batch: np.zeros_like(batch))
+    output, _ = predict_brain_block(head, empty, block_shape=(16, 16, 16), passes=3)
+    assert len(empty.shapes) == 1 and not output.any()
+
+
+@pytest.mark.parametrize("block, passes", [((24, 24, 50), 2), ((0, 8, 8), 2), ((8, 8), 2), ((8, 8, 8), 0)])
+def test_the_brain_block_must_fit_the_grid(block, passes):
+    with pytest.raises(BrainzooError, match="brain-centred block"):
+        predict_brain_block(_head_with_a_brain(), lambda batch: batch, block_shape=block, passes=passes)

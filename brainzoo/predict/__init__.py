@@ -29,7 +29,7 @@ import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import brain_age
-from brainzoo.predict.blocks import Model, predict_blocks, run_model
+from brainzoo.predict.blocks import Model, predict_blocks, predict_brain_block, run_model
 from brainzoo.predict.postprocess import clean_mask
 from brainzoo.predict.steps import ARRAY_STEPS, apply_array_step, check_step_options
 from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSource, conform, load_mask,
@@ -49,7 +49,8 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
     """Brain mask (uint8) and brain probability (float32) of a scan, both on the scan's own grid and header.
 
     The model runs on the grid the spec's preprocessing makes (in blocks of ``input.block_shape`` blended
-    with Gaussian weights, ``overlap`` apart, ``batch_size`` at a time; whole if no block shape); its
+    with Gaussian weights, ``overlap`` apart, ``batch_size`` at a time; whole if no block shape; in one block
+    placed on the brain if ``input.block_placement`` is ``brain``, 0 outside it); its
     probability map is resampled back to the native grid, thresholded at ``output.threshold`` (0.5 if not
     given) and cleaned (largest component, holes filled). ``qc_png``, if given, gets a picture of the mask.
     """
@@ -59,15 +60,21 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
             image = load_volume(img, max_voxels=max_voxels)
         recorder.describe_input(image)
         volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
+        model_input = spec_inference["input"]
+        threshold = spec_inference["output"].get("threshold", 0.5)
+        block_start = None
         with recorder.timed("predict"):
-            probability = predict_blocks(volume.data, model, block_shape=spec_inference["input"].get("block_shape"),
-                                         overlap=overlap, batch_size=batch_size)
+            if model_input.get("block_placement") == "brain":
+                probability, block_start = predict_brain_block(volume.data, model, threshold=threshold,
+                                                               block_shape=model_input["block_shape"])
+            else:
+                probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
+                                             overlap=overlap, batch_size=batch_size)
         if probability.shape[-1] != 1:
             raise BrainzooError(f"the model returned {probability.shape[-1]} channels; a probability-mask model "
                                 "returns one")
         with recorder.timed("to-native"):
             native_probability = np.clip(volume.to_native_grid(probability[..., 0]), 0, 1)
-        threshold = spec_inference["output"].get("threshold", 0.5)
         with recorder.timed("postprocess"):
             mask = clean_mask(native_probability, threshold, keep_largest=keep_largest, fill=fill_holes)
         if not mask.any():
@@ -80,6 +87,8 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
             "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes,
             "overlap": overlap, "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),
         }
+        if block_start is not None:
+            recorder.record["prediction"]["brain_block_start"] = list(block_start)
         if qc_png is not None:
             with recorder.timed("qc"):
                 from brainzoo.predict import qc
@@ -138,6 +147,8 @@ def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
     if kind not in allowed:
         raise BrainzooError(f"this model's output type is {kind!r}; expected {' or '.join(sorted(allowed))}")
     model_input = spec_inference["input"]
+    if model_input.get("block_placement") == "brain" and "block_shape" not in model_input:
+        raise BrainzooError("this model runs in one block placed on the brain, but its spec gives no block_shape")
     if len(model_input.get("contrast", [])) > 1 or model_input.get("channels", 1) != 1:
         raise BrainzooError("this model takes several contrasts at once; prediction takes one scan")
 

@@ -1,4 +1,5 @@
-"""Running a model over a volume in overlapping blocks, blended with Gaussian weights so no seams show.
+"""Running a model over a volume in overlapping blocks, blended with Gaussian weights so no seams show;
+or in one block placed on the brain.
 
 Block predictions are weakest near their borders (the receptive field runs out of context there), so each
 block's output is weighted by a Gaussian centred on the block (sigma = 1/8 of the block size, as nnU-Net) and
@@ -12,6 +13,7 @@ import itertools
 from typing import Callable, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
 
@@ -74,6 +76,43 @@ def predict_blocks(volume: np.ndarray, model: Model, *, block_shape: Sequence[in
     blended = output_sum / weight_sum[..., np.newaxis]
     inside = tuple(slice(before, before + n) for (before, _), n in zip(padding, volume.shape))
     return blended[inside].astype(np.float32)
+
+
+def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequence[int], threshold: float = 0.5,
+                        passes: int = 2) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The model's output over ``volume`` from one block placed on the brain (0 elsewhere), and the block's start.
+
+    The first pass centres the block on the volume's intensity centre of mass, which in a whole head lies near
+    the brain; each next pass centres it on what the previous one found (output >= ``threshold``), until the
+    block stays put. A model trained on random blocks of whole heads sees what it saw in training, for the
+    cost of one or two blocks instead of a tiling of the whole grid.
+    """
+    block = np.array([int(n) for n in block_shape])
+    if block.shape != (3,) or block.min() < 1 or np.any(block > volume.shape):
+        raise BrainzooError(f"a brain-centred block must be three positive sizes within the grid {volume.shape}, "
+                            f"not {block_shape!r}")
+    if passes < 1:
+        raise BrainzooError(f"a brain-centred block needs at least one pass, not {passes}")
+    volume = np.asarray(volume, dtype=np.float32)
+    weights = np.maximum(volume, 0)
+    centre = (np.array(ndimage.center_of_mass(weights)) if weights.any()
+              else (np.array(volume.shape) - 1) / 2)
+    start = None
+    for _ in range(passes):
+        new_start = tuple(np.clip(np.round(centre).astype(int) - block // 2, 0, np.array(volume.shape) - block))
+        if new_start == start:
+            break
+        start = new_start
+        window = tuple(slice(a, a + b) for a, b in zip(start, block))
+        batch = volume[window][np.newaxis, ..., np.newaxis]
+        prediction = _check_output(run_model(model, batch), batch.shape)[0]
+        found = prediction[..., 0] >= threshold
+        if not found.any():
+            break
+        centre = np.array(start) + np.argwhere(found).mean(axis=0)
+    output = np.zeros(volume.shape + prediction.shape[-1:], dtype=np.float32)
+    output[window] = prediction
+    return output, tuple(int(a) for a in start)
 
 
 def _check_output(output: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
