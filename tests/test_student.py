@@ -1,4 +1,4 @@
-"""The distilled student U-Net (neuronets/brainzoo-unet/0.1.0) runs in nobrainer predict as in brainzoo."""
+"""The distilled student U-Nets (neuronets/brainzoo-unet) run in nobrainer predict as in brainzoo."""
 
 import subprocess
 import sys
@@ -14,38 +14,46 @@ from brainzoo.metrics import dice
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
 from brainzoo.training.synthetic import synthetic_head
 
-STUDENT = "neuronets/brainzoo-unet/0.1.0"
+# 0.1.0 runs on the whole 128^3 grid; 0.2.0 on one 96^3 block of it, placed on the brain.
+STUDENTS = ["neuronets/brainzoo-unet/0.1.0", "neuronets/brainzoo-unet/0.2.0"]
 
 
-@pytest.fixture(scope="module")
-def student():
-    failed = [r for r in sources.get(REPO, STUDENT) if r["status"] == "error"]
+@pytest.fixture(scope="module", params=STUDENTS)
+def student(request):
+    failed = [r for r in sources.get(REPO, request.param) if r["status"] == "error"]
     assert not failed, failed
-    return BrainMasker.load(STUDENT)
+    return BrainMasker.load(request.param)
 
 
-def _conformed(image: nib.Nifti1Image, path) -> nib.Nifti1Image:
-    """The scan on the student's grid, as a user would prepare it for nobrainer predict."""
-    grid = catalogue.find_version(STUDENT).spec["inference"]["input"]
-    volume = conform(GriddedVolume.native(image), grid["orientation"], grid["spacing_mm"], grid["shape"])
-    nib.save(nib.Nifti1Image(volume.data, volume.affine), path)
-    return path
+def _model_input(student) -> dict:
+    return student.version.spec["inference"]["input"]
 
 
-def _nobrainer_predict(infile, outfile) -> np.ndarray:
-    model = catalogue.resolve_weights(STUDENT, "model")
+def _nobrainer_predict(student, infile, outfile) -> np.ndarray:
+    model = catalogue.resolve_weights(student.version.id, "model")
+    block = [str(n) for n in _model_input(student).get("block_shape", _model_input(student)["shape"])]
     argv = [sys.executable, "-c", "from nobrainer.cli.main import cli; cli()", "predict", "-m", str(model),
-            "-b", "128", "128", "128", "-r", "128", "128", "128", str(infile), str(outfile)]
+            "-b", *block, "-r", *block, str(infile), str(outfile)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return np.asarray(nib.load(outfile).dataobj) > 0
 
 
 def _agreement(student, image, tmp_path) -> tuple[float, np.ndarray]:
-    conformed = _conformed(image, tmp_path / "conformed.nii.gz")
-    theirs = _nobrainer_predict(conformed, tmp_path / "nobrainer.nii.gz")
-    ours = np.asarray(student.run(conformed)[0].dataobj) > 0
-    return dice(ours, theirs), ours
+    """Dice between brainzoo's mask and nobrainer predict's on what nobrainer is given: the scan conformed to the
+    model's grid, cut to the block brainzoo ran the model on (the whole grid for a model without one)."""
+    grid = _model_input(student)
+    conformed = conform(GriddedVolume.native(image), grid["orientation"], grid["spacing_mm"], grid["shape"])
+    nib.save(nib.Nifti1Image(conformed.data, conformed.affine), tmp_path / "conformed.nii.gz")
+    mask, _, record = student.run(tmp_path / "conformed.nii.gz")
+    start = record["prediction"].get("brain_block_start", [0, 0, 0])
+    window = tuple(slice(a, a + n) for a, n in zip(start, grid.get("block_shape", grid["shape"])))
+    moved = np.eye(4)
+    moved[:3, 3] = start
+    nib.save(nib.Nifti1Image(conformed.data[window], conformed.affine @ moved), tmp_path / "block.nii.gz")
+    theirs = _nobrainer_predict(student, tmp_path / "block.nii.gz", tmp_path / "nobrainer.nii.gz")
+    ours = np.asarray(mask.dataobj) > 0
+    return dice(ours[window], theirs), ours
 
 
 def test_nobrainer_predict_agrees_on_a_synthetic_head(student, tmp_path):
@@ -69,7 +77,8 @@ def test_weights_are_the_cards_network_without_subnormal_floats(student):
 
     from brainzoo.models.deepbet_convert import subnormal_fraction
 
-    model = tf.keras.models.load_model(catalogue.resolve_weights(STUDENT, "model"), compile=False)
+    model = tf.keras.models.load_model(catalogue.resolve_weights(student.version.id, "model"), compile=False)
     assert model.count_params() == 1_193_761
-    assert model.input_shape == (None, 128, 128, 128, 1)
+    grid = _model_input(student)
+    assert model.input_shape == (None, *grid.get("block_shape", grid["shape"]), 1)
     assert subnormal_fraction(model.get_weights()) == 0
