@@ -118,6 +118,7 @@ def test_one_block_on_the_brain_gives_the_tiled_mask_and_records_where_it_ran():
     tiled = predict_brain_mask(img, _pointwise_threshold, spec_inference=MASK_SPEC)[0]
     np.testing.assert_array_equal(np.asarray(mask_img.dataobj), np.asarray(tiled.dataobj))
     assert all(0 <= start <= 64 - 48 for start in record["prediction"]["brain_block_start"])
+    assert "overlap" not in record["prediction"]  # no tiling, so no overlap to report
     del spec["input"]["block_shape"]
     with pytest.raises(BrainzooError, match="no block_shape"):
         predict_brain_mask(img, _pointwise_threshold, spec_inference=spec)

@@ -83,12 +83,11 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
         probability_img = native_like(image, native_probability, np.float32)
         brain_voxels = int(mask.sum())
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000
+        placement = {"overlap": overlap} if block_start is None else {"brain_block_start": list(block_start)}
         recorder.record["prediction"] = {
-            "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes,
-            "overlap": overlap, "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),
+            "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes, **placement,
+            "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),
         }
-        if block_start is not None:
-            recorder.record["prediction"]["brain_block_start"] = list(block_start)
         if qc_png is not None:
             with recorder.timed("qc"):
                 from brainzoo.predict import qc
