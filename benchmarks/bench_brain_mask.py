@@ -6,7 +6,8 @@ cover interpreter start, imports, model loading, prediction and writing the mask
 
 - ours, deepbet port: ``brainzoo predict brain-mask IN OUT`` (catalogue version neuronets/deepbet/1.0.2);
 - ours, the student distilled from it: ``brainzoo predict brain-mask IN OUT --model`` neuronets/brainzoo-unet/0.2.0
-  (a U-Net on the whole head at 2 mm; its weights are trained, so its Dice against deepbet means something);
+  (a U-Net on one 96^3 block placed on the brain of the head at 2 mm; its weights are trained, so its Dice
+  against deepbet means something);
 - deepbet 1.0.2 from PyPI (TorchScript on the CPU, ``torch.set_num_threads(--threads)``);
 - nobrainer 1.2.1: ``nobrainer predict -b 128 128 128 -l`` on a brainy U-Net .h5 (``brainzoo.models.unet``,
   nobrainer's exact topology), which runs eight non-overlapping 128^3 blocks;
