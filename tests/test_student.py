@@ -30,9 +30,14 @@ def _model_input(student) -> dict:
     return student.version.spec["inference"]["input"]
 
 
+def _network_shape(student) -> list[int]:
+    """What the network itself takes: its spec's block, or the whole grid for a model without one."""
+    return _model_input(student).get("block_shape", _model_input(student)["shape"])
+
+
 def _nobrainer_predict(student, infile, outfile) -> np.ndarray:
     model = catalogue.resolve_weights(student.version.id, "model")
-    block = [str(n) for n in _model_input(student).get("block_shape", _model_input(student)["shape"])]
+    block = [str(n) for n in _network_shape(student)]
     argv = [sys.executable, "-c", "from nobrainer.cli.main import cli; cli()", "predict", "-m", str(model),
             "-b", *block, "-r", *block, str(infile), str(outfile)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
@@ -48,7 +53,7 @@ def _agreement(student, image, tmp_path) -> tuple[float, np.ndarray]:
     nib.save(nib.Nifti1Image(conformed.data, conformed.affine), tmp_path / "conformed.nii.gz")
     mask, _, record = student.run(tmp_path / "conformed.nii.gz")
     start = record["prediction"].get("brain_block_start", [0, 0, 0])
-    window = tuple(slice(a, a + n) for a, n in zip(start, grid.get("block_shape", grid["shape"])))
+    window = tuple(slice(a, a + n) for a, n in zip(start, _network_shape(student)))
     moved = np.eye(4)
     moved[:3, 3] = start
     nib.save(nib.Nifti1Image(conformed.data[window], conformed.affine @ moved), tmp_path / "block.nii.gz")
@@ -80,6 +85,5 @@ def test_weights_are_the_cards_network_without_subnormal_floats(student):
 
     model = tf.keras.models.load_model(catalogue.resolve_weights(student.version.id, "model"), compile=False)
     assert model.count_params() == 1_193_761
-    grid = _model_input(student)
-    assert model.input_shape == (None, *grid.get("block_shape", grid["shape"]), 1)
+    assert model.input_shape == (None, *_network_shape(student), 1)
     assert subnormal_fraction(model.get_weights()) == 0
