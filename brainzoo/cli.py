@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
-from brainzoo import __version__, catalogue, mirror, publish, sources, validate, zoo
+from brainzoo import __version__, catalogue, inference, mirror, publish, sources, validate, zoo
 from brainzoo.errors import BrainzooError
 
 
@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     scan_options = argparse.ArgumentParser(add_help=False)
     scan_options.add_argument("--contrast", help="the scan's contrast (default: from a BIDS suffix such as _T1w)")
     scan_options.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
-    q = predict_sub.add_parser("brain-mask", parents=[common, scan_options], help="brain extraction of one scan")
+    runtime_option = argparse.ArgumentParser(add_help=False)
+    runtime_option.add_argument("--runtime", choices=inference.RUNTIMES, default="auto",
+                                help="what runs a brain-extraction U-Net: onnxruntime (no TensorFlow import) or keras; "
+                                     "auto: onnxruntime where every layer maps (default)")
+    q = predict_sub.add_parser("brain-mask", parents=[common, scan_options, runtime_option],
+                               help="brain extraction of one scan")
     q.add_argument("infile")
     q.add_argument("outfile", help="uint8 mask with the input's affine and header")
     q.add_argument("--model", default=catalogue.DEFAULT_BRAIN_MASK_MODEL)
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="JSON record of the prediction")
     q.add_argument("--flair-outputs", help="folder for brainAge.txt and results.json as the FLAIR container writes")
     q.add_argument("--qc", help="QC picture (PNG) of the registration")
-    q = predict_sub.add_parser("study", parents=[common], help="every scan of a CSV/TSV or BIDS folder")
+    q = predict_sub.add_parser("study", parents=[common, runtime_option], help="every scan of a CSV/TSV or BIDS folder")
     q.add_argument("task", choices=["brain-mask", "brain-age"])
     q.add_argument("source", help="CSV/TSV with a path column (optional age, contrast) or a BIDS folder")
     q.add_argument("out_dir")
@@ -108,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", parents=[common], help="measure a model against reference masks (card metrics)")
     evaluate_sub = p.add_subparsers(dest="evaluate_command", required=True)
-    q = evaluate_sub.add_parser("brain-mask", parents=[common],
+    q = evaluate_sub.add_parser("brain-mask", parents=[common, runtime_option],
                                 help="Dice, Hausdorff-95 and wall time per scan of a brain-extraction model")
     q.add_argument("--model", required=True, help="brain-extraction catalogue id")
     q.add_argument("--data", required=True, help="CSV/TSV: a path column and a reference-mask column (paths relative to it)")
@@ -219,18 +224,16 @@ def convert_records(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def predict_records(args: argparse.Namespace) -> Iterator[dict]:
-    from brainzoo import inference
-
     optional = (lambda value: Path(value) if value else None)
     if args.predict_command == "study":
         model = args.model or (catalogue.DEFAULT_BRAIN_MASK_MODEL if args.task == "brain-mask" else None)
         if model is None:
             raise BrainzooError("predict study brain-age: --model is required (a brain-age catalogue id)")
         yield from inference.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
-                                       force=args.force, progress=not args.no_progress)
+                                       force=args.force, progress=not args.no_progress, runtime=args.runtime)
         return
     if args.predict_command == "brain-mask":
-        masker = inference.BrainMasker.load(args.model, threshold=args.threshold)
+        masker = inference.BrainMasker.load(args.model, threshold=args.threshold, runtime=args.runtime)
         record = inference.predict_brain_mask_file(
             masker, Path(args.infile), Path(args.outfile), brain=optional(args.brain),
             probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
@@ -302,7 +305,7 @@ def run_command(args: argparse.Namespace) -> int:
             args.model, Path(args.data), Path(args.out), reference_model=args.reference_model,
             reference_column=args.reference_column, dataset=args.dataset, split=args.split,
             update_card=args.update_card, command=["brainzoo", *args.argv],
-            force=args.force, progress=not args.no_progress), args.json)
+            force=args.force, progress=not args.no_progress, runtime=args.runtime), args.json)
     root = catalogue.repo_root()
     if args.command == "bootstrap":
         return emit(zoo.bootstrap(root), args.json)

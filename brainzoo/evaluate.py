@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output, check_writable, sha256_of, write_csv
-from brainzoo.inference import BrainMasker, model_provenance, study_scans
+from brainzoo.inference import BrainMasker, study_scans
 from brainzoo.metrics import dice, hausdorff95
 from brainzoo.predict.volumes import load_mask, load_volume
 
@@ -47,13 +46,19 @@ def cpu_name() -> str:
                 platform.processor() or platform.machine())
 
 
-def protocol() -> dict:
-    """What the timings were taken on."""
-    threads = tf.config.threading.get_intra_op_parallelism_threads()
-    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
-            "tensorflow_intra_op_threads": threads or f"TensorFlow's default (all {os.cpu_count()})",
-            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "TensorFlow's default"),
-            "tensorflow": tf.__version__, "python": platform.python_version(), "timed": TIMED}
+def protocol(runtime: str) -> dict:
+    """What the timings were taken on; ``runtime`` is the one that ran the model (``Networks.runtime``)."""
+    machine = {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "runtime": runtime,
+               "python": platform.python_version(), "timed": TIMED}
+    if not runtime.startswith("tensorflow"):  # ONNX Runtime's CPU execution provider
+        return machine | {"gpus": 0, "intra_op_threads": os.environ.get("OMP_NUM_THREADS")
+                          or "ONNX Runtime's default (one per physical core)"}
+    import tensorflow as tf
+
+    return machine | {"gpus": len(tf.config.list_physical_devices("GPU")),
+                      "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()
+                      or f"TensorFlow's default (all {os.cpu_count()})",
+                      "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "TensorFlow's default")}
 
 
 def reference_reader(reference_model: str | None, reference_column: str) -> tuple[str, Callable[[dict, object], np.ndarray]]:
@@ -98,7 +103,7 @@ def warm_up(masker: BrainMasker, rows: list[dict]) -> float:
 def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_model: str | None = None,
                          reference_column: str = "mask", dataset: str | None = None, split: str | None = None,
                          update_card: bool = False, command: list[str] | None = None, force: bool = False,
-                         progress: bool = True) -> Iterator[dict]:
+                         progress: bool = True, runtime: str = "auto") -> Iterator[dict]:
     """Write ``out_dir/scans.csv`` (one row per scan; a failing scan's row records its error) and
     ``out_dir/summary.json``; yield a record per scan, then the summary's."""
     if update_card and not split:
@@ -108,7 +113,7 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
     table, summary_file = out_dir / "scans.csv", out_dir / "summary.json"
     for path in (table, summary_file):
         check_writable(path, force)
-    masker = BrainMasker.load(model)
+    masker = BrainMasker.load(model, runtime=runtime)
     reference_label, reference_of = reference_reader(reference_model, reference_column)
 
     warm_up_s = warm_up(masker, rows)
@@ -142,11 +147,11 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
         raise BrainzooError(f"{data}: every scan failed; nothing to summarise")
     command = command or ["brainzoo", "evaluate", "brain-mask", "--model", model, "--data", str(data),
                           "--out", str(out_dir)]
-    record = {"model": model_provenance(masker.version), "reference": reference_label,
+    record = {"model": masker.provenance(), "reference": reference_label,
               "data": {"table": str(data), "sha256": sha256_of(data), "dataset": dataset or str(data), "split": split},
               "n": len(done), "failed": [r["id"] for r in results if r["error"]],
               "summary": {key: summary([r[key] for r in done]) for key in ("dice", "hd95_mm", "seconds")},
-              "model_load_and_first_scan_s": round(warm_up_s, 3), "protocol": protocol(),
+              "model_load_and_first_scan_s": round(warm_up_s, 3), "protocol": protocol(masker.networks().runtime),
               "command": shlex.join(command)}
     write_csv(table, results, ["id", "path", "reference", "dice", "hd95_mm", "predicted_ml", "reference_ml",
                                "seconds", "error"], force)
@@ -181,8 +186,8 @@ def card_metrics(record: dict) -> list[dict]:
             if key == "seconds":
                 protocol_ = record["protocol"]
                 entry["note"] = (f"{protocol_['cpu']}, {protocol_['logical_cpus']} logical CPUs, "
-                                 f"{protocol_['gpus']} GPU(s), TensorFlow {protocol_['tensorflow']} with "
-                                 f"{protocol_['tensorflow_intra_op_threads']} threads; timed: {protocol_['timed']}")
+                                 f"{protocol_['gpus']} GPU(s), {protocol_['runtime']} with "
+                                 f"{protocol_['intra_op_threads']} threads; timed: {protocol_['timed']}")
             entries.append(entry)
     return entries
 

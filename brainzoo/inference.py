@@ -3,7 +3,12 @@
 The version's spec decides everything: which networks to load (every weights entry; several make an
 ensemble), how its brain-extraction model runs (``inference.method``: ``blocks`` for U-Nets,
 ``deepbet`` for the deepbet port), preprocessing and output decoding. Every record names the model
-versions and the sha256 of each weights file used, so a result can be traced to exact bytes.
+versions, the sha256 of each weights file used and the runtime that ran them, so a result can be traced to
+exact bytes.
+
+Runtimes: a U-Net for brain extraction runs by ONNX Runtime where every layer maps
+(:mod:`brainzoo.predict.onnx_runtime`; ``auto``, the default), which spares the process TensorFlow's import;
+``keras`` runs it in TensorFlow. Everything else runs in Keras.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ from typing import Callable, Iterator
 
 import nibabel as nib
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 import brainzoo
@@ -48,18 +52,47 @@ def check_contrast(version: Version, path: Path, contrast: str | None, force: bo
                             "pass --force to run it anyway")
 
 
-def model_provenance(version: Version) -> dict:
+RUNTIMES = ("auto", "onnxruntime", "keras")
+
+
+@dataclass
+class Networks:
+    """A version's weights files as callables on float32 batches, and the runtime that runs them."""
+
+    models: dict[str, Callable[[np.ndarray], object]]
+    runtime: str  # e.g. "onnxruntime 1.32.0", "tensorflow 2.15.1"
+
+
+def model_provenance(version: Version, runtime: str) -> dict:
     return {"id": version.id, "weights": {w.name: w.sha256 for w in version.weights},
-            "brainzoo": brainzoo.__version__, "tensorflow": tf.__version__}
+            "brainzoo": brainzoo.__version__, "runtime": runtime}
 
 
-def load_networks(version: Version) -> dict[str, tf.keras.Model]:
-    """Every weights file of a version as a Keras model (custom layers registered by the import)."""
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise BrainzooError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+
+
+def load_networks(version: Version, runtime: str = "keras") -> Networks:
+    """Every weights file of a version, run by ONNX Runtime (``onnxruntime``; ``auto`` if every layer of every
+    file maps, else Keras) or as Keras models (``keras``; custom layers registered by the import)."""
+    check_runtime(runtime)
+    if runtime != "keras":
+        from brainzoo.predict.onnx_runtime import OnnxModel, UnsupportedModel
+
+        try:
+            models = {w.name: OnnxModel(catalogue.resolve_weights(version.id, w.name)) for w in version.weights}
+            return Networks(models, f"onnxruntime {next(iter(models.values())).version}")
+        except UnsupportedModel:
+            if runtime == "onnxruntime":
+                raise
+    import tensorflow as tf
+
     import brainzoo.models  # noqa: F401  registers the custom layers
     import brainzoo.models.deepbet  # noqa: F401
 
-    return {w.name: tf.keras.models.load_model(catalogue.resolve_weights(version.id, w.name), compile=False)
-            for w in version.weights}
+    return Networks({w.name: tf.keras.models.load_model(catalogue.resolve_weights(version.id, w.name), compile=False)
+                     for w in version.weights}, f"tensorflow {tf.__version__}")
 
 
 @dataclass
@@ -68,22 +101,27 @@ class BrainMasker:
 
     version: Version
     run: Callable[[nib.Nifti1Image | Path], tuple[nib.Nifti1Image, nib.Nifti1Image, dict]]
+    networks: Callable[[], Networks]  # loads at the first call, then cached
 
     @classmethod
-    def load(cls, ref: str, threshold: float | None = None) -> BrainMasker:
+    def load(cls, ref: str, threshold: float | None = None, runtime: str = "auto") -> BrainMasker:
         from brainzoo.predict import predict_brain_mask
 
         version = catalogue.find_version(ref)
         if version.task != "brain-extraction":
             raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-extraction model")
+        check_runtime(runtime)
         inference = version.spec["inference"]
         threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
-        # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
-        networks = functools.cache(lambda: load_networks(version))
         if inference.get("method", "blocks") == "deepbet":
             from brainzoo.deepbet_pipeline import DeepbetExtractor
 
-            extractor = functools.cache(lambda: DeepbetExtractor(networks()["bbox"], networks()["segmentation"]))
+            if runtime == "onnxruntime":
+                raise BrainzooError(f"{version.id}: the deepbet port runs in Keras only (--runtime keras or auto)")
+            # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
+            networks = functools.cache(lambda: load_networks(version, "keras"))
+            extractor = functools.cache(lambda: DeepbetExtractor(networks().models["bbox"],
+                                                                 networks().models["segmentation"]))
 
             def run(scan):
                 started = time.perf_counter()
@@ -95,12 +133,17 @@ class BrainMasker:
                           "timings_s": {"total": round(time.perf_counter() - started, 3)}}
                 return result.mask, result.probability, record
         else:
+            networks = functools.cache(lambda: load_networks(version, runtime))
             spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
 
             def run(scan):
-                [network] = networks().values()
+                [network] = networks().models.values()
                 return predict_brain_mask(scan, network, spec_inference=spec_inference)
-        return cls(version, run)
+        return cls(version, run, networks)
+
+    def provenance(self) -> dict:
+        """The version, its weights' sha256 and the runtime that ran them (loads the networks if not yet)."""
+        return model_provenance(self.version, self.networks().runtime)
 
 
 def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *, brain: Path | None = None,
@@ -114,7 +157,7 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
     scan = load_volume(infile)  # checked once: every bad input stops here, before any output exists
     mask, probability_img, record = masker.run(scan)
     record["input"]["path"] = str(infile)
-    record["model"] = model_provenance(masker.version)
+    record["model"] = masker.provenance()
     record["outputs"] = {"mask": str(outfile)}
     save_nifti(mask, outfile, force)
     if brain is not None:
@@ -136,7 +179,7 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
 
 def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
                            out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
-                           contrast: str | None = None, force: bool = False, networks: dict | None = None) -> dict:
+                           contrast: str | None = None, force: bool = False, networks: Networks | None = None) -> dict:
     """Brain age of one raw scan: our brain extraction (if the spec needs one), then the predictor."""
     from brainzoo.predict import predict_brain_age
 
@@ -161,11 +204,11 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
     if "brain-extraction" in steps:
         masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
         brain_mask, _, mask_record = masker.run(infile)
-    record = predict_brain_age(infile, list(networks.values()), spec_inference=version.spec["inference"], age=age,
+    record = predict_brain_age(infile, list(networks.models.values()), spec_inference=version.spec["inference"], age=age,
                                brain_mask=brain_mask, qc_png=qc_png, force=force)
-    record["model"] = model_provenance(version)
+    record["model"] = model_provenance(version, networks.runtime)
     if mask_record is not None:
-        record["brain_extraction"] = {"model": model_provenance(masker.version), **mask_record}
+        record["brain_extraction"] = {"model": masker.provenance(), **mask_record}
     if out_json is not None:
         _save_json(record, out_json, force)
     if flair_outputs is not None:
@@ -207,14 +250,14 @@ def study_scans(source: Path) -> list[dict]:
 
 
 def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
-              progress: bool = True) -> Iterator[dict]:
+              progress: bool = True, runtime: str = "auto") -> Iterator[dict]:
     """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error."""
     k, n = parse_shard(shard)
     scans = study_scans(source)[k - 1::n]
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / ("results.csv" if n == 1 else f"results-{k}-of-{n}.csv")
     check_writable(table, force)
-    masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL)
+    masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL, runtime=runtime)
     version = catalogue.find_version(model) if task == "brain-age" else None
     # Unpublished weights: every row then records predict_brain_age_file's explanation.
     networks = load_networks(version) if version and all(w.published for w in version.weights) else None

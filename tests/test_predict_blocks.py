@@ -111,16 +111,16 @@ def _head_with_a_brain():
 def test_the_brain_block_moves_from_the_centre_of_mass_onto_the_brain():
     head = _head_with_a_brain()
     model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
-    output, start = predict_brain_block(head, model, block_shape=(24, 24, 24))
-    assert model.shapes == [(1, 24, 24, 24, 1)] * 2
+    output, start, passes = predict_brain_block(head, model, block_shape=(24, 24, 24))
+    assert model.shapes == [(1, 24, 24, 24, 1)] * 2 and passes == 2
     assert start == (8, 8, 20)  # the first block (z 12-35) saw the brain's lower part; the second holds it all
     np.testing.assert_array_equal(output[..., 0], head == 1.0)
 
 
 def test_one_pass_stays_at_the_centre_of_mass_and_cuts_the_brain():
     head = _head_with_a_brain()
-    output, start = predict_brain_block(head, lambda batch: (batch > 0.5).astype(np.float32),
-                                        block_shape=(24, 24, 24), passes=1)
+    output, start, _ = predict_brain_block(head, lambda batch: (batch > 0.5).astype(np.float32),
+                                           block_shape=(24, 24, 24), passes=1)
     assert start[2] < 24 and 0 < output[..., 0].sum() < (head == 1.0).sum()
 
 
@@ -128,10 +128,10 @@ def test_the_brain_block_stops_when_it_stays_put_or_finds_nothing():
     head = np.zeros((30, 30, 30), np.float32)
     head[10:20, 10:20, 10:20] = 1.0
     model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
-    predict_brain_block(head, model, block_shape=(16, 16, 16), passes=3)
-    assert len(model.shapes) == 1  # already centred: a second pass would see the same block
+    _, _, passes = predict_brain_block(head, model, block_shape=(16, 16, 16), passes=3)
+    assert len(model.shapes) == passes == 1  # already centred: a second pass would see the same block
     empty = Recording(lambda batch: np.zeros_like(batch))
-    output, _ = predict_brain_block(head, empty, block_shape=(16, 16, 16), passes=3)
+    output, _, _ = predict_brain_block(head, empty, block_shape=(16, 16, 16), passes=3)
     assert len(empty.shapes) == 1 and not output.any()
 
 

@@ -65,8 +65,8 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
         block_start = None
         with recorder.timed("predict"):
             if model_input.get("block_placement") == "brain":
-                probability, block_start = predict_brain_block(volume.data, model, threshold=threshold,
-                                                               block_shape=model_input["block_shape"])
+                probability, block_start, block_passes = predict_brain_block(
+                    volume.data, model, threshold=threshold, block_shape=model_input["block_shape"])
             else:
                 probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
                                              overlap=overlap, batch_size=batch_size)
@@ -83,7 +83,8 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
         probability_img = native_like(image, native_probability, np.float32)
         brain_voxels = int(mask.sum())
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000
-        placement = {"overlap": overlap} if block_start is None else {"brain_block_start": list(block_start)}
+        placement = ({"overlap": overlap} if block_start is None else
+                     {"brain_block_start": list(block_start), "brain_block_passes": block_passes})
         recorder.record["prediction"] = {
             "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes, **placement,
             "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),

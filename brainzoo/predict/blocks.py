@@ -79,8 +79,9 @@ def predict_blocks(volume: np.ndarray, model: Model, *, block_shape: Sequence[in
 
 
 def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequence[int], threshold: float = 0.5,
-                        passes: int = 2) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The model's output over ``volume`` from one block placed on the brain (0 elsewhere), and the block's start.
+                        passes: int = 2) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """The model's output over ``volume`` from one block placed on the brain (0 elsewhere), the block's start
+    and the number of passes run.
 
     The first pass centres the block on the volume's intensity centre of mass, which in a whole head lies near
     the brain; each next pass centres it on what the previous one found (output >= ``threshold``), until the
@@ -97,12 +98,12 @@ def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequen
     weights = np.maximum(volume, 0)
     centre = (np.array(ndimage.center_of_mass(weights)) if weights.any()
               else (np.array(volume.shape) - 1) / 2)
-    start = None
+    start, run = None, 0
     for _ in range(passes):
         new_start = tuple(np.clip(np.round(centre).astype(int) - block // 2, 0, np.array(volume.shape) - block))
         if new_start == start:
             break
-        start = new_start
+        start, run = new_start, run + 1
         window = tuple(slice(a, a + b) for a, b in zip(start, block))
         batch = volume[window][np.newaxis, ..., np.newaxis]
         prediction = _check_output(run_model(model, batch), batch.shape)[0]
@@ -112,7 +113,7 @@ def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequen
         centre = np.array(start) + np.argwhere(found).mean(axis=0)
     output = np.zeros(volume.shape + prediction.shape[-1:], dtype=np.float32)
     output[window] = prediction
-    return output, tuple(int(a) for a in start)
+    return output, tuple(int(a) for a in start), run
 
 
 def _check_output(output: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
