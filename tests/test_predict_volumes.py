@@ -9,7 +9,7 @@ import pytest
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.volumes import (GriddedVolume, conform, load_mask, load_volume, native_like, reorient,
-                                      resample)
+                                      resample, resample_indices)
 
 # A voxel-to-world affine whose axes run left, inferior, anterior (LIA, as FreeSurfer's conformed images).
 LIA = np.array([[-1.0, 0, 0, 20], [0, 0, 1, -30], [0, -1, 0, 40], [0, 0, 0, 1]])
@@ -146,6 +146,40 @@ def test_resampling_keeps_world_positions():
     centre = np.average(np.argwhere(conformed.data > 0), axis=0, weights=conformed.data[conformed.data > 0])
     world = conformed.affine @ np.append(centre, 1)
     np.testing.assert_allclose(world[:3], (affine @ [10, 21, 7, 1])[:3], atol=1e-6)
+
+
+def _oblique(rng) -> np.ndarray:
+    """A voxel map with rotation, anisotropic scaling and a shift."""
+    new_to_old = np.eye(4)
+    new_to_old[:3, :3] = np.linalg.qr(rng.normal(size=(3, 3)))[0] * rng.uniform(0.4, 2.5, 3)
+    new_to_old[:3, 3] = rng.uniform(-5, 10, 3)
+    return new_to_old
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_fortran_order_arrays_resample_exactly_as_c_order_ones(order):
+    """nibabel hands out Fortran-order arrays; they take a transposed, faster path to the same values."""
+    rng = np.random.default_rng(1)
+    data = np.asfortranarray(rng.random((20, 23, 17), dtype=np.float32))
+    for out_to_in in (_oblique(rng), np.diag([1.7, 0.6, 2.0, 1.0])):
+        fortran = resample_indices(data, out_to_in, (15, 19, 21), order=order)
+        c_order = resample_indices(np.ascontiguousarray(data), out_to_in, (15, 19, 21), order=order)
+        np.testing.assert_allclose(fortran, c_order, rtol=0, atol=1e-6)  # the 8 neighbours summed in another order
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_the_way_back_samples_only_near_non_zero_values_and_gets_the_same_result(order):
+    """A block of values in a grid of zeros (a brain-centred block's output) under oblique maps."""
+    rng = np.random.default_rng(0)
+    for trial in range(10):
+        new_to_old = _oblique(rng)
+        volume = GriddedVolume(np.zeros((30, 31, 32), np.float32), new_to_old, np.eye(4), (40, 37, 45))
+        block = np.zeros((30, 31, 32), np.float32)
+        low = rng.integers(0, 20, 3)
+        block[low[0]:low[0] + 8, low[1]:low[1] + 9, low[2]:low[2] + 7] = rng.random((8, 9, 7))
+        whole = resample_indices(block, np.linalg.inv(new_to_old), (40, 37, 45), order=order)
+        np.testing.assert_allclose(volume.to_native_grid(block, order=order), whole, rtol=0, atol=1e-6)
+    assert not volume.to_native_grid(np.zeros((30, 31, 32), np.float32)).any()
 
 
 def test_spacing_within_header_rounding_counts_as_equal():

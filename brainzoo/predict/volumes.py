@@ -8,6 +8,7 @@ affine and header.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 import zlib
@@ -145,10 +146,17 @@ def resample_indices(data: np.ndarray, out_to_in: np.ndarray, shape: Sequence[in
     ``order`` 1 is trilinear (images, probabilities), 0 nearest (labels). A diagonal map takes scipy's faster
     separable path. At whole-voxel positions trilinear sampling returns the voxel values exactly.
     """
+    data = np.asarray(data, dtype=np.float32)
+    if data.flags.f_contiguous and not data.flags.c_contiguous:
+        # scipy walks arrays in C order, ~5x slower over a nibabel (Fortran-order) array: sample its transpose,
+        # which is C-ordered, with the axes of the map reversed, and transpose the result back (the same values
+        # to float32 rounding: each sample sums its neighbours in another order).
+        reverse = np.eye(4)[[2, 1, 0, 3]]
+        return resample_indices(data.T, reverse @ out_to_in @ reverse, tuple(shape)[::-1], order=order, mode=mode).T
     linear = out_to_in[:3, :3]
     if np.count_nonzero(linear - np.diag(np.diagonal(linear))) == 0:
         linear = np.diagonal(linear)
-    return ndimage.affine_transform(np.asarray(data, dtype=np.float32), linear, offset=out_to_in[:3, 3],
+    return ndimage.affine_transform(np.ascontiguousarray(data), linear, offset=out_to_in[:3, 3],
                                     output_shape=tuple(int(n) for n in shape), output=np.float32, order=order,
                                     mode=mode, cval=0.0, prefilter=False)
 
@@ -185,8 +193,29 @@ class GriddedVolume:
         return GriddedVolume(np.asarray(data, dtype=np.float32), to_native, self.native_affine, self.native_shape)
 
     def to_native_grid(self, array: np.ndarray, *, order: int = 1) -> np.ndarray:
-        """An array on this grid resampled onto the native grid (0 where the native grid reaches outside it)."""
-        return resample_indices(array, np.linalg.inv(self.to_native), self.native_shape, order=order)
+        """An array on this grid resampled onto the native grid (0 where the native grid reaches outside it).
+
+        Only the native voxels that can see a non-zero value are sampled (a brain-centred block's output is 0
+        elsewhere): the same result as sampling all of them (to float32 rounding), for a fraction of the time.
+        """
+        array = np.asarray(array, dtype=np.float32)
+        out = np.zeros(self.native_shape, dtype=np.float32)
+        nonzero = [np.flatnonzero(array.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        if any(len(indices) == 0 for indices in nonzero):
+            return out
+        # Interpolation reaches one voxel beyond the non-zero box; its corners bound the native voxels to sample.
+        box = [(indices[0] - 1, indices[-1] + 1) for indices in nonzero]
+        corners = np.array([[*corner, 1] for corner in itertools.product(*box)], dtype=float).T
+        native = (self.to_native @ corners)[:3]
+        low = np.clip(np.floor(native.min(axis=1)).astype(int), 0, self.native_shape)
+        high = np.clip(np.ceil(native.max(axis=1)).astype(int) + 1, 0, self.native_shape)
+        if np.any(high <= low):
+            return out
+        shift = np.eye(4)
+        shift[:3, 3] = low
+        window = tuple(slice(a, b) for a, b in zip(low, high))
+        out[window] = resample_indices(array, np.linalg.inv(self.to_native) @ shift, high - low, order=order)
+        return out
 
     def from_native_grid(self, array: np.ndarray, *, order: int = 0) -> np.ndarray:
         """An array on the native grid (a brain mask, say) resampled onto this grid."""
@@ -232,4 +261,5 @@ def native_like(reference: nib.Nifti1Image, data: np.ndarray, dtype: type) -> ni
     header.set_slope_inter(None, None)
     header["cal_min"] = 0
     header["cal_max"] = 0
-    return type(reference)(np.asarray(data).astype(dtype), reference.affine, header)
+    # Fortran order, as NIfTI stores voxels: writing a C-order array costs a transposing copy.
+    return type(reference)(np.asarray(data).astype(dtype, order="F"), reference.affine, header)
