@@ -7,7 +7,8 @@ cover interpreter start, imports, model loading, prediction and writing the mask
 - ours, deepbet port: ``brainzoo predict brain-mask IN OUT`` (catalogue version neuronets/deepbet/1.0.2);
 - ours, the student distilled from it: ``brainzoo predict brain-mask IN OUT --model`` neuronets/brainzoo-unet/0.4.0
   (a U-Net on one 96^3 block placed on the brain of the head at 2 mm; its weights are trained, so its Dice
-  against deepbet means something);
+  against deepbet means something), run as by default by ONNX Runtime (no TensorFlow in the process), and
+  again with ``--runtime keras``, which shows what the runtime accounts for;
 - deepbet 1.0.2 from PyPI (TorchScript on the CPU, ``torch.set_num_threads(--threads)``);
 - nobrainer 1.2.1: ``nobrainer predict -b 128 128 128 -l`` on a brainy U-Net .h5 (``brainzoo.models.unet``,
   nobrainer's exact topology), which runs eight non-overlapping 128^3 blocks;
@@ -15,8 +16,9 @@ cover interpreter start, imports, model loading, prediction and writing the mask
   and kept to the largest component as by nobrainer (ours also fills holes), with no overlap by default so both
   run eight blocks (our usual overlap, 0.5, runs 27: ``--overlap 0.5`` times that).
 
-Every process gets ``--threads`` threads (TF_NUM_INTRAOP_THREADS, OMP_NUM_THREADS) and TensorFlow's oneDNN
-kernels, so the nobrainer ratio compares pipelines, not kernels. An untimed import of every framework first
+Every process gets ``--threads`` threads (TF_NUM_INTRAOP_THREADS, OMP_NUM_THREADS, which ONNX Runtime and PyTorch
+follow) and TensorFlow's oneDNN kernels, so the ratio of our blocks pipeline to nobrainer compares pipelines,
+not kernels. An untimed import of every framework first
 warms the page cache, so that no tool pays for reading the libraries from disk. The U-Net has seeded random
 weights (none are trained yet): its masks mean nothing, only its time and memory are compared. Run from the
 repository root (needs torch, deepbet and nobrainer, env/requirements-dev.in):
@@ -127,12 +129,15 @@ def main() -> None:
     tf.keras.utils.set_random_seed(0)
     unet((*BLOCK, 1)).save(model_file)
     masks = {name: folder / f"{name}_mask.nii.gz"
-             for name in ("ours-deepbet", "ours-student", "deepbet", "nobrainer", "ours-unet")}
+             for name in ("ours-deepbet", "ours-student", "ours-student-keras", "deepbet", "nobrainer", "ours-unet")}
     runs = {
         "ours-deepbet": ("ours: brainzoo predict brain-mask (deepbet port)",
                          [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-deepbet"]]),
         "ours-student": ("ours: brainzoo predict brain-mask (student U-Net)",
                          [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-student"], "--model", STUDENT]),
+        "ours-student-keras": ("ours: the same with --runtime keras",
+                               [BIN / "brainzoo", "predict", "brain-mask", scan, masks["ours-student-keras"],
+                                "--model", STUDENT, "--runtime", "keras"]),
         "deepbet": ("deepbet 1.0.2 BrainExtraction.run (PyTorch)",
                     python_call("bench_brain_mask", "run_deepbet", str(scan), str(masks["deepbet"]), args.threads)),
         "nobrainer": ("nobrainer predict (U-Net .h5, 8 blocks)",
@@ -141,7 +146,7 @@ def main() -> None:
                       python_call("bench_brain_mask", "run_unet_blocks", str(scan), str(masks["ours-unet"]),
                                   str(model_file), args.overlap)),
     }
-    measure([sys.executable, "-c", "import tensorflow, torch, deepbet, nobrainer.cli.main, brainzoo.inference"],
+    measure([sys.executable, "-c", "import tensorflow, torch, deepbet, nobrainer.cli.main, onnx, onnxruntime, brainzoo.inference"],
             folder / "warm-up.log", env)
 
     print(f"{args.scan.name} conformed to 256^3 1 mm RAS; {args.threads} threads, oneDNN on; TensorFlow "
@@ -159,8 +164,9 @@ def main() -> None:
     for name, (label, _) in runs.items():
         wall, cpu, rss = results[name]
         print(f"{label:<52}{wall:>8.1f}{cpu:>8.1f}{rss:>14.2f}")
-    per_round = [r["ours-deepbet"][0] / r["deepbet"][0] for r in rounds]
-    print(f"ours/deepbet wall per round: {', '.join(f'{x:.2f}' for x in per_round)}")
+    for ours, peer in (("ours-deepbet", "deepbet"), ("ours-student", "deepbet"), ("ours-student", "nobrainer")):
+        per_round = [r[ours][0] / r[peer][0] for r in rounds]
+        print(f"{ours}/{peer} wall per round: {', '.join(f'{x:.2f}' for x in per_round)}")
 
     def ratios(ours: str, peer: str) -> str:
         return f"{ours}/{peer}: " + ", ".join(f"{what} {mine / theirs:.2f}" for what, mine, theirs
@@ -170,6 +176,7 @@ def main() -> None:
                              for name in ("ours-deepbet", "ours-student", "deepbet"))
     print(f"{ratios('ours-deepbet', 'deepbet')}; Dice of the masks {dice(ours, theirs):.5f}")
     print(f"{ratios('ours-student', 'deepbet')}; Dice of the masks {dice(student, theirs):.4f}")
+    print(f"{ratios('ours-student', 'ours-student-keras')}")
     print(f"{ratios('ours-student', 'nobrainer')} (nobrainer's U-Net has random weights: time and memory only)")
     print(f"{ratios('ours-unet', 'nobrainer')} (the same U-Net .h5; it has seeded random weights, so its masks "
           "and any Dice of them are meaningless: only time and memory are compared)")
