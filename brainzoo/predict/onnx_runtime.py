@@ -1,6 +1,6 @@
 """A saved Keras U-Net run by ONNX Runtime, without importing TensorFlow.
 
-On our 2-core machines importing TensorFlow takes 2-3 s and loading a Keras .h5 about 1 s: most of a one-scan
+On our 2-core machines importing TensorFlow takes 1.5-3 s and loading a Keras .h5 about 1 s: most of a one-scan
 brain extraction with a small network. ONNX Runtime imports in 0.15 s and runs the same network about as fast
 as Keras. The ONNX graph is built in memory from the .h5 file itself (its ``model_config`` and weights, read
 with h5py), so it runs exactly the bytes the catalogue checksums; nothing else is stored or cached.
