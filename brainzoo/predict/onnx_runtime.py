@@ -233,7 +233,8 @@ class OnnxModel:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        options.intra_op_num_threads = int(threads) if threads.isdigit() else 0  # "4,2" (nested OpenMP): default
         options.inter_op_num_threads = 1
         self.version = onnxruntime.__version__
         self._session = onnxruntime.InferenceSession(keras_h5_to_onnx(path).SerializeToString(), options,
