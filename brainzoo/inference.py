@@ -78,11 +78,13 @@ def load_networks(version: Version, runtime: str = "keras") -> Networks:
     file maps, else Keras) or as Keras models (``keras``; custom layers registered by the import)."""
     check_runtime(runtime)
     if runtime != "keras":
+        import onnxruntime
+
         from brainzoo.predict.onnx_runtime import OnnxModel, UnsupportedModel
 
         try:
             models = {w.name: OnnxModel(catalogue.resolve_weights(version.id, w.name)) for w in version.weights}
-            return Networks(models, f"onnxruntime {next(iter(models.values())).version}")
+            return Networks(models, f"onnxruntime {onnxruntime.__version__}")
         except UnsupportedModel:
             if runtime == "onnxruntime":
                 raise

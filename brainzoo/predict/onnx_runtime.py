@@ -1,9 +1,10 @@
 """A saved Keras U-Net run by ONNX Runtime, without importing TensorFlow.
 
-On our 2-core machines importing TensorFlow takes 1.5-3 s and loading a Keras .h5 about 1 s: most of a one-scan
-brain extraction with a small network. ONNX Runtime imports in 0.15 s and runs the same network about as fast
-as Keras. The ONNX graph is built in memory from the .h5 file itself (its ``model_config`` and weights, read
-with h5py), so it runs exactly the bytes the catalogue checksums; nothing else is stored or cached.
+Importing TensorFlow and loading a Keras .h5 is most of a one-scan brain extraction with a small network on our
+2-core machines; ONNX Runtime starts in a fraction of that and runs the same network about as fast, so the
+whole process takes about half the time (``benchmarks/bench_brain_mask.py`` runs the student both ways).
+The ONNX graph is built in memory from the .h5 file itself (its ``model_config`` and weights, read with h5py),
+so it runs exactly the bytes the catalogue checksums; nothing else is stored or cached.
 
 Layers mapped (what :func:`brainzoo.models.unet.unet` and nobrainer's U-Nets are made of): ``InputLayer``,
 ``Conv3D`` ("same" with odd kernels, or "valid"), ``Conv3DTranspose`` (kernel = strides), ``MaxPooling3D``
@@ -182,7 +183,6 @@ def keras_h5_to_onnx(path: str | os.PathLike):
     spatial sizes (each must suit the network, as in Keras).
     """
     import onnx
-    import onnx.numpy_helper  # noqa: F401  (used through the module by _GraphBuilder)
 
     source = str(path)
     config, weights = read_keras_h5(path)
@@ -236,7 +236,6 @@ class OnnxModel:
         threads = os.environ.get("OMP_NUM_THREADS", "")
         options.intra_op_num_threads = int(threads) if threads.isdigit() else 0  # "4,2" (nested OpenMP): default
         options.inter_op_num_threads = 1
-        self.version = onnxruntime.__version__
         self._session = onnxruntime.InferenceSession(keras_h5_to_onnx(path).SerializeToString(), options,
                                                      providers=["CPUExecutionProvider"])
 
