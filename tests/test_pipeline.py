@@ -121,6 +121,45 @@ def test_random_blocks_lie_inside_the_volume(shards):
         assert np.any(np.all(windows == block, axis=(3, 4, 5)))
 
 
+def _volume_with_label(shape, label_box):
+    """A dataset of one volume whose voxel values encode their position, with a box-shaped label."""
+    volume = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    label = np.zeros(shape, np.float32)
+    label[label_box] = 1
+    return tf.data.Dataset.from_tensors({"volume": volume, "label": label}), volume
+
+
+def _corner(volume, block):
+    """Where a block of :func:`_volume_with_label`'s volume starts (its values give the position)."""
+    return tuple(int(i) for i in np.unravel_index(int(block.flat[0]), volume.shape))
+
+
+@pytest.mark.parametrize("label_box, corner", [
+    ((slice(20, 31), slice(4, 15), slice(10, 21)), (17, 1, 7)),  # the label's centre (25, 9, 15) minus 8
+    ((slice(0, 3), slice(37, 40), slice(0, 40)), (0, 24, 12)),  # clipped at the volume's edges
+    ((slice(0, 0),) * 3, (12, 12, 12)),  # no label: the volume's middle, 19.5, rounds to 20 (as np.round)
+])
+def test_brain_sampling_centres_blocks_on_the_label(label_box, corner):
+    dataset, volume = _volume_with_label((40, 40, 40), label_box)
+    (x, _), = batches(segmentation_blocks(dataset, 16, sampling="brain", blocks_per_volume=3, batch_size=3,
+                                          normalization=None))
+    assert [_corner(volume, block) for block in x[..., 0]] == [corner] * 3
+
+
+def test_brain_sampling_jitters_within_its_range():
+    dataset, volume = _volume_with_label((40, 40, 40), (slice(15, 26),) * 3)  # centre 20: block corner 12
+    (x, y), = batches(segmentation_blocks(dataset, 16, sampling="brain", jitter=3, blocks_per_volume=50,
+                                          batch_size=50, normalization=None, seed=1))
+    corners = np.array([_corner(volume, block) for block in x[..., 0]])
+    assert corners.min() >= 9 and corners.max() <= 15
+    assert len({tuple(c) for c in corners}) > 10  # jitter moves blocks, independently per axis
+    for block, corner in zip(y[..., 0], corners):  # labels are cut with their volume: the box is 20 +- 5
+        position = np.indices((16,) * 3) + corner[:, None, None, None]
+        np.testing.assert_array_equal(block, (np.abs(position - 20) <= 5).all(axis=0))
+    with pytest.raises(BrainzooError, match="jitter"):
+        segmentation_blocks(dataset, 16, sampling="brain", jitter=-1)
+
+
 def test_augment_keeps_shape_dtype_and_binary_masks(shards):
     element = next(read_dataset(shards / "seg").as_numpy_iterator())
     volume, label = tf.constant(element["volume"]), tf.constant(element["label"])

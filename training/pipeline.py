@@ -20,7 +20,7 @@ from brainzoo.errors import BrainzooError
 from brainzoo.predict.steps import PERCENTILE_WINDOW
 
 NORMALIZATIONS = ("zscore", "mean", "percentile", None)
-SAMPLINGS = ("random", "grid")
+SAMPLINGS = ("random", "grid", "brain")
 _EPSILON = 1e-6
 
 
@@ -117,6 +117,7 @@ def segmentation_blocks(
     sampling: str = "random",
     blocks_per_volume: int = 8,
     overlap: int | Sequence[int] = 0,
+    jitter: float = 0.0,
     batch_size: int = 8,
     normalization: str | None = "zscore",
     augmentation: Augmentation | None = None,
@@ -128,7 +129,9 @@ def segmentation_blocks(
     """Batches ``(x, y)`` of blocks ``[batch, *block_shape, 1]`` from volumes with label volumes.
 
     ``sampling="random"`` cuts ``blocks_per_volume`` blocks at random corners (training); ``"grid"`` cuts the
-    :func:`grid_corners` blocks in order (evaluation). Volumes are normalised whole before cutting and padded
+    :func:`grid_corners` blocks in order (evaluation); ``"brain"`` centres each block on the label's centre of
+    mass moved by up to ``jitter`` voxels per axis (clipped to the volume), where
+    :func:`brainzoo.predict.blocks.predict_brain_block` places its block at inference. Volumes are normalised whole before cutting and padded
     (with their minimum; labels with 0) when smaller than a block. ``shuffle_buffer`` shuffles blocks, which
     also mixes volumes; ``cache`` keeps decoded volumes in memory (``True``) or in a file (a path).
     """
@@ -141,6 +144,8 @@ def segmentation_blocks(
                             "and an overlap smaller than the block")
     if blocks_per_volume < 1:
         raise BrainzooError(f"blocks_per_volume must be at least 1, got {blocks_per_volume}")
+    if jitter < 0:
+        raise BrainzooError(f"jitter must be a non-negative number of voxels, got {jitter}")
     _check_keys(dataset, ["volume", "label"])
     if dataset.element_spec["label"].shape.rank != 3:
         raise BrainzooError("these records hold scalar labels; use regression_volumes for them")
@@ -152,6 +157,11 @@ def segmentation_blocks(
         label = _pad_to_at_least(element["label"], block_shape, 0.0)
         if sampling == "grid":
             corners = grid_corners(tf.shape(volume), block_shape, overlap)
+        elif sampling == "brain":
+            offsets = tf.random.stateless_uniform([blocks_per_volume, 3], seed_pair, -jitter, jitter)
+            centre = tf.round(_label_centre(label) + offsets)
+            corners = tf.clip_by_value(tf.cast(centre, tf.int32) - [size // 2 for size in block_shape], 0,
+                                       tf.shape(volume) - block_shape)
         else:
             room = tf.cast(tf.shape(volume) - block_shape + 1, tf.float32)
             draws = tf.random.stateless_uniform([blocks_per_volume, 3], seed_pair)
@@ -215,6 +225,13 @@ def regression_volumes(
     dataset = _prepared(dataset, cache, shuffle_buffer, seed)
     dataset = _seeded(dataset, seed).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _label_centre(label: tf.Tensor) -> tf.Tensor:
+    """The centre of mass of a label volume's non-zero voxels (its middle if it has none), in voxels."""
+    voxels = tf.cast(tf.where(label > 0), tf.float32)
+    middle = tf.cast(tf.shape(label) - 1, tf.float32) / 2
+    return tf.cond(tf.shape(voxels)[0] > 0, lambda: tf.reduce_mean(voxels, axis=0), lambda: middle)
 
 
 def _per_axis(value: int | Sequence[int]) -> list[int]:

@@ -50,7 +50,8 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
     if kind == "segmentation":
         def pipeline(records, seed, training):
             return segmentation_blocks(read_dataset(records), data["block_shape"],
-                                       sampling="random" if training else "grid",
+                                       sampling=data.get("sampling", "random") if training else "grid",
+                                       jitter=data.get("jitter", 0.0),
                                        blocks_per_volume=data.get("blocks_per_volume", 8),
                                        overlap=0 if training else data.get("overlap", 0),
                                        augmentation=augmentation if training else None,
