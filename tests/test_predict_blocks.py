@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from brainzoo.errors import BrainzooError
-from brainzoo.predict.blocks import block_starts, gaussian_weights, predict_blocks, predict_brain_block
+from brainzoo.predict.blocks import (block_starts, gaussian_weights, head_top_centre, predict_block_below_head_top,
+                                     predict_blocks, predict_brain_block)
 
 
 class Recording:
@@ -139,3 +140,52 @@ def test_the_brain_block_stops_when_it_stays_put_or_finds_nothing():
 def test_the_brain_block_must_fit_the_grid(block, passes):
     with pytest.raises(BrainzooError, match="brain-centred block"):
         predict_brain_block(_head_with_a_brain(), lambda batch: batch, block_shape=block, passes=passes)
+
+
+def _tall_head(top=50, brain_z=(30, 46)):
+    """A dim 'head' (0.3) from z 4 to ``top`` with a bright 'brain' (1) at ``brain_z``, on a 40x40x60 grid."""
+    head = np.zeros((40, 40, 60), np.float32)
+    head[8:32, 8:32, 4:top + 1] = 0.3
+    head[14:26, 12:28, brain_z[0]:brain_z[1]] = 1.0
+    return head
+
+
+def _brain_model(batch):
+    return (batch > 0.5).astype(np.float32)
+
+
+def test_the_block_below_the_head_top_runs_once_where_the_brain_is():
+    head = _tall_head()
+    brain = head == 1.0
+    head[20, 20, 58] = 1.0  # a stray bright voxel above the head is not its top
+    assert head_top_centre(head, (2, 2, 2), 20).tolist() == [19.5, 19.5, 40.0]  # 20 mm = 10 voxels below z 50
+    model = Recording(_brain_model)
+    output, start, passes = predict_block_below_head_top(head, model, block_shape=(24, 24, 24),
+                                                         spacing_mm=(2, 2, 2), below_mm=20)
+    assert model.shapes == [(1, 24, 24, 24, 1)] and passes == 1 and start == (8, 8, 28)
+    np.testing.assert_array_equal(output[..., 0], brain)
+
+
+def test_a_brain_cut_by_the_block_gets_a_second_block_centred_on_it():
+    head = _tall_head()
+    model = Recording(_brain_model)
+    output, start, passes = predict_block_below_head_top(head, model, block_shape=(24, 24, 24),
+                                                         spacing_mm=(2, 2, 2), below_mm=2)
+    assert passes == 2 and len(model.shapes) == 2  # the first block (z 36-59) cut the brain (z 30-45)
+    np.testing.assert_array_equal(output[..., 0], head == 1.0)
+
+
+def test_a_brain_at_the_edge_of_the_grid_needs_no_second_block():
+    head = _tall_head(top=59, brain_z=(40, 60))  # the field of view cuts the top of the head
+    output, start, passes = predict_block_below_head_top(head, _brain_model, block_shape=(24, 24, 24),
+                                                         spacing_mm=(2, 2, 2), below_mm=10)
+    assert passes == 1 and start[2] == 36
+    np.testing.assert_array_equal(output[..., 0], head == 1.0)
+
+
+def test_an_empty_volume_places_the_block_in_the_middle():
+    empty = np.zeros((30, 30, 30), np.float32)
+    assert head_top_centre(empty, (1, 1, 1), 80).tolist() == [14.5, 14.5, 14.5]
+    output, start, passes = predict_block_below_head_top(empty, _brain_model, block_shape=(16, 16, 16),
+                                                         spacing_mm=(1, 1, 1), below_mm=80)
+    assert passes == 1 and start == (6, 6, 6) and not output.any()  # 14.5 rounds to 14, minus 8

@@ -29,7 +29,8 @@ import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import brain_age
-from brainzoo.predict.blocks import Model, predict_blocks, predict_brain_block, run_model
+from brainzoo.predict.blocks import (Model, predict_block_below_head_top, predict_blocks, predict_brain_block,
+                                     run_model)
 from brainzoo.predict.postprocess import clean_mask
 from brainzoo.predict.steps import ARRAY_STEPS, apply_array_step, check_step_options
 from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSource, conform, load_mask,
@@ -50,9 +51,11 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
 
     The model runs on the grid the spec's preprocessing makes (in blocks of ``input.block_shape`` blended
     with Gaussian weights, ``overlap`` apart, ``batch_size`` at a time; whole if no block shape; in one block
-    placed on the brain if ``input.block_placement`` is ``brain``, 0 outside it); its
-    probability map is resampled back to the native grid, thresholded at ``output.threshold`` (0.5 if not
-    given) and cleaned (largest component, holes filled). ``qc_png``, if given, gets a picture of the mask.
+    placed on the brain if ``input.block_placement`` is ``brain``, or centred
+    ``input.block_centre_below_head_top_mm`` under the top of the head if it is ``below-head-top``; 0 outside
+    the block); its probability map is resampled back to the native grid, thresholded at ``output.threshold``
+    (0.5 if not given) and cleaned (largest component, holes filled). ``qc_png``, if given, gets a picture of
+    the mask.
     """
     _check_spec(spec_inference, {"probability-mask"})
     with _Recorder(img, "brain-extraction") as recorder:
@@ -67,6 +70,10 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
             if model_input.get("block_placement") == "brain":
                 probability, block_start, block_passes = predict_brain_block(
                     volume.data, model, threshold=threshold, block_shape=model_input["block_shape"])
+            elif model_input.get("block_placement") == "below-head-top":
+                probability, block_start, block_passes = predict_block_below_head_top(
+                    volume.data, model, threshold=threshold, block_shape=model_input["block_shape"],
+                    spacing_mm=volume.voxel_sizes, below_mm=model_input["block_centre_below_head_top_mm"])
             else:
                 probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
                                              overlap=overlap, batch_size=batch_size)
@@ -147,8 +154,10 @@ def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
     if kind not in allowed:
         raise BrainzooError(f"this model's output type is {kind!r}; expected {' or '.join(sorted(allowed))}")
     model_input = spec_inference["input"]
-    if model_input.get("block_placement") == "brain" and "block_shape" not in model_input:
+    if model_input.get("block_placement") in ("brain", "below-head-top") and "block_shape" not in model_input:
         raise BrainzooError("this model runs in one block placed on the brain, but its spec gives no block_shape")
+    if (model_input.get("block_placement") == "below-head-top") != ("block_centre_below_head_top_mm" in model_input):
+        raise BrainzooError("block_placement below-head-top and block_centre_below_head_top_mm go together")
     if len(model_input.get("contrast", [])) > 1 or model_input.get("channels", 1) != 1:
         raise BrainzooError("this model takes several contrasts at once; prediction takes one scan")
 

@@ -1,5 +1,5 @@
 """Running a model over a volume in overlapping blocks, blended with Gaussian weights so no seams show;
-or in one block placed on the brain.
+or in one block placed on the brain (found by a first pass, or a fixed distance below the top of the head).
 
 Block predictions are weakest near their borders (the receptive field runs out of context there), so each
 block's output is weighted by a Gaussian centred on the block (sigma = 1/8 of the block size, as nnU-Net) and
@@ -18,6 +18,11 @@ from scipy import ndimage
 from brainzoo.errors import BrainzooError
 
 Model = Callable[[np.ndarray], object]
+
+# Head voxels, for finding the top of the head: above this fraction of the volume's 99.5th percentile.
+HEAD_FRACTION = 0.1
+# The top of the head whose middle gives a block's left-right and front-back centre.
+TOP_SLAB_MM = 40.0
 
 
 def gaussian_weights(block_shape: Sequence[int], sigma_fraction: float = 0.125) -> np.ndarray:
@@ -88,10 +93,7 @@ def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequen
     block stays put. A model trained on random blocks of whole heads sees what it saw in training, for the
     cost of one or two blocks instead of a tiling of the whole grid.
     """
-    block = np.array([int(n) for n in block_shape])
-    if block.shape != (3,) or block.min() < 1 or np.any(block > volume.shape):
-        raise BrainzooError(f"a brain-centred block must be three positive sizes within the grid {volume.shape}, "
-                            f"not {block_shape!r}")
+    block = _check_block(volume, block_shape)
     if passes < 1:
         raise BrainzooError(f"a brain-centred block needs at least one pass, not {passes}")
     volume = np.asarray(volume, dtype=np.float32)
@@ -100,20 +102,89 @@ def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequen
               else (np.array(volume.shape) - 1) / 2)
     start, run = None, 0
     for _ in range(passes):
-        new_start = tuple(np.clip(np.round(centre).astype(int) - block // 2, 0, np.array(volume.shape) - block))
+        new_start = _block_start(centre, block, volume.shape)
         if new_start == start:
             break
         start, run = new_start, run + 1
-        window = tuple(slice(a, a + b) for a, b in zip(start, block))
-        batch = volume[window][np.newaxis, ..., np.newaxis]
-        prediction = _check_output(run_model(model, batch), batch.shape)[0]
+        prediction = _run_block(volume, model, start, block)
         found = prediction[..., 0] >= threshold
         if not found.any():
             break
         centre = np.array(start) + np.argwhere(found).mean(axis=0)
-    output = np.zeros(volume.shape + prediction.shape[-1:], dtype=np.float32)
-    output[window] = prediction
-    return output, tuple(int(a) for a in start), run
+    return _in_volume(prediction, start, volume.shape), start, run
+
+
+def head_top_centre(volume: np.ndarray, spacing_mm: Sequence[float], below_mm: float) -> np.ndarray:
+    """The voxel ``below_mm`` under the top of the head, left-right and front-back at the middle of the head's
+    top 40 mm; the volume's last axis must point up (superior), as in every orientation a spec may name.
+
+    Head voxels are those above a tenth of the volume's 99.5th percentile; the top is the highest slice with
+    at least 1% of the fullest slice's head voxels, so stray bright voxels above the head do not count.
+    """
+    volume = np.asarray(volume)
+    head = volume > HEAD_FRACTION * np.percentile(volume, 99.5)
+    if not head.any():
+        return (np.array(volume.shape) - 1) / 2
+    counts = head.sum(axis=(0, 1))
+    top = int(np.flatnonzero(counts >= 0.01 * counts.max())[-1])
+    slab = max(1, int(round(TOP_SLAB_MM / spacing_mm[2])))
+    across = np.argwhere(head[..., max(top - slab + 1, 0):top + 1])[:, :2].mean(axis=0)
+    return np.array([*across, top - below_mm / spacing_mm[2]])
+
+
+def predict_block_below_head_top(volume: np.ndarray, model: Model, *, block_shape: Sequence[int],
+                                 spacing_mm: Sequence[float], below_mm: float, threshold: float = 0.5
+                                 ) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """The model's output from one block centred ``below_mm`` under the top of the head (0 elsewhere), the
+    block's start and the number of passes run (1, or 2 when the brain it found touches a face of the block
+    that is not the volume's edge: then a second block is centred on that brain).
+
+    The placement does not depend on the model's own output: a model trained on blocks around the brain
+    (``training.data.sampling: brain``) over-reaching into the neck would otherwise pull its block down
+    onto more neck.
+    """
+    block = _check_block(volume, block_shape)
+    volume = np.asarray(volume, dtype=np.float32)
+    start = _block_start(head_top_centre(volume, spacing_mm, below_mm), block, volume.shape)
+    prediction = _run_block(volume, model, start, block)
+    found = prediction[..., 0] >= threshold
+    if not (found.any() and _touches_inner_face(found, start, volume.shape)):
+        return _in_volume(prediction, start, volume.shape), start, 1
+    start = _block_start(np.array(start) + np.argwhere(found).mean(axis=0), block, volume.shape)
+    return _in_volume(_run_block(volume, model, start, block), start, volume.shape), start, 2
+
+
+def _check_block(volume: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
+    block = np.array([int(n) for n in block_shape])
+    if block.shape != (3,) or block.min() < 1 or np.any(block > volume.shape):
+        raise BrainzooError(f"a brain-centred block must be three positive sizes within the grid {volume.shape}, "
+                            f"not {block_shape!r}")
+    return block
+
+
+def _block_start(centre: np.ndarray, block: np.ndarray, shape: Sequence[int]) -> tuple[int, ...]:
+    """The start of the block centred on ``centre``, moved inside the volume."""
+    return tuple(int(a) for a in np.clip(np.round(centre).astype(int) - block // 2, 0, np.array(shape) - block))
+
+
+def _run_block(volume: np.ndarray, model: Model, start: tuple[int, ...], block: np.ndarray) -> np.ndarray:
+    batch = volume[tuple(slice(a, a + b) for a, b in zip(start, block))][np.newaxis, ..., np.newaxis]
+    return _check_output(run_model(model, batch), batch.shape)[0]
+
+
+def _in_volume(prediction: np.ndarray, start: tuple[int, ...], shape: Sequence[int]) -> np.ndarray:
+    output = np.zeros(tuple(shape) + prediction.shape[-1:], dtype=np.float32)
+    output[tuple(slice(a, a + b) for a, b in zip(start, prediction.shape))] = prediction
+    return output
+
+
+def _touches_inner_face(found: np.ndarray, start: tuple[int, ...], shape: Sequence[int]) -> bool:
+    """Whether ``found`` (block-shaped) reaches a face of its block that lies inside the volume."""
+    for axis, (first, size, total) in enumerate(zip(start, found.shape, shape)):
+        low, high = np.take(found, 0, axis=axis), np.take(found, size - 1, axis=axis)
+        if (first > 0 and low.any()) or (first + size < total and high.any()):
+            return True
+    return False
 
 
 def _check_output(output: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
