@@ -160,32 +160,33 @@ def test_the_block_below_the_head_top_runs_once_where_the_brain_is():
     head[20, 20, 58] = 1.0  # a stray bright voxel above the head is not its top
     assert head_top_centre(head, (2, 2, 2), 20).tolist() == [19.5, 19.5, 40.0]  # 20 mm = 10 voxels below z 50
     model = Recording(_brain_model)
-    output, start, passes = predict_block_below_head_top(head, model, block_shape=(24, 24, 24),
-                                                         spacing_mm=(2, 2, 2), below_mm=20)
-    assert model.shapes == [(1, 24, 24, 24, 1)] and passes == 1 and start == (8, 8, 28)
+    output, start = predict_block_below_head_top(head, model, block_shape=(24, 24, 24), spacing_mm=(2, 2, 2),
+                                                 below_mm=20)
+    assert model.shapes == [(1, 24, 24, 24, 1)] and start == (8, 8, 28)
     np.testing.assert_array_equal(output[..., 0], brain)
 
 
-def test_a_brain_cut_by_the_block_gets_a_second_block_centred_on_it():
+def test_the_block_below_the_head_top_ignores_what_the_model_finds():
+    """A block placed too high cuts the brain, and stays: the distance below the top is the spec's to get right."""
     head = _tall_head()
     model = Recording(_brain_model)
-    output, start, passes = predict_block_below_head_top(head, model, block_shape=(24, 24, 24),
-                                                         spacing_mm=(2, 2, 2), below_mm=2)
-    assert passes == 2 and len(model.shapes) == 2  # the first block (z 36-59) cut the brain (z 30-45)
-    np.testing.assert_array_equal(output[..., 0], head == 1.0)
+    output, start = predict_block_below_head_top(head, model, block_shape=(24, 24, 24), spacing_mm=(2, 2, 2),
+                                                 below_mm=2)
+    assert len(model.shapes) == 1 and start == (8, 8, 36)  # centre z 49 -> 37..60, moved inside the grid
+    np.testing.assert_array_equal(output[..., 0], (head == 1.0) & (np.arange(60) >= 36))
 
 
-def test_a_brain_at_the_edge_of_the_grid_needs_no_second_block():
+def test_the_block_below_the_head_top_stays_inside_the_grid():
     head = _tall_head(top=59, brain_z=(40, 60))  # the field of view cuts the top of the head
-    output, start, passes = predict_block_below_head_top(head, _brain_model, block_shape=(24, 24, 24),
-                                                         spacing_mm=(2, 2, 2), below_mm=10)
-    assert passes == 1 and start[2] == 36
+    output, start = predict_block_below_head_top(head, _brain_model, block_shape=(24, 24, 24),
+                                                 spacing_mm=(2, 2, 2), below_mm=10)
+    assert start[2] == 36
     np.testing.assert_array_equal(output[..., 0], head == 1.0)
 
 
 def test_an_empty_volume_places_the_block_in_the_middle():
     empty = np.zeros((30, 30, 30), np.float32)
     assert head_top_centre(empty, (1, 1, 1), 80).tolist() == [14.5, 14.5, 14.5]
-    output, start, passes = predict_block_below_head_top(empty, _brain_model, block_shape=(16, 16, 16),
-                                                         spacing_mm=(1, 1, 1), below_mm=80)
-    assert passes == 1 and start == (6, 6, 6) and not output.any()  # 14.5 rounds to 14, minus 8
+    output, start = predict_block_below_head_top(empty, _brain_model, block_shape=(16, 16, 16),
+                                                 spacing_mm=(1, 1, 1), below_mm=80)
+    assert start == (6, 6, 6) and not output.any()  # 14.5 rounds to 14, minus 8

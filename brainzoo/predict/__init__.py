@@ -71,9 +71,10 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
                 probability, block_start, block_passes = predict_brain_block(
                     volume.data, model, threshold=threshold, block_shape=model_input["block_shape"])
             elif model_input.get("block_placement") == "below-head-top":
-                probability, block_start, block_passes = predict_block_below_head_top(
-                    volume.data, model, threshold=threshold, block_shape=model_input["block_shape"],
-                    spacing_mm=volume.voxel_sizes, below_mm=model_input["block_centre_below_head_top_mm"])
+                probability, block_start = predict_block_below_head_top(
+                    volume.data, model, block_shape=model_input["block_shape"], spacing_mm=volume.voxel_sizes,
+                    below_mm=model_input["block_centre_below_head_top_mm"])
+                block_passes = 1
             else:
                 probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
                                              overlap=overlap, batch_size=batch_size)

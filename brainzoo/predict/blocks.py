@@ -133,25 +133,18 @@ def head_top_centre(volume: np.ndarray, spacing_mm: Sequence[float], below_mm: f
 
 
 def predict_block_below_head_top(volume: np.ndarray, model: Model, *, block_shape: Sequence[int],
-                                 spacing_mm: Sequence[float], below_mm: float, threshold: float = 0.5
-                                 ) -> tuple[np.ndarray, tuple[int, ...], int]:
-    """The model's output from one block centred ``below_mm`` under the top of the head (0 elsewhere), the
-    block's start and the number of passes run (1, or 2 when the brain it found touches a face of the block
-    that is not the volume's edge: then a second block is centred on that brain).
+                                 spacing_mm: Sequence[float], below_mm: float) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The model's output from one block centred ``below_mm`` under the top of the head (0 elsewhere), and the
+    block's start: one pass.
 
     The placement does not depend on the model's own output: a model trained on blocks around the brain
-    (``training.data.sampling: brain``) over-reaching into the neck would otherwise pull its block down
-    onto more neck.
+    (``training.data.sampling: brain``) that over-reaches into the neck would pull a block re-centred on what
+    it found down onto more neck.
     """
     block = _check_block(volume, block_shape)
     volume = np.asarray(volume, dtype=np.float32)
     start = _block_start(head_top_centre(volume, spacing_mm, below_mm), block, volume.shape)
-    prediction = _run_block(volume, model, start, block)
-    found = prediction[..., 0] >= threshold
-    if not (found.any() and _touches_inner_face(found, start, volume.shape)):
-        return _in_volume(prediction, start, volume.shape), start, 1
-    start = _block_start(np.array(start) + np.argwhere(found).mean(axis=0), block, volume.shape)
-    return _in_volume(_run_block(volume, model, start, block), start, volume.shape), start, 2
+    return _in_volume(_run_block(volume, model, start, block), start, volume.shape), start
 
 
 def _check_block(volume: np.ndarray, block_shape: Sequence[int]) -> np.ndarray:
@@ -176,15 +169,6 @@ def _in_volume(prediction: np.ndarray, start: tuple[int, ...], shape: Sequence[i
     output = np.zeros(tuple(shape) + prediction.shape[-1:], dtype=np.float32)
     output[tuple(slice(a, a + b) for a, b in zip(start, prediction.shape))] = prediction
     return output
-
-
-def _touches_inner_face(found: np.ndarray, start: tuple[int, ...], shape: Sequence[int]) -> bool:
-    """Whether ``found`` (block-shaped) reaches a face of its block that lies inside the volume."""
-    for axis, (first, size, total) in enumerate(zip(start, found.shape, shape)):
-        low, high = np.take(found, 0, axis=axis), np.take(found, size - 1, axis=axis)
-        if (first > 0 and low.any()) or (first + size < total and high.any()):
-            return True
-    return False
 
 
 def _check_output(output: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
