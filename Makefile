@@ -39,9 +39,9 @@ demo: setup
 	$(BIN)/brainzoo predict brain-mask $(DEMO_SCAN) $(DEMO_OUT)/head_mask.nii.gz --brain $(DEMO_OUT)/head_brain.nii.gz \
 	    --qc $(DEMO_OUT)/head_mask_qc.png --record $(DEMO_OUT)/head_mask.json --force
 	# Our own student U-Net, distilled from it: faster, a little less exact.
-	$(BIN)/brainzoo get neuronets/brainzoo-unet/0.4.0
+	$(BIN)/brainzoo get neuronets/brainzoo-unet/0.5.0
 	$(BIN)/brainzoo predict brain-mask $(DEMO_SCAN) $(DEMO_OUT)/head_mask_student.nii.gz \
-	    --model neuronets/brainzoo-unet/0.4.0 --qc $(DEMO_OUT)/head_mask_student_qc.png \
+	    --model neuronets/brainzoo-unet/0.5.0 --qc $(DEMO_OUT)/head_mask_student_qc.png \
 	    --record $(DEMO_OUT)/head_mask_student.json --force
 	# Brain age needs converted weights; without them `get` says which command produces them.
 	$(BIN)/brainzoo get neuronets/sfcn-ukbiobank/1.0.0

@@ -5,8 +5,8 @@ to a file; each tool then runs on that file as a fresh child process, so its wal
 cover interpreter start, imports, model loading, prediction and writing the mask:
 
 - ours, deepbet port: ``brainzoo predict brain-mask IN OUT`` (catalogue version neuronets/deepbet/1.0.2);
-- ours, the student distilled from it: ``brainzoo predict brain-mask IN OUT --model`` neuronets/brainzoo-unet/0.4.0
-  (a U-Net on one 96^3 block placed on the brain of the head at 2 mm; its weights are trained, so its Dice
+- ours, the student distilled from it: ``brainzoo predict brain-mask IN OUT --model`` neuronets/brainzoo-unet/0.5.0
+  (a U-Net on one 96^3 block centred 80 mm below the top of the head at 2 mm; its weights are trained, so its Dice
   against deepbet means something), run as by default by ONNX Runtime (no TensorFlow in the process), and
   again with ``--runtime keras``, which shows what the runtime accounts for;
 - deepbet 1.0.2 from PyPI (TorchScript on the CPU, ``torch.set_num_threads(--threads)``);
@@ -47,7 +47,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 IXI533 = REPO.parent / "shared" / "data" / "ixi" / "raw" / "IXI533-Guys-1066-T1.nii.gz"
 GRID = {"orientation": "RAS", "spacing_mm": [1, 1, 1], "shape": [256, 256, 256]}
-STUDENT = "neuronets/brainzoo-unet/0.4.0"
+STUDENT = "neuronets/brainzoo-unet/0.5.0"
 BLOCK = [128, 128, 128]
 # The U-Net run as `nobrainer predict` runs it: the whole volume z-scored, 128^3 blocks, its default threshold 0.3.
 UNET_INFERENCE = {"input": {"contrast": ["T1w"], **GRID, "block_shape": BLOCK},

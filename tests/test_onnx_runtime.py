@@ -21,7 +21,7 @@ from brainzoo.predict.steps import percentile_window
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
 from brainzoo.training.synthetic import synthetic_head
 
-STUDENT = "neuronets/brainzoo-unet/0.4.0"
+STUDENT = "neuronets/brainzoo-unet/0.5.0"
 
 
 def _saved_unet(path, norm, seed=0):

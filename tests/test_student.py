@@ -14,9 +14,10 @@ from brainzoo.metrics import dice
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
 from brainzoo.training.synthetic import synthetic_head
 
-# 0.1.0 runs on the whole 128^3 grid; the later versions on one 96^3 block of it, placed on the brain.
+# 0.1.0 runs on the whole 128^3 grid; the later versions on one 96^3 block of it, placed on the brain (0.2.0-0.4.0
+# by a first pass, 0.5.0 from the top of the head).
 STUDENTS = ["neuronets/brainzoo-unet/0.1.0", "neuronets/brainzoo-unet/0.2.0", "neuronets/brainzoo-unet/0.3.0",
-            "neuronets/brainzoo-unet/0.4.0"]
+            "neuronets/brainzoo-unet/0.4.0", "neuronets/brainzoo-unet/0.5.0"]
 
 
 @pytest.fixture(scope="module", params=STUDENTS)
