@@ -130,8 +130,8 @@ def segmentation_blocks(
 
     ``sampling="random"`` cuts ``blocks_per_volume`` blocks at random corners (training); ``"grid"`` cuts the
     :func:`grid_corners` blocks in order (evaluation); ``"brain"`` centres each block on the label's centre of
-    mass moved by up to ``jitter`` voxels per axis (clipped to the volume), where
-    :func:`brainzoo.predict.blocks.predict_brain_block` places its block at inference. Volumes are normalised whole before cutting and padded
+    mass moved by up to ``jitter`` voxels per axis (clipped to the volume), around where a model run in one
+    block on the brain sees it at inference. Volumes are normalised whole before cutting and padded
     (with their minimum; labels with 0) when smaller than a block. ``shuffle_buffer`` shuffles blocks, which
     also mixes volumes; ``cache`` keeps decoded volumes in memory (``True``) or in a file (a path).
     """
