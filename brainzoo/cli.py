@@ -111,20 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--force", action="store_true")
     q.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("evaluate", parents=[common], help="measure a model against reference masks (card metrics)")
+    p = sub.add_parser("evaluate", parents=[common], help="measure a model on a table of scans (card metrics)")
     evaluate_sub = p.add_subparsers(dest="evaluate_command", required=True)
-    q = evaluate_sub.add_parser("brain-mask", parents=[common, runtime_option],
+    evaluation_options = argparse.ArgumentParser(add_help=False)
+    evaluation_options.add_argument("--out", required=True, help="folder for scans.csv and summary.json")
+    evaluation_options.add_argument("--dataset", help="how the card names the data (default: the table's path)")
+    evaluation_options.add_argument("--split",
+                                    help="how the scans relate to the model's training (needed by --update-card)")
+    evaluation_options.add_argument("--update-card", action="store_true",
+                                    help="write the summary's metrics into the model's card")
+    evaluation_options.add_argument("--force", action="store_true", help="overwrite scans.csv and summary.json")
+    evaluation_options.add_argument("--no-progress", action="store_true")
+    q = evaluate_sub.add_parser("brain-mask", parents=[common, runtime_option, evaluation_options],
                                 help="Dice, Hausdorff-95 and wall time per scan of a brain-extraction model")
     q.add_argument("--model", required=True, help="brain-extraction catalogue id")
     q.add_argument("--data", required=True, help="CSV/TSV: a path column and a reference-mask column (paths relative to it)")
-    q.add_argument("--out", required=True, help="folder for scans.csv and summary.json")
     q.add_argument("--reference-column", default="mask", help="column of reference masks (voxels > 0 are brain)")
     q.add_argument("--reference-model", help="instead, compare with this catalogue model's masks (e.g. deepbet)")
-    q.add_argument("--dataset", help="how the card names the data (default: the table's path)")
-    q.add_argument("--split", help="how the scans relate to the model's training (needed by --update-card)")
-    q.add_argument("--update-card", action="store_true", help="write the summary's metrics into the model's card")
-    q.add_argument("--force", action="store_true", help="overwrite scans.csv and summary.json")
-    q.add_argument("--no-progress", action="store_true")
+    q = evaluate_sub.add_parser("brain-age", parents=[common, evaluation_options],
+                                help="MAE, Pearson r, mean error and age bias of a brain-age model")
+    q.add_argument("--model", required=True, help="brain-age catalogue id")
+    q.add_argument("--data", required=True,
+                   help="CSV/TSV: path and age (years) columns, optional contrast and id (paths relative to it)")
 
     p = sub.add_parser("publish", parents=[common], help="save a version and push its weights to the OSF sibling")
     p.add_argument("model", help="catalogue id")
@@ -299,13 +307,15 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "predict":
         return emit(predict_records(args), args.json)
     if args.command == "evaluate":
-        from brainzoo.evaluate import evaluate_brain_masks
+        from brainzoo import evaluate
 
-        return emit(evaluate_brain_masks(
+        shared = {"dataset": args.dataset, "split": args.split, "update_card": args.update_card,
+                  "command": ["brainzoo", *args.argv], "force": args.force, "progress": not args.no_progress}
+        if args.evaluate_command == "brain-age":
+            return emit(evaluate.evaluate_brain_ages(args.model, Path(args.data), Path(args.out), **shared), args.json)
+        return emit(evaluate.evaluate_brain_masks(
             args.model, Path(args.data), Path(args.out), reference_model=args.reference_model,
-            reference_column=args.reference_column, dataset=args.dataset, split=args.split,
-            update_card=args.update_card, command=["brainzoo", *args.argv],
-            force=args.force, progress=not args.no_progress, runtime=args.runtime), args.json)
+            reference_column=args.reference_column, runtime=args.runtime, **shared), args.json)
     root = catalogue.repo_root()
     if args.command == "bootstrap":
         return emit(zoo.bootstrap(root), args.json)
