@@ -8,8 +8,11 @@ affine and header.
 
 from __future__ import annotations
 
+import gzip
+import io
 import itertools
 import os
+import struct
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -31,6 +34,11 @@ DEFAULT_MAX_VOXELS = 512**3
 VOXEL_SIZE_LIMITS_MM = (0.1, 10.0)
 # Relative difference below which a voxel size equals a model's spacing (a drift of 0.1 voxel per 1000).
 SAME_SPACING_TOLERANCE = 1e-4
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_CHUNK_BYTES = 1 << 20
+# What nibabel and numpy raise on a malformed header or voxel stream; each becomes a BrainzooError naming the file.
+NIFTI_ERRORS = (nib.spatialimages.HeaderDataError, OSError, EOFError, ValueError, zlib.error, OverflowError,
+                struct.error)
 
 
 def source_name(source: ImageSource) -> str:
@@ -44,17 +52,25 @@ def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS) ->
     """Read a NIfTI scan and return it as a float32 3D image with the input's affine and header.
 
     Refuses (with a BrainzooError naming the file) anything a model cannot sensibly be run on: other formats,
-    unreadable or truncated files, 2D images, volumes larger than ``max_voxels``, absurd voxel sizes,
+    unreadable, damaged or truncated files (a gzip stream is read to its end, so its CRC and length are checked),
+    malformed headers, 2D images, volumes larger than ``max_voxels``, no usable orientation, absurd voxel sizes,
     NaN or infinite voxels, and constant volumes. A 4D series gives its first volume, with a warning.
     """
     name = source_name(source)
-    img = source if isinstance(source, nib.spatialimages.SpatialImage) else _open_image(name)
-    if not isinstance(img, nib.Nifti1Image):
-        raise BrainzooError(f"{name}: not a NIfTI image (read as {type(img).__name__}); convert it to .nii or .nii.gz")
-    data = _read_first_volume(img, name, max_voxels)
-    _check_geometry(img.affine, name)
-    _check_values(data, name)
-    return type(img)(data, img.affine, img.header)
+    from_file = not isinstance(source, nib.spatialimages.SpatialImage)
+    try:
+        img = _open_image(name) if from_file else source
+        if not isinstance(img, nib.Nifti1Image):
+            raise BrainzooError(f"{name}: not a NIfTI image (read as {type(img).__name__}); "
+                                "convert it to .nii or .nii.gz")
+        data, stored = _read_first_volume(img, name, max_voxels)
+        if from_file:  # an in-memory image's header may have been fixed since it was read
+            _check_orientation(_stored_header(img, name, stored), name)
+        _check_geometry(img.affine, name)
+        _check_values(data, name)
+        return type(img)(data, img.affine, img.header)
+    except NIFTI_ERRORS as exc:
+        raise BrainzooError(f"{name}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from exc
 
 
 def _open_image(name: str) -> nib.spatialimages.SpatialImage:
@@ -64,11 +80,42 @@ def _open_image(name: str) -> nib.spatialimages.SpatialImage:
         return nib.load(name)
     except nib.filebasedimages.ImageFileError as exc:
         raise BrainzooError(f"{name}: not a NIfTI image ({exc})") from exc
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise BrainzooError(f"{name}: cannot read the header ({exc})") from exc
+    except NIFTI_ERRORS as exc:
+        raise BrainzooError(f"{name}: cannot read the header ({type(exc).__name__}: {exc})") from exc
 
 
-def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> np.ndarray:
+def _stored_header(img: nib.Nifti1Image, name: str, stored: bytes | None) -> nib.Nifti1Header:
+    """The header as the file stores it, before nibabel's fixes (which make pixdim 0 or -1 into 1): from the
+    decompressed bytes when the voxels came from a gzip stream, else from the file."""
+    if stored is not None:
+        return type(img.header).from_fileobj(io.BytesIO(stored), check=False)
+    with open(name, "rb") as stream:
+        return type(img.header).from_fileobj(stream, check=False)
+
+
+def _is_gzip(name: str) -> bool:
+    with open(name, "rb") as stream:
+        return stream.read(2) == GZIP_MAGIC
+
+
+def _read_gzip_checked(name: str, needed: int) -> bytes:
+    """The first ``needed`` bytes of a gzip file's content, after reading the whole stream once, so that the
+    CRC and length gzip stores at the end of each member are checked (only what is kept is held in memory)."""
+    kept = bytearray()
+    try:
+        with gzip.open(name, "rb") as stream:
+            while chunk := stream.read(GZIP_CHUNK_BYTES):
+                kept += chunk[:max(needed - len(kept), 0)]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BrainzooError(f"{name}: the compressed data is damaged or truncated ({exc}); "
+                            "its voxels cannot be trusted") from exc
+    if len(kept) < needed:
+        raise BrainzooError(f"{name}: the voxel data ends after {len(kept)} of {needed} bytes; the file is truncated")
+    return bytes(kept)
+
+
+def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> tuple[np.ndarray, bytes | None]:
+    """The first volume as float32, and (for a gzip file) the checked stream's bytes up to its end."""
     shape = img.shape
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise BrainzooError(f"{name}: a 2D image (shape {shape}); a 3D volume is needed")
@@ -83,11 +130,30 @@ def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> np.n
         raise BrainzooError(f"{name}: voxel type {dtype} is not a scalar intensity")
     if len(shape) == 4 and shape[3] > 1:
         warnings.warn(f"{name}: a 4D series of {shape[3]} volumes; using the first", stacklevel=3)
+    voxels, stored = img.dataobj, None
+    if nib.is_proxy(voxels) and img.get_filename() is not None and _is_gzip(img.get_filename()):
+        # The same voxels nibabel would read, from the one pass over the whole stream.
+        stored = _read_gzip_checked(name, voxels.offset + n_voxels * voxels.dtype.itemsize)
+        voxels = nib.arrayproxy.ArrayProxy(io.BytesIO(stored), (voxels.shape, voxels.dtype, voxels.offset,
+                                                                 voxels.slope, voxels.inter))
     try:
-        data = img.dataobj[..., 0] if len(shape) == 4 else img.dataobj[...]
-        return np.asarray(data, dtype=np.float32)
+        data = voxels[..., 0] if len(shape) == 4 else voxels[...]
+        return np.asarray(data, dtype=np.float32), stored
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise BrainzooError(f"{name}: cannot read the voxel data ({exc}); the file may be truncated") from exc
+
+
+def _check_orientation(header: nib.Nifti1Header, name: str) -> None:
+    """Without an sform, the voxel sizes come from pixdim (scaling the qform, or alone when the qform code is 0
+    too); pixdim 0 or negative there leaves no orientation, which nibabel would quietly replace with 1 mm."""
+    if int(header["sform_code"]) > 0:
+        return
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    if np.all(np.isfinite(pixdim)) and np.all(pixdim > 0):
+        return
+    where = "the qform scales by it" if int(header["qform_code"]) > 0 else "the sform and qform codes are 0"
+    raise BrainzooError(f"{name}: no usable orientation: pixdim {_format_mm(pixdim)} is not a voxel size and "
+                        f"{where}; set a qform/sform, or fix pixdim")
 
 
 def _check_geometry(affine: np.ndarray, name: str) -> None:
