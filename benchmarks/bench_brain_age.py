@@ -85,10 +85,11 @@ def main() -> None:
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from brainzoo.inference import BrainMasker
+    from brainzoo.model_files import load_keras_model
     imported = before_main + time.perf_counter() - start
 
     start = time.perf_counter()
-    model = tf.keras.models.load_model(model_file, compile=False)
+    model = load_keras_model(model_file)
     masker = BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)  # its networks load at the first scan
     spec_inference = catalogue.find_version(SFCN).spec["inference"]
     loaded = time.perf_counter() - start

@@ -67,11 +67,11 @@ def run_deepbet(infile: str, outfile: str, threads: int) -> None:
 def run_unet_blocks(infile: str, outfile: str, model_file: str, overlap: float) -> None:
     """Our blocks pipeline on a model file (the CLI takes catalogue versions only)."""
     import nibabel as nib
-    import tensorflow as tf
 
+    from brainzoo.model_files import load_keras_model
     from brainzoo.predict import predict_brain_mask
 
-    model = tf.keras.models.load_model(model_file, compile=False)
+    model = load_keras_model(model_file)
     mask, _, _ = predict_brain_mask(infile, model, spec_inference=UNET_INFERENCE, overlap=overlap)
     nib.save(mask, outfile)
 

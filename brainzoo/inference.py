@@ -64,7 +64,10 @@ class Networks:
 
 
 def model_provenance(version: Version, runtime: str) -> dict:
-    return {"id": version.id, "weights": {w.name: w.sha256 for w in version.weights},
+    """The version, the sha256 each of its weights files was verified to have, and the runtime."""
+    from brainzoo.model_files import verified_sha256
+
+    return {"id": version.id, "weights": {w.name: verified_sha256(w) for w in version.weights},
             "brainzoo": brainzoo.__version__, "runtime": runtime}
 
 
@@ -75,26 +78,36 @@ def check_runtime(runtime: str) -> None:
 
 def load_networks(version: Version, runtime: str = "keras") -> Networks:
     """Every weights file of a version, run by ONNX Runtime (``onnxruntime``; ``auto`` if every layer of every
-    file maps, else Keras) or as Keras models (``keras``; custom layers registered by the import)."""
+    file maps, else Keras) or as Keras models (``keras``).
+
+    Before either runtime reads a file, its size and sha256 are checked against the spec and its architecture
+    against brainzoo's allow-list of layers (:mod:`brainzoo.model_files`): damaged weights and files that could
+    run code are refused, whichever runtime was asked for.
+    """
+    from brainzoo.model_files import open_model_file, verified_sha256
+
     check_runtime(runtime)
+    paths = {}
+    for w in version.weights:
+        paths[w.name] = catalogue.resolve_weights(version.id, w.name)
+        verified_sha256(w)
+        open_model_file(paths[w.name]).close()
     if runtime != "keras":
         import onnxruntime
 
         from brainzoo.predict.onnx_runtime import OnnxModel, UnsupportedModel
 
         try:
-            models = {w.name: OnnxModel(catalogue.resolve_weights(version.id, w.name)) for w in version.weights}
-            return Networks(models, f"onnxruntime {onnxruntime.__version__}")
+            return Networks({name: OnnxModel(path) for name, path in paths.items()},
+                            f"onnxruntime {onnxruntime.__version__}")
         except UnsupportedModel:
             if runtime == "onnxruntime":
                 raise
     import tensorflow as tf
 
-    import brainzoo.models  # noqa: F401  registers the custom layers
-    import brainzoo.models.deepbet  # noqa: F401
+    from brainzoo.model_files import load_keras_model
 
-    return Networks({w.name: tf.keras.models.load_model(catalogue.resolve_weights(version.id, w.name), compile=False)
-                     for w in version.weights}, f"tensorflow {tf.__version__}")
+    return Networks({name: load_keras_model(path) for name, path in paths.items()}, f"tensorflow {tf.__version__}")
 
 
 @dataclass

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from brainzoo.catalogue import resolve_weights
 from brainzoo.errors import BrainzooError
+from brainzoo.model_files import verified_weights_path
 from brainzoo.models.layers import check_input_shape, conv3d, finish_model, max_pool_after_relu
 
 layers = tf.keras.layers
@@ -152,7 +152,7 @@ def _linknet3d(input_shape: Sequence[int], name: str, weights: str | os.PathLike
 
 def _weights_file(weights: str | os.PathLike | None, entry: str):
     """A file path as it is; a catalogue id resolved to its weights entry called ``entry``."""
-    return None if weights is None else resolve_weights(weights, entry)
+    return None if weights is None else verified_weights_path(weights, entry)
 
 
 def deepbet_bbox(input_shape: Sequence[int] = BBOX_INPUT_SHAPE,

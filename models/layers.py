@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from brainzoo.catalogue import resolve_weights
 from brainzoo.errors import BrainzooError
+from brainzoo.model_files import verified_weights_path
 
 layers = tf.keras.layers
 
@@ -139,7 +139,7 @@ def finish_model(inputs, outputs, name: str, weights: str | os.PathLike | None) 
     """The functional model, with ``weights`` (a catalogue id or a file path) loaded when given."""
     model = tf.keras.Model(inputs, outputs, name=name)
     if weights is not None:
-        path = resolve_weights(weights)
+        path = verified_weights_path(weights)
         try:
             model.load_weights(path)
         except (ValueError, OSError) as err:

@@ -21,6 +21,7 @@ import tensorflow as tf
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output, sha256_of
+from brainzoo.model_files import load_keras_model, open_model_file, verified_weights_path
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
@@ -119,6 +120,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     if init_weights is not None:
         if not Path(init_weights).is_file():
             raise BrainzooError(f"{init_weights}: no such model file to start from")
+        open_model_file(init_weights).close()  # a file that could run code is refused before any work starts
         run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
     claim_run_folder(out_dir, run, force)
     training = spec["training"]
@@ -130,13 +132,13 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
 
         def builder() -> tf.keras.Model:  # the engine restores its checkpoints over this when resuming
             model = fresh()
-            transplant(tf.keras.models.load_model(init_weights, compile=False), model, [])
+            transplant(load_keras_model(init_weights), model, [])
             return model
     result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
     grid = whole_grid_shape(spec)
     if grid and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
         whole = model_builder(spec["architecture"], (*grid, 1))()
-        whole.set_weights(tf.keras.models.load_model(out_dir / "model.h5", compile=False).get_weights())
+        whole.set_weights(load_keras_model(out_dir / "model.h5").get_weights())
         with atomic_output(out_dir / "model.h5", force=True) as tmp:
             whole.save(tmp, save_format="h5")
     return result
@@ -214,7 +216,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     build = model_builder(architecture, input_shape)
     if "parameters" in architecture:
         architecture["parameters"] = pytorch_parameter_count(build())
-    source_weights = catalogue.resolve_weights(source.id)
+    source_weights = verified_weights_path(source.id)
 
     def build_initialised() -> tf.keras.Model:
         model = build()
