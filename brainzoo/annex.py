@@ -212,8 +212,16 @@ def get(root: Path, paths: list[str], source: str | None = None) -> Iterator[dic
         yield {"action": "get", "path": res["path"], "status": res["status"], "message": message}
 
 
+def bad_content_dir(root: Path) -> Path:
+    """Where ``git annex fsck`` moves content whose checksum it found wrong (``.git/annex/bad``); the file's
+    link then dangles, and git-annex's location log no longer counts this clone as holding the key."""
+    folder = Path(run(["git", "rev-parse", "--git-path", "annex/bad"], root).stdout.strip())
+    return folder if folder.is_absolute() else root / folder
+
+
 def fsck(root: Path, paths: list[str], remote: str | None = None) -> Iterator[dict]:
-    """Check checksums of present files, or with ``remote`` that the remote holds each key."""
+    """Check checksums of present files (content that fails is moved to :func:`bad_content_dir`), or with
+    ``remote`` that the remote holds each key."""
     args = ["git", "annex", "fsck", "--json", "--json-error-messages"]
     if remote:
         args += ["--from", remote, "--fast"]

@@ -7,6 +7,7 @@ any record is an error, so batch work reports every item and never stops silentl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -64,27 +65,46 @@ def published_weights(root: Path) -> list[WeightsFile]:
 
 
 def verify(root: Path, remote: str | None = None) -> Iterator[dict]:
-    """git-annex fsck of every present weights file and sha256 against the spec; or, with ``remote``,
-    that the remote holds every published weights file."""
+    """git-annex fsck of every present weights file and sha256 against the spec; or, with ``remote``, that the
+    remote holds every published weights file.
+
+    Damaged content is an error with what to do, on the run that finds it and on every later run: fsck moves
+    it to ``.git/annex/bad``, after which the file looks merely absent.
+    """
     weights = published_weights(root)
     if remote:
         paths = [str(w.path.relative_to(root)) for w in weights]
         yield from (dict(r, action="verify") for r in annex.fsck(root, paths, remote=remote)) if paths else ()
         return
     present = [w for w in weights if w.present]
+    bad_dir = annex.bad_content_dir(root)
     for w in weights:
         if not w.present:
-            yield {"action": "verify", "path": str(w.path.relative_to(root)), "status": "notneeded",
-                   "message": f"not present; `brainzoo get {w.version_id}` fetches it"}
+            yield _absent_record(root, w, bad_dir)
     if not present:
         return
+    actual = {w.path: sha256_of(w.path) for w in present}  # before fsck, which moves damaged content away
     fsck_status = {r["path"]: r for r in annex.fsck(root, [str(w.path.relative_to(root)) for w in present])}
     for w in present:
         rel = str(w.path.relative_to(root))
         record = fsck_status.get(rel, {"status": "error", "message": "git-annex fsck did not report this file"})
-        actual = sha256_of(w.path)
         problems = [record["message"]] if record["status"] != "ok" else []
-        if actual != w.sha256:
-            problems.append(f"sha256 {actual} differs from the spec's {w.sha256}")
+        if actual[w.path] != w.sha256:
+            problems.append(f"sha256 {actual[w.path]} differs from the spec's {w.sha256}")
+        if problems and not w.present:
+            problems.append(f"run `brainzoo get {w.version_id}` to fetch a good copy")
         yield {"action": "verify", "path": rel, "status": "error" if problems else "ok",
                "message": "; ".join(problems) or "git-annex fsck ok; sha256 matches the spec"}
+
+
+def _absent_record(root: Path, weights: WeightsFile, bad_dir: Path) -> dict:
+    """An absent weights file: not fetched (fine), or damaged content that an earlier fsck moved aside."""
+    rel = str(weights.path.relative_to(root))
+    key = annex.annex_key_of(weights.path)
+    if key is not None and (bad_dir / key).exists():
+        return {"action": "verify", "path": rel, "status": "error",
+                "message": f"damaged: git-annex fsck found its content's checksum wrong and moved it to "
+                           f"{os.path.relpath(bad_dir / key, root)}; run `brainzoo get {weights.version_id}` to "
+                           "fetch a good copy, then delete the damaged one"}
+    return {"action": "verify", "path": rel, "status": "notneeded",
+            "message": f"not present; `brainzoo get {weights.version_id}` fetches it"}

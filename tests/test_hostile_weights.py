@@ -18,7 +18,7 @@ from brainzoo.errors import BrainzooError
 from brainzoo.model_files import BRAINZOO_LAYERS, check_model_config, load_keras_model, verified_sha256
 from brainzoo.models import agemapper, sfcn, unet
 from brainzoo.models.deepbet import deepbet_bbox
-from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
+from conftest import REPO, brainzoo, clone_main, fixture_card, fixture_spec, write_index, write_version
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
 
@@ -262,3 +262,33 @@ def test_the_deepbet_ports_networks_are_checked_too(tmp_path, monkeypatch):
     with pytest.raises(BrainzooError, match=r"bbox\.h5: sha256 \w+ differs from the spec's"):
         masker.networks()
 
+
+def _verify_records(root) -> tuple[int, list[dict], str]:
+    proc = brainzoo("verify", "--json", cwd=root)
+    found = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, [r for r in found if r["action"] == "verify"], proc.stderr
+
+
+def test_verify_reports_bit_rot_on_the_run_that_finds_it_and_every_later_run(toy_dataset, tmp_path):
+    clone = clone_main(toy_dataset, tmp_path / "clone")
+    assert brainzoo("bootstrap", cwd=clone).returncode == 0
+    assert brainzoo("get", TOY, cwd=clone).returncode == 0
+    weights = clone / TOY / TOY_WEIGHTS
+    content = weights.resolve()
+    os.chmod(content.parent, 0o755)
+    os.chmod(content, 0o644)
+    _flip_last_bit(content)
+
+    code, [found], stderr = _verify_records(clone)
+    assert code == 1 and "Traceback" not in stderr
+    assert found["status"] == "error" and "moved to .git/annex/bad/" in found["message"]
+    assert "differs from the spec's" in found["message"] and f"run `brainzoo get {TOY}`" in found["message"]
+    for _ in range(2):  # fsck has moved the content aside: the file now looks merely absent
+        code, [later], stderr = _verify_records(clone)
+        assert code == 1 and "Traceback" not in stderr
+        assert later["status"] == "error" and later["message"].startswith("damaged: git-annex fsck found")
+        assert f".git/annex/bad/{content.name}" in later["message"] and f"brainzoo get {TOY}" in later["message"]
+
+    assert brainzoo("get", TOY, cwd=clone).returncode == 0
+    code, [repaired], _ = _verify_records(clone)
+    assert code == 0 and repaired["status"] == "ok"
