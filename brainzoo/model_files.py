@@ -112,7 +112,7 @@ def check_model_config(file: h5py.File, source: str | os.PathLike) -> None:
         if model["class_name"] not in MODEL_CLASSES:
             raise BrainzooError(f"{source}: holds a {model['class_name']}, not a Keras model")
         _check_layers(model, source)
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
         raise BrainzooError(f"{source}: the model_config is not a Keras model architecture ({err!r})") from None
 
 

@@ -161,6 +161,13 @@ def test_files_that_are_not_whole_keras_models_are_refused(tmp_path):
         load_keras_model(tmp_path / "weights-only.h5")
     with pytest.raises(BrainzooError, match=r"text\.h5: not a Keras \.h5 model file"):
         load_keras_model(tmp_path / "text.h5")
+    not_models = [("nested", "[" * 100_000, "the model_config is not a Keras model architecture"),
+                  ("layer", '{"class_name": "Dense", "config": {}}', "holds a Dense, not a Keras model")]
+    for name, config, problem in not_models:
+        with h5py.File(tmp_path / f"{name}.h5", "w") as file:
+            file.attrs["model_config"] = config
+        with pytest.raises(BrainzooError, match=rf"{name}\.h5: {problem}"):
+            load_keras_model(tmp_path / f"{name}.h5")
 
 
 def test_the_allow_list_names_every_layer_brainzoo_registers():
