@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.volumes import load_mask, load_volume
+from conftest import SHARED_DATA, needs_shared_data
 
 SHAPE = (12, 10, 8)
 
@@ -76,6 +77,18 @@ def test_a_checked_gzip_scan_has_the_values_nibabel_reads(tmp_path):
     nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "series.nii.gz")
     with pytest.warns(UserWarning, match="4D series"):
         np.testing.assert_array_equal(load_volume(tmp_path / "series.nii.gz").get_fdata(), data)
+
+
+@needs_shared_data
+def test_a_real_scan_loads_as_nibabel_reads_it_and_its_damaged_copy_does_not(tmp_path):
+    scan = SHARED_DATA / "ixi" / "raw" / "IXI533-Guys-1066-T1.nii.gz"
+    np.testing.assert_array_equal(load_volume(scan).get_fdata(), nib.load(scan).get_fdata(dtype=np.float32))
+    content = bytearray(scan.read_bytes())
+    content[len(content) // 2] ^= 0x10
+    damaged = tmp_path / scan.name
+    damaged.write_bytes(bytes(content))
+    with pytest.raises(BrainzooError, match=rf"{damaged}: the compressed data is damaged"):
+        load_volume(damaged)
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
