@@ -115,7 +115,8 @@ def _read_gzip_checked(name: str, needed: int) -> bytes:
 
 
 def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> tuple[np.ndarray, bytes | None]:
-    """The first volume as float32, and (for a gzip file) the checked stream's bytes up to its end."""
+    """The first volume as float32, and (for a gzip file) the decompressed bytes up to that volume's end, from
+    the one pass that checked the whole stream."""
     shape = img.shape
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise BrainzooError(f"{name}: a 2D image (shape {shape}); a 3D volume is needed")
