@@ -5,8 +5,8 @@ from (a table of patterns per architecture below), and from the layer type follo
 layouts. A checkpoint with a missing, unexpected or misshapen tensor is refused with the offending keys
 listed; nothing is matched by position or by shape.
 
-``convert_state_dict`` works on numpy arrays and needs no torch; ``convert_checkpoint`` reads the file
-with torch, checks the Keras model against the PyTorch reference implementation
+``convert_state_dict`` works on numpy arrays; ``convert_checkpoint`` reads the file without torch
+(:mod:`brainzoo.checkpoints`), checks the Keras model against the PyTorch reference implementation
 (:mod:`brainzoo.models.torch_reference`) and writes the model plus a JSON record of the conversion.
 """
 
@@ -207,50 +207,44 @@ def load_state_dict(model: tf.keras.Model, arch: str, state: Mapping[str, np.nda
 
 
 def convert_state_dict(arch: str, state: Mapping[str, np.ndarray], options: Mapping | None = None,
-                       source: str = "state_dict") -> tf.keras.Model:
+                       source: str = "state_dict", into: tf.keras.Model | None = None) -> tf.keras.Model:
     """A Keras model of ``arch`` (built with ``options``) holding the tensors of a PyTorch state_dict.
 
     ``state`` maps PyTorch keys (with or without ``module.``) to numpy arrays; ``source`` names it in errors.
+    ``into``: a model built earlier with the same architecture and options, whose every weight is replaced (members
+    of an ensemble share one build, which takes longer than the conversion itself).
     """
     options = resolved_options(arch, options)
-    model = BUILDERS[architecture(arch).builder](**options)
+    model = into if into is not None else BUILDERS[architecture(arch).builder](**options)
     load_state_dict(model, arch, state, source)
     return model
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The state_dict of a PyTorch checkpoint as numpy arrays.
+    """The state_dict of a PyTorch checkpoint as numpy arrays, read without torch and without running pickled code.
 
-    Reads the legacy (non-zip) and the zip format, with tensors only (``weights_only``: no code from
-    the file runs), a bare state_dict or a dict holding one under a usual key.
+    Reads the legacy (non-zip) and the zip format (:mod:`brainzoo.checkpoints`): a bare state_dict, a dict
+    holding one under a usual key, or a whole pickled ``nn.Module`` (its parameters and buffers).
     """
+    from brainzoo.checkpoints import Opaque, module_state_dict, read_pickled
+
     path = Path(path)
-    if not path.is_file():
-        raise BrainzooError(f"{path}: no such checkpoint file")
-    try:
-        import torch
-    except ImportError:
-        raise BrainzooError(f"{path}: reading PyTorch checkpoints needs torch; "
-                            "install it with: pip install 'brainzoo[torch]'") from None
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch reports damage as RuntimeError, EOFError, UnpicklingError, zip errors...
-        raise BrainzooError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): "
-                            f"{type(err).__name__}: {err}") from None
+    content = read_pickled(path)
 
     def is_state_dict(value) -> bool:
-        return isinstance(value, Mapping) and bool(value) and all(isinstance(t, torch.Tensor) for t in value.values())
+        return isinstance(value, Mapping) and bool(value) and all(isinstance(t, np.ndarray) for t in value.values())
 
-    if not is_state_dict(content):
-        nested = [content[key] for key in STATE_DICT_CONTAINERS
-                  if isinstance(content, Mapping) and is_state_dict(content.get(key))]
-        if not nested:
-            found = (f"a dict with keys {_listing(map(str, content))}" if isinstance(content, Mapping)
-                     else f"a {type(content).__name__}")
-            raise BrainzooError(f"{path}: holds no state_dict of tensors (found {found}; "
-                                f"looked at the top level and under {', '.join(STATE_DICT_CONTAINERS)})")
-        content = nested[0]
-    return {key: tensor.detach().cpu().numpy() for key, tensor in content.items()}
+    if isinstance(content, Opaque) and module_state_dict(content):
+        return module_state_dict(content)
+    if is_state_dict(content):
+        return dict(content)
+    nested = [content[key] for key in STATE_DICT_CONTAINERS if isinstance(content, Mapping) and is_state_dict(content.get(key))]
+    if not nested:
+        found = (f"a dict with keys {_listing(map(str, content))}" if isinstance(content, Mapping)
+                 else f"a {getattr(content, 'name', type(content).__name__)}")
+        raise BrainzooError(f"{path}: holds no state_dict of tensors (found {found}; "
+                            f"looked at the top level and under {', '.join(STATE_DICT_CONTAINERS)})")
+    return dict(nested[0])
 
 
 def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray], options: Mapping) -> dict:
@@ -258,9 +252,12 @@ def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray]
 
     The reference is built with the same options and loads ``state`` strictly, so its keys must be the
     original's; both run one random volume at the model's own input size (the published one unless
-    options say otherwise: AgeMapper's dense head allows no other). Needs torch.
+    options say otherwise: AgeMapper's dense head allows no other). Skipped, and said so, without torch.
     """
-    import torch
+    try:
+        import torch
+    except ImportError:
+        return {"status": "skipped", "reason": "torch is not installed (pip install 'brainzoo[torch]' to check)"}
 
     from brainzoo.models.torch_reference import REFERENCES
 
@@ -277,7 +274,7 @@ def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray]
     return {"status": "passed" if difference <= tolerance else "failed",
             "reference": f"{reference_class.__module__}.{reference_class.__name__}",
             "input_shape_ncdhw": [1, volume.shape[4], *volume.shape[1:4]],
-            "max_abs_difference": difference, "tolerance": tolerance}
+            "max_abs_difference": difference, "tolerance": tolerance, "torch": str(torch.__version__)}
 
 
 def record_path(dst: str | os.PathLike) -> Path:
@@ -286,7 +283,7 @@ def record_path(dst: str | os.PathLike) -> Path:
 
 
 def convert_checkpoint(arch: str, src: str | os.PathLike, dst: str | os.PathLike, options: Mapping | None = None,
-                       force: bool = False) -> dict:
+                       force: bool = False, into: tf.keras.Model | None = None) -> dict:
     """Convert the PyTorch checkpoint ``src`` into the Keras HDF5 model ``dst``; return the record.
 
     The record (also written to ``dst`` with a .json suffix) names the source and its sha256, the
@@ -301,21 +298,20 @@ def convert_checkpoint(arch: str, src: str | os.PathLike, dst: str | os.PathLike
     check_writable(dst, force)
     check_writable(record_file, force)
     state = read_checkpoint(src)
-    model = convert_state_dict(arch, state, options, source=str(src))
+    model = convert_state_dict(arch, state, options, source=str(src), into=into)
     check = self_check(arch, model, state, options)
     if check["status"] == "failed":
         raise BrainzooError(f"{src}: the converted {arch} model disagrees with the PyTorch reference by "
                             f"{check['max_abs_difference']:.3g} (tolerance {check['tolerance']:.3g}); nothing written")
-    import torch  # read_checkpoint has already required it
-
     record = {
         "architecture": arch,
         "options": options,
         "input_shape": list(model.input_shape[1:]),
+        "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),  # as PyTorch counts them
         "source": str(src),
         "source_sha256": sha256_of(src),
         "keras_model": dst.name,
-        "torch_version": torch.__version__,
+        "torch_version": check.get("torch"),
         "tensorflow_version": tf.__version__,
         "self_check": check,
     }
