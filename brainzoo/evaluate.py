@@ -31,7 +31,7 @@ import numpy as np
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable, sha256_of, write_csv
+from brainzoo.fileio import all_or_nothing, atomic_output, check_output, output_folder, sha256_of, write_csv
 from brainzoo.inference import BrainMasker, load_networks, model_provenance, predict_brain_age_file, study_scans
 from brainzoo.metrics import age_bias, dice, hausdorff95, mean_absolute_error, pearson_r, root_mean_squared_error
 from brainzoo.predict.volumes import load_mask, load_volume
@@ -121,13 +121,23 @@ def check_card_request(update_card: bool, split: str | None) -> None:
         raise BrainzooError("--update-card needs --split: say how these scans relate to the model's training data")
 
 
-def open_outputs(out_dir: Path, force: bool) -> tuple[Path, Path]:
-    """``scans.csv`` and ``summary.json`` in ``out_dir``, refused before any work if they exist (without force)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = out_dir / "scans.csv", out_dir / "summary.json"
-    for path in outputs:
-        check_writable(path, force)
-    return outputs
+def open_outputs(out_dir: Path, data: Path, force: bool) -> tuple[Path, Path]:
+    """``scans.csv`` and ``summary.json`` in ``out_dir``, refused before any work if they exist (without force), cannot
+    be written or would replace the table ``data``."""
+    table, summary_file = out_dir / "scans.csv", out_dir / "summary.json"
+    with output_folder(out_dir):
+        check_output(table, (".csv",), inputs=[data], force=force)
+        check_output(summary_file, (".json",), inputs=[data], force=force)
+    return table, summary_file
+
+
+def write_outputs(table: Path, results: list[dict], columns: list[str], summary_file: Path, record: dict,
+                  force: bool) -> None:
+    """The per-scan table and the summary, both or neither."""
+    with all_or_nothing([table, summary_file]):
+        write_csv(table, results, columns, force)
+        with atomic_output(summary_file, force=force) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
 
 
 def report_progress(progress: bool, index: int, total: int, scan_id: str, text: str) -> None:
@@ -137,11 +147,6 @@ def report_progress(progress: bool, index: int, total: int, scan_id: str, text: 
 
 def table_provenance(data: Path, dataset: str | None, split: str | None) -> dict:
     return {"table": str(data), "sha256": sha256_of(data), "dataset": dataset or str(data), "split": split}
-
-
-def write_summary(summary_file: Path, record: dict, force: bool) -> None:
-    with atomic_output(summary_file, force=force) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
 
 
 def put_on_card(version: catalogue.Version, record: dict, summary_file: Path, entries: list[dict]) -> None:
@@ -160,7 +165,7 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
     ``out_dir/summary.json``; yield a record per scan, then the summary's."""
     check_card_request(update_card, split)
     rows = read_table(data, reference_column, need_column=reference_model is None)
-    table, summary_file = open_outputs(out_dir, force)
+    table, summary_file = open_outputs(out_dir, data, force)
     masker = BrainMasker.load(model, runtime=runtime)
     reference_label, reference_of = reference_reader(reference_model, reference_column)
 
@@ -200,9 +205,8 @@ def evaluate_brain_masks(model: str, data: Path, out_dir: Path, *, reference_mod
               "model_load_and_first_scan_s": round(warm_up_s, 3),
               "protocol": protocol(masker.networks().runtime, BRAIN_MASK_TIMED),
               "command": shlex.join(command)}
-    write_csv(table, results, ["id", "path", "reference", "dice", "hd95_mm", "predicted_ml", "reference_ml",
-                               "seconds", "error"], force)
-    write_summary(summary_file, record, force)
+    write_outputs(table, results, ["id", "path", "reference", "dice", "hd95_mm", "predicted_ml", "reference_ml",
+                                   "seconds", "error"], summary_file, record, force)
     if update_card:
         put_on_card(masker.version, record, summary_file, card_metrics(record))
     dice_summary = record["summary"]["dice"]
@@ -328,7 +332,7 @@ def evaluate_brain_ages(model: str, data: Path, out_dir: Path, *, dataset: str |
     rows = table_rows(data, "'age'")
     if "age" not in rows[0]:
         raise BrainzooError(f"{data}: no 'age' column (chronological age in years)")
-    table, summary_file = open_outputs(out_dir, force)
+    table, summary_file = open_outputs(out_dir, data, force)
     version = catalogue.find_version(model)
     if version.task != "brain-age":
         raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-age model")
@@ -375,8 +379,7 @@ def evaluate_brain_ages(model: str, data: Path, out_dir: Path, *, dataset: str |
     columns = ["id", "path", "age", "brain_age", "ensemble_sd", "distribution_sd", "delta",
                *(["corrected_delta"] if spec_correction else []), "in_sample_corrected_delta", "seconds", "status",
                "error"]
-    write_csv(table, results, columns, force)
-    write_summary(summary_file, record, force)
+    write_outputs(table, results, columns, summary_file, record, force)
     if update_card:
         put_on_card(version, record, summary_file, brain_age_card_metrics(record))
     figures = [f"MAE {metrics['mae_years']:.2f} years", f"mean error {metrics['mean_error_years']:+.2f} years",

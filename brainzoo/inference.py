@@ -31,8 +31,9 @@ import brainzoo
 from brainzoo import catalogue
 from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable, save_nifti, write_csv
-from brainzoo.predict.volumes import load_volume
+from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, check_writable,
+                             save_nifti, write_csv)
+from brainzoo.predict.volumes import check_field_of_view, check_intensity_profile, load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
 
@@ -50,6 +51,39 @@ def check_contrast(version: Version, path: Path, contrast: str | None, force: bo
     if contrast and contrast not in accepted and not force:
         raise BrainzooError(f"{path}: is {contrast}, but {version.id} was trained on {', '.join(accepted)}; "
                             "pass --force to run it anyway")
+
+
+# No head fits in less; a model whose input grid is smaller than this (a test's toy) sets its own minimum.
+HEAD_FIELD_OF_VIEW_MM = 100.0
+
+
+def check_scan(version: Version, path: Path, contrast: str | None, force: bool) -> nib.Nifti1Image:
+    """The scan, loaded once before any work: every bad input stops here. Unless ``force``, also refused: another
+    contrast than the model's, a field of view too small for a head, and (when no contrast is declared or named by
+    a BIDS suffix) inverted intensities."""
+    check_contrast(version, path, contrast, force)
+    scan = load_volume(path)
+    if not force:
+        grid = version.spec["inference"]["input"]
+        model_extent = np.asarray(grid.get("shape", [np.inf])) * np.asarray(grid.get("spacing_mm", [1.0]))
+        check_field_of_view(scan, str(path), min(HEAD_FIELD_OF_VIEW_MM, float(model_extent.min())))
+        if contrast is None:
+            check_intensity_profile(scan, str(path))
+    return scan
+
+
+def check_outputs(outputs: list[tuple[Path | None, tuple[str, ...]]], inputs: list[Path | None],
+                  force: bool) -> list[Path]:
+    """The outputs asked for (None: not asked), each with its allowed suffixes, checked before any work: writable,
+    the right kind of name, no input overwritten, and no two outputs at one path."""
+    paths = [check_output(path, suffixes, inputs=[i for i in inputs if i is not None], force=force)
+             for path, suffixes in outputs if path is not None]
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if path.resolve() in seen:
+            raise BrainzooError(f"{path}: given for two outputs ({seen[path.resolve()]} too)")
+        seen[path.resolve()] = path
+    return paths
 
 
 RUNTIMES = ("auto", "onnxruntime", "keras")
@@ -164,32 +198,31 @@ class BrainMasker:
 def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *, brain: Path | None = None,
                             probability: Path | None = None, qc_png: Path | None = None, record_json: Path | None = None,
                             contrast: str | None = None, force: bool = False) -> dict:
-    """Write the mask (and optionally the masked brain, probability map, QC picture, JSON record)."""
-    outputs = [p for p in (outfile, brain, probability, qc_png, record_json) if p is not None]
-    for path in outputs:
-        check_writable(path, force)
-    check_contrast(masker.version, infile, input_contrast(infile, contrast), force)
-    scan = load_volume(infile)  # checked once: every bad input stops here, before any output exists
-    mask, probability_img, record = masker.run(scan)
-    record["input"]["path"] = str(infile)
-    record["model"] = masker.provenance()
-    record["outputs"] = {"mask": str(outfile)}
-    save_nifti(mask, outfile, force)
-    if brain is not None:
-        brain_data = scan.get_fdata(dtype=np.float32) * (mask.get_fdata() > 0)
-        save_nifti(nib.Nifti1Image(brain_data, scan.affine, scan.header), brain, force)
-        record["outputs"]["brain"] = str(brain)
-    if probability is not None:
-        save_nifti(probability_img, probability, force)
-        record["outputs"]["probability"] = str(probability)
-    if qc_png is not None:
-        from brainzoo.predict import qc
+    """Write the mask (and optionally the masked brain, probability map, QC picture, JSON record): all or none."""
+    outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (brain, NIFTI_SUFFIXES), (probability, NIFTI_SUFFIXES),
+                             (qc_png, (".png",)), (record_json, (".json",))], [infile], force)
+    scan = check_scan(masker.version, infile, input_contrast(infile, contrast), force)
+    with all_or_nothing(outputs):
+        mask, probability_img, record = masker.run(scan)
+        record["input"]["path"] = str(infile)
+        record["model"] = masker.provenance()
+        record["outputs"] = {"mask": str(outfile)}
+        save_nifti(mask, outfile, force)
+        if brain is not None:
+            brain_data = scan.get_fdata(dtype=np.float32) * (mask.get_fdata() > 0)
+            save_nifti(nib.Nifti1Image(brain_data, scan.affine, scan.header), brain, force)
+            record["outputs"]["brain"] = str(brain)
+        if probability is not None:
+            save_nifti(probability_img, probability, force)
+            record["outputs"]["probability"] = str(probability)
+        if qc_png is not None:
+            from brainzoo.predict import qc
 
-        if qc.save_mask_qc(qc_png, scan, mask, force=force):
-            record["outputs"]["qc_png"] = str(qc_png)
-    if record_json is not None:
-        _save_json(record, record_json, force)
-    return record
+            if qc.save_mask_qc(qc_png, scan, mask, force=force):
+                record["outputs"]["qc_png"] = str(qc_png)
+        if record_json is not None:
+            _save_json(record, record_json, force)
+        return record
 
 
 def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,

@@ -74,8 +74,13 @@ def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS) ->
 
 
 def _open_image(name: str) -> nib.spatialimages.SpatialImage:
-    if not Path(name).is_file():
+    path = Path(name)
+    if path.is_dir():
+        raise BrainzooError(f"{name}: is a directory, not a NIfTI file")
+    if not path.exists():
         raise BrainzooError(f"{name}: no such file")
+    if not path.is_file():
+        raise BrainzooError(f"{name}: is not a regular file (a device, pipe or socket); give a .nii or .nii.gz file")
     try:
         return nib.load(name)
     except nib.filebasedimages.ImageFileError as exc:
@@ -174,6 +179,34 @@ def _check_values(data: np.ndarray, name: str) -> None:
     low, high = data.min(), data.max()
     if low == high:
         raise BrainzooError(f"{name}: an empty (constant) volume: every voxel is {low:g}")
+
+
+def check_field_of_view(img: nib.Nifti1Image, name: str, minimum_mm: float) -> None:
+    """A scan narrower than ``minimum_mm`` along an axis (a slab, a crop, a wrong voxel size) cannot hold what the
+    model was made for; its output would look like an answer and be none."""
+    extent = np.asarray(img.shape[:3]) * voxel_sizes(img.affine)
+    if extent.min() < minimum_mm:
+        raise BrainzooError(f"{name}: the field of view is {_format_mm(extent)} mm, less than {minimum_mm:g} mm along "
+                            "an axis: too small to hold a head (a slab, a crop or a wrong voxel size?); "
+                            "pass --force to run it anyway")
+
+
+def check_intensity_profile(img: nib.Nifti1Image, name: str) -> None:
+    """Air is dark in every MRI contrast, so the edges of a head scan's field of view are darker than its centre; the
+    other way round, the intensities are inverted (or not an MRI), and a model's output would be meaningless. A cheap
+    check for scans whose contrast nobody declared; medians, so a bright scalp at a tight crop's edge does not count."""
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    shape = np.asarray(data.shape)
+    margin = np.maximum(shape // 20, 1)
+    edges = np.ones(data.shape, dtype=bool)
+    edges[tuple(slice(m, n - m) for m, n in zip(margin, shape))] = False
+    centre = data[tuple(slice(int(0.35 * n), max(int(0.65 * n), int(0.35 * n) + 1)) for n in shape)]
+    edge_median, centre_median = float(np.median(data[edges])), float(np.median(centre))
+    if edge_median > centre_median:
+        raise BrainzooError(f"{name}: the edges of the field of view (median {edge_median:g}) are brighter than its "
+                            f"centre (median {centre_median:g}), where air should be dark in any MRI contrast: the "
+                            "intensities look inverted; if the scan is right, declare its contrast (--contrast) or "
+                            "pass --force")
 
 
 def _format_mm(sizes: Sequence[float]) -> str:
