@@ -48,6 +48,8 @@ def read_yaml(path: Path) -> dict:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise BrainzooError(f"{path}: file is missing") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise BrainzooError(f"{path}: cannot be read as UTF-8 text ({err})") from None
     except yaml.YAMLError as err:
         raise BrainzooError(f"{path}: malformed YAML: {err}") from None
     if not isinstance(data, dict):

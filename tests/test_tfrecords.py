@@ -149,8 +149,7 @@ def test_bad_volume_names_row_and_file_and_leaves_no_shard(tmp_path, damage, fil
         write_tfrecords(table, tmp_path / "out", kind="segmentation", shard_size=1, workers=2, progress=False)
     assert f"{table} row 2" in str(error.value)
     assert file in str(error.value) and message in str(error.value)
-    out = tmp_path / "out"  # header problems stop before the folder is made, voxel problems after
-    assert (list(out.iterdir()) if out.exists() else []) == []
+    assert not (tmp_path / "out").exists()  # voxel problems show after the folder is made, which goes again
 
 
 @pytest.mark.parametrize("kind, header, row, message", [
@@ -223,7 +222,7 @@ def test_records_that_are_not_volumes_are_refused(tmp_path):
     other = tmp_path / "other.tfrec"
     with tf.io.TFRecordWriter(str(other)) as writer:
         writer.write(tf.train.Example().SerializeToString())
-    with pytest.raises(BrainzooError, match="other.tfrec: not a volume record"):
+    with pytest.raises(BrainzooError, match="other.tfrec: record 1: not a volume record"):
         read_dataset(other)
     garbage = tmp_path / "garbage.tfrec"
     garbage.write_bytes(gzip.compress(b"this is no TFRecord"))

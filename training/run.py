@@ -26,7 +26,7 @@ from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
-from brainzoo.training.tfrecords import read_dataset
+from brainzoo.training.tfrecords import check_records, read_dataset
 
 
 def model_input_shape(data: dict) -> tuple[int, int, int, int]:
@@ -77,6 +77,14 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
     return train, (validation if validation_records else None)
 
 
+def check_training_records(train_records, validation_records) -> None:
+    """Every record of the training and validation shards read once before any work: a damaged shard (a validation
+    shard too, which would otherwise fail only at the first epoch's end) is named with its record number now."""
+    for records in (train_records, validation_records):
+        if records:
+            check_records(records)
+
+
 def resolve_spec(ref: str) -> tuple[dict, Path | None]:
     """A catalogue version (id or folder) or a path to a spec file."""
     path = Path(ref)
@@ -122,6 +130,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             raise BrainzooError(f"{init_weights}: no such model file to start from")
         open_model_file(init_weights).close()  # a file that could run code is refused before any work starts
         run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
+    check_training_records(train_records, validation_records)
     claim_run_folder(out_dir, run, force)
     training = spec["training"]
     plan = TrainingPlan.from_spec(training, **overrides)
@@ -198,6 +207,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         raise BrainzooError(f"{dest_id}: already exists; choose a new version or pass --force")
     if not validation_records:
         raise BrainzooError("transfer: needs --validation records; the new version's card reports the metric on them")
+    check_training_records(train_records, validation_records)
     spec = copy.deepcopy(source.spec)
     training = spec.get("training")
     if not training:

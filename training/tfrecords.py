@@ -8,7 +8,9 @@ nobrainer: ``feature/source_dtype`` / ``label/source_dtype`` (the NIfTI's on-dis
 ``scalars/<name>`` (every scalar column of a brain-age table; the first one is also nobrainer's ``label``).
 
 Conversion is all-or-nothing: shards are written to temporary files and renamed only once every row has been
-read and verified, so a corrupt row leaves no shard behind.
+read and verified, so a corrupt row leaves no shard (and no new folder) behind; every bad row of a table is
+reported at once. :func:`check_records` reads every record of a set of shards once before training, so a damaged
+shard is named with its record number up front, not in a TensorFlow traceback mid-run.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import glob
 import math
 import os
 import threading
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +31,11 @@ from typing import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tqdm import tqdm
 
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output
+from brainzoo.fileio import atomic_output, output_folder
 
 KINDS = ("segmentation", "regression")
 SHARD_GLOB = "shard-*.tfrec*"
@@ -39,6 +43,10 @@ _STORED_DTYPE = "float32"  # nobrainer decodes every value as float32
 _RESERVED_KEYS = ("volume", "label", "affine")
 _SEX_CODES = {"f": 0.0, "female": 0.0, "m": 1.0, "male": 1.0}
 _GZIP_MAGIC = b"\x1f\x8b"
+_VOLUME_KEYS = ("feature/value", "feature/shape/dim0", "feature/shape/dim1", "feature/shape/dim2",
+                "feature/affine/value", "label/value", "label/rank")
+AGE_RANGE_YEARS = (0.0, 120.0)
+ROW_ERRORS_SHOWN = 20
 
 
 @dataclass(frozen=True)
@@ -73,14 +81,14 @@ def read_table(
     if kind == "regression":
         _check_scalar_names(path, scalar_columns)
     wanted = [volume_column] + ([label_column] if kind == "segmentation" else list(scalar_columns))
-    examples = []
-    for where, row in _read_rows(path, wanted):
+
+    def example(where: str, row: dict[str, str]) -> Example:
         volume = path.parent / row[volume_column]
         if kind == "segmentation":
-            examples.append(Example(where, volume, label=path.parent / row[label_column]))
-        else:
-            examples.append(Example(where, volume, scalars=_parse_scalars(where, row, scalar_columns)))
-    return examples
+            return Example(where, volume, label=path.parent / row[label_column])
+        return Example(where, volume, scalars=_parse_scalars(where, row, scalar_columns))
+
+    return _every_row(path, _read_rows(path, wanted), example)
 
 
 def read_bids(root: str | os.PathLike, *, scalar_columns: Sequence[str] = ("age", "sex")) -> list[Example]:
@@ -93,8 +101,9 @@ def read_bids(root: str | os.PathLike, *, scalar_columns: Sequence[str] = ("age"
     if not participants.is_file():
         raise BrainzooError(f"{participants}: not found; a BIDS folder needs participants.tsv for the scalars")
     _check_scalar_names(participants, scalar_columns)
-    by_subject = {row["participant_id"]: (where, _parse_scalars(where, row, scalar_columns))
-                  for where, row in _read_rows(participants, ["participant_id", *scalar_columns])}
+    rows = _read_rows(participants, ["participant_id", *scalar_columns])
+    by_subject = dict(_every_row(participants, rows, lambda where, row: (
+        row["participant_id"], (where, _parse_scalars(where, row, scalar_columns)))))
     images = sorted({*root.glob("sub-*/anat/*_T1w.nii*"), *root.glob("sub-*/ses-*/anat/*_T1w.nii*")})
     images = [image for image in images if image.name.endswith((".nii", ".nii.gz"))]
     if not images:
@@ -132,9 +141,9 @@ def write_tfrecords(
         raise BrainzooError(f"shard_size must be at least 1, got {shard_size}")
     examples = _examples_from(table, kind)
     _check_headers(examples, kind, same_shape)
+    _warn_about_duplicates_and_ages(examples)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    earlier = sorted(out_dir.glob(SHARD_GLOB))
+    earlier = sorted(out_dir.glob(SHARD_GLOB)) if out_dir.is_dir() else []
     if earlier and not force:
         raise BrainzooError(f"{out_dir}: already holds shards ({earlier[0].name}, ...); pass --force to replace them")
     n_shards = math.ceil(len(examples) / shard_size)
@@ -143,8 +152,8 @@ def write_tfrecords(
     groups = [examples[index * shard_size:(index + 1) * shard_size] for index in range(n_shards)]
     workers = min(workers or os.cpu_count() or 1, n_shards)
     failed = threading.Event()
-    with contextlib.ExitStack() as stack, tqdm(total=len(examples), unit="volume", desc="tfrecords",
-                                               disable=not progress) as bar:
+    with output_folder(out_dir), contextlib.ExitStack() as stack, tqdm(
+            total=len(examples), unit="volume", desc="tfrecords", disable=not progress) as bar:
         temporaries = [stack.enter_context(atomic_output(shard, force=True)) for shard in shards]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             futures = [pool.submit(_write_shard, group, temporary, kind, compress, bar, failed)
@@ -201,6 +210,65 @@ def read_dataset(
     return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
+def check_records(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> int:
+    """Read every record of every file once (CRCs checked, each record parsed and its volume's byte count checked
+    against its shape) and return how many there are; a damaged file is a BrainzooError naming it and the record.
+
+    Training calls this before the first step, so a bad shard, a validation shard too, stops the run at once."""
+    files = _resolve_files(paths)
+    count, first = 0, None
+    for file in files:
+        compression = _compression_of(file)
+        index = 0
+        try:
+            for index, serialized in enumerate(tf.data.TFRecordDataset(str(file), compression_type=compression), 1):
+                features = _volume_record(file, index, serialized.numpy()).features.feature
+                # read_dataset takes the label's rank and the scalars from the first record: every record needs them
+                layout = (features["label/rank"].int64_list.value[0], sorted(k for k in features if "scalars/" in k))
+                first = first or (f"{file}: record {index}", layout)
+                if layout != first[1]:
+                    raise BrainzooError(f"{file}: record {index} has label rank and scalars {layout}, but {first[0]} "
+                                        f"has {first[1]}; records of one training set come from one conversion")
+        except tf.errors.OpError as error:
+            raise BrainzooError(f"{file}: record {index + 1} is damaged or truncated ({error.message}); "
+                                "convert the table again") from None
+        if index == 0:
+            raise BrainzooError(f"{file}: the TFRecord file is empty")
+        count += index
+    return count
+
+
+def _volume_record(file: Path, index: int, serialized: bytes) -> tf.train.Example:
+    """One record as a volume example, its byte counts matching its shape, or a BrainzooError naming it."""
+    where = f"{file}: record {index}"
+    try:
+        example = tf.train.Example.FromString(serialized)
+    except DecodeError as error:
+        raise BrainzooError(f"{where} is not a tf.train.Example ({error})") from None
+    features = example.features.feature
+    missing = [key for key in _VOLUME_KEYS if key not in features]
+    if missing:
+        raise BrainzooError(f"{where}: not a volume record (no {', '.join(missing)})")
+    shape = [_single(features[f"feature/shape/dim{axis}"].int64_list.value, where) for axis in range(3)]
+    if min(shape) < 1:
+        raise BrainzooError(f"{where}: the volume's shape {shape} is empty")
+    voxels = math.prod(shape)
+    label_values = voxels if _single(features["label/rank"].int64_list.value, where) == 3 else 1
+    for key, values in {"feature/value": voxels, "feature/affine/value": 16, "label/value": label_values}.items():
+        stored = features[key].bytes_list.value
+        size = len(stored[0]) if len(stored) == 1 else 0
+        if size != 4 * values:
+            raise BrainzooError(f"{where}: {key} holds {size} bytes, not the {4 * values} bytes of float32 values "
+                                f"that the volume's shape {shape} needs")
+    return example
+
+
+def _single(values: Sequence[int], where: str) -> int:
+    if len(values) != 1:
+        raise BrainzooError(f"{where}: a shape entry holds {len(values)} values, not 1")
+    return int(values[0])
+
+
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise BrainzooError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -231,14 +299,45 @@ def _read_rows(path: Path, wanted: Sequence[str]) -> list[tuple[str, dict[str, s
         raise BrainzooError(f"{path}: cannot read table: {error}") from error
     if not rows:
         raise BrainzooError(f"{path}: the table has no rows")
-    result = []
-    for number, row in enumerate(rows, start=1):
-        where = f"{path} row {number}"
-        for column in wanted:
-            if not (row.get(column) or "").strip():
-                raise BrainzooError(f"{where}: column {column!r} is empty")
-        result.append((where, {column: row[column].strip() for column in wanted}))
-    return result
+    return [(f"{path} row {number}", {column: (row.get(column) or "").strip() for column in wanted})
+            for number, row in enumerate(rows, start=1)]
+
+
+def _every_row(table: Path, rows: list[tuple[str, dict[str, str]]], convert) -> list:
+    """``convert(where, row)`` of every row with no empty cell; every bad row is reported at once, not only the
+    first, so a table is fixed in one go."""
+    results, errors = [], []
+    for where, row in rows:
+        try:
+            empty = [column for column, text in row.items() if not text]
+            if empty:
+                raise BrainzooError(f"{where}: column {empty[0]!r} is empty")
+            results.append(convert(where, row))
+        except BrainzooError as error:
+            errors.append(str(error))
+    if len(errors) == 1:
+        raise BrainzooError(errors[0])
+    if errors:
+        more = f"\n... and {len(errors) - ROW_ERRORS_SHOWN} more" if len(errors) > ROW_ERRORS_SHOWN else ""
+        raise BrainzooError(f"{table}: {len(errors)} of {len(rows)} rows cannot be used:\n"
+                            + "\n".join(errors[:ROW_ERRORS_SHOWN]) + more)
+    return results
+
+
+def _warn_about_duplicates_and_ages(examples: list[Example]) -> None:
+    """A volume listed twice counts twice in training (and may sit in both training and validation); an age outside
+    0-120 years is a typo or another unit. Both are allowed, and said."""
+    first_row: dict[Path, str] = {}
+    for example in examples:
+        volume = example.volume.resolve()
+        if volume in first_row:
+            warnings.warn(f"{example.where}: volume {example.volume} is also in {first_row[volume]}; "
+                          "it is stored twice", stacklevel=3)
+        first_row.setdefault(volume, example.where)
+        age = example.scalars.get("age")
+        if age is not None and not AGE_RANGE_YEARS[0] <= age <= AGE_RANGE_YEARS[1]:
+            warnings.warn(f"{example.where}: age {age:g} is outside {AGE_RANGE_YEARS[0]:g}-{AGE_RANGE_YEARS[1]:g} "
+                          "years (a typo, or months?)", stacklevel=3)
 
 
 def _parse_scalars(where: str, row: Mapping[str, str], columns: Sequence[str]) -> dict[str, float]:
@@ -433,12 +532,7 @@ def _first_record(path: Path, compression: str) -> tf.train.Example:
     try:
         serialized = next(iter(tf.data.TFRecordDataset(str(path), compression_type=compression)), None)
     except tf.errors.OpError as error:
-        raise BrainzooError(f"{path}: not a readable TFRecord file: {error.message}") from error
+        raise BrainzooError(f"{path}: not a readable TFRecord file: {error.message}") from None
     if serialized is None:
         raise BrainzooError(f"{path}: the TFRecord file is empty")
-    example = tf.train.Example.FromString(serialized.numpy())
-    missing = [key for key in ("feature/value", "feature/shape/dim2", "label/value", "label/rank")
-               if key not in example.features.feature]
-    if missing:
-        raise BrainzooError(f"{path}: not a volume record (no {', '.join(missing)})")
-    return example
+    return _volume_record(path, 1, serialized.numpy())
