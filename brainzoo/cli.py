@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONVERTIBLE = ("sfcn", "densenet169", "inception-resnet-v2", "agemapper-1mm", "agemapper-2mm")
+CONVERTIBLE = ("sfcn", "densenet169", "inception-resnet-v2", "agemapper-1mm", "agemapper-2mm", "s500mri",
+               "vae-c-encoder", "vae-c-decoder")
 DEEPBET_NETWORKS = ("deepbet-bbox", "deepbet-segmentation")
 
 

@@ -79,15 +79,44 @@ INCEPTION_RESNET_V2_RULES: tuple[Rule, ...] = (
     (r"head_linear", "linear.0"),
     (r"output_linear", "linear.1"),
 )
+S500MRI_RULES: tuple[Rule, ...] = (
+    (r"block_(\d)_conv_1", r"features.\1.s500mri.0"),
+    (r"block_(\d)_bn_1", r"features.\1.s500mri.1"),
+    (r"block_(\d)_conv_2", r"features.\1.s500mri.4"),
+    (r"block_(\d)_bn_2", r"features.\1.s500mri.5"),
+    (r"head_conv", "clf.flatten.0"),
+    (r"logits", "clf.clf"),
+)
+# VAE-C stages are [conv, BN, Dropout3d, LeakyReLU] in one Sequential, so stage i's conv is index 4 i (the decoder's
+# is 4 i + 1, after its Unflatten).
+VAE_C_ENCODER_RULES: tuple[Rule, ...] = (
+    (r"down_(\d)_(conv|bn)", lambda m: f"down_sample.{4 * int(m[1]) + (m[2] == 'bn')}"),
+    (r"features_conv", "flatten.0"),
+    (r"features_bn", "flatten.1"),
+    (r"(age_mean|age_log_var|z_mean|z_log_var)", r"\1"),
+    (r"z_prior_mean", "z_cond_age_mean"),
+)
+VAE_C_DECODER_RULES: tuple[Rule, ...] = (
+    (r"up_(\d)_(conv|bn)", lambda m: f"decoder.{4 * int(m[1]) + 1 + (m[2] == 'bn')}"),
+    (r"reconstruction", "decoder.20"),
+)
+# The children of ml_MRI's whole VAE_age, which its checkpoints hold: the encoder and decoder converters each take one.
+VAE_AGE_PARTS = ("encoder", "decoder")
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """A convertible architecture: its Keras builder, the options its name implies, its name table."""
+    """A convertible architecture: its Keras builder, the options its name implies, its name table.
+
+    ``part``: the child of a larger upstream model (one of ``whole_model``'s children) that this network is; the
+    rules name its own state_dict keys, and a checkpoint of the whole model gives the tensors under ``part.``.
+    """
 
     builder: str
     rules: tuple[Rule, ...]
     fixed_options: dict = field(default_factory=dict)
+    part: str = ""
+    whole_model: tuple[str, ...] = ()
 
 
 ARCHITECTURES = {
@@ -96,6 +125,9 @@ ARCHITECTURES = {
     "inception-resnet-v2": Architecture("inception_resnet_v2_3d", INCEPTION_RESNET_V2_RULES),
     "agemapper-1mm": Architecture("agemapper", AGEMAPPER_RULES, {"resolution": "1mm"}),
     "agemapper-2mm": Architecture("agemapper", AGEMAPPER_RULES, {"resolution": "2mm"}),
+    "s500mri": Architecture("s500mri_classifier", S500MRI_RULES),
+    "vae-c-encoder": Architecture("vae_c_encoder", VAE_C_ENCODER_RULES, part="encoder", whole_model=VAE_AGE_PARTS),
+    "vae-c-decoder": Architecture("vae_c_decoder", VAE_C_DECODER_RULES, part="decoder", whole_model=VAE_AGE_PARTS),
 }
 
 
@@ -173,9 +205,23 @@ def strip_data_parallel_prefix(state: Mapping[str, np.ndarray]) -> dict[str, np.
     return dict(state)
 
 
+def network_state(arch: str, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tensors of ``arch``'s own network, without a ``module.`` prefix.
+
+    A state_dict with keys under every child of the architecture's ``whole_model`` is the whole upstream model
+    (VAE_age's ``encoder.`` and ``decoder.``): only the tensors under ``part.`` are this network's.
+    """
+    state = strip_data_parallel_prefix(state)
+    spec = architecture(arch)
+    if spec.part and all(any(key.startswith(f"{child}.") for key in state) for child in spec.whole_model):
+        prefix = f"{spec.part}."
+        return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return state
+
+
 def load_state_dict(model: tf.keras.Model, arch: str, state: Mapping[str, np.ndarray], source: str) -> None:
     """Put every tensor of ``state`` into ``model``; refuse the whole state on any missing, extra or misshapen key."""
-    state = strip_data_parallel_prefix(state)
+    state = network_state(arch, state)
     plan = []  # (layer, [(torch key, axis order)])
     for layer in model.layers:
         if layer.weights:
@@ -247,12 +293,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(nested[0])
 
 
+def input_shapes(model: tf.keras.Model) -> dict[str, list[int]]:
+    """Each input's name and channels-last shape, without the batch axis."""
+    return {name: list(tensor.shape[1:]) for name, tensor in zip(model.input_names, model.inputs)}
+
+
+def _channels_first(array: np.ndarray) -> np.ndarray:
+    return array.transpose(0, 4, 1, 2, 3) if array.ndim == 5 else array
+
+
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    return array.transpose(0, 2, 3, 4, 1) if array.ndim == 5 else array
+
+
 def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray], options: Mapping) -> dict:
     """Compare ``model`` with the PyTorch reference implementation holding the same tensors.
 
     The reference is built with the same options and loads ``state`` strictly, so its keys must be the
-    original's; both run one random volume at the model's own input size (the published one unless
-    options say otherwise: AgeMapper's dense head allows no other). Skipped, and said so, without torch.
+    original's; both run one random value of every input (in order: a volume, at the model's own input size,
+    the published one unless options say otherwise; a second input such as sex) and every output is compared.
+    Skipped, and said so, without torch.
     """
     try:
         import torch
@@ -265,15 +325,19 @@ def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray]
     accepted = inspect.signature(reference_class).parameters
     reference = reference_class(**{key: value for key, value in options.items() if key in accepted}).eval()
     reference.load_state_dict({key: torch.from_numpy(np.asarray(value))
-                               for key, value in strip_data_parallel_prefix(state).items()}, strict=True)
-    volume = np.random.default_rng(0).standard_normal((1, *model.input_shape[1:])).astype(np.float32)
+                               for key, value in network_state(arch, state).items()}, strict=True)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((1, *shape)).astype(np.float32) for shape in input_shapes(model).values()]
     with torch.no_grad():
-        expected = reference(torch.from_numpy(volume.transpose(0, 4, 1, 2, 3))).numpy()
-    difference = float(np.abs(model(volume, training=False).numpy() - expected).max())
-    tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.abs(expected).max()))
+        expected = reference(*(torch.from_numpy(_channels_first(x)) for x in inputs))
+    expected = [_channels_last(t.numpy()) for t in (expected if isinstance(expected, tuple) else (expected,))]
+    outputs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    outputs = [t.numpy() for t in (outputs if isinstance(outputs, list) else [outputs])]
+    difference = max(float(np.abs(output - wanted).max()) for output, wanted in zip(outputs, expected, strict=True))
+    tolerance = RELATIVE_TOLERANCE * max(1.0, *(float(np.abs(wanted).max()) for wanted in expected))
+    shapes = {name: list(_channels_first(x).shape) for name, x in zip(input_shapes(model), inputs)}
     return {"status": "passed" if difference <= tolerance else "failed",
-            "reference": f"{reference_class.__module__}.{reference_class.__name__}",
-            "input_shape_ncdhw": [1, volume.shape[4], *volume.shape[1:4]],
+            "reference": f"{reference_class.__module__}.{reference_class.__name__}", "input_shapes_torch": shapes,
             "max_abs_difference": difference, "tolerance": tolerance, "torch": str(torch.__version__)}
 
 
@@ -306,7 +370,7 @@ def convert_checkpoint(arch: str, src: str | os.PathLike, dst: str | os.PathLike
     record = {
         "architecture": arch,
         "options": options,
-        "input_shape": list(model.input_shape[1:]),
+        "input_shape": list(model.input_shape[1:]) if len(model.inputs) == 1 else input_shapes(model),
         "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),  # as PyTorch counts them
         "source": str(src),
         "source_sha256": sha256_of(src),

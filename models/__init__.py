@@ -9,6 +9,7 @@ from brainzoo.models.agemapper import agemapper
 from brainzoo.models.densenet3d import densenet169_3d
 from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
 from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
+from brainzoo.models.ml_mri import s500mri_classifier, vae_c_decoder, vae_c_encoder
 from brainzoo.models.unet import unet
 from brainzoo.models.sfcn import bin_centres, decode_age, kl_divergence_loss, sfcn, soft_labels
 
@@ -18,6 +19,9 @@ BUILDERS = {
     "densenet169_3d": densenet169_3d,
     "inception_resnet_v2_3d": inception_resnet_v2_3d,
     "unet": unet,
+    "s500mri_classifier": s500mri_classifier,
+    "vae_c_encoder": vae_c_encoder,
+    "vae_c_decoder": vae_c_decoder,
 }
 
 __all__ = [
@@ -31,7 +35,10 @@ __all__ = [
     "inception_resnet_v2_3d",
     "kl_divergence_loss",
     "pytorch_parameter_count",
+    "s500mri_classifier",
     "sfcn",
     "soft_labels",
     "unet",
+    "vae_c_decoder",
+    "vae_c_encoder",
 ]

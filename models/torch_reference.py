@@ -247,10 +247,89 @@ class InceptionResNetV2(nn.Module):
         return self.linear(self.global_average_pooling(self.conv(self.features(x))).flatten(1))
 
 
+class _S500MRIBlock(nn.Module):
+    """[valid 3^3 conv -> BN -> ReLU -> Dropout3d -> valid 3^3 conv -> BN -> ReLU -> max pool 2], half width first."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+        super().__init__()
+        hidden = out_channels // 2
+        self.s500mri = nn.Sequential(nn.Conv3d(in_channels, hidden, 3), nn.BatchNorm3d(hidden), nn.ReLU(),
+                                     nn.Dropout3d(dropout), nn.Conv3d(hidden, out_channels, 3),
+                                     nn.BatchNorm3d(out_channels), nn.ReLU(), nn.MaxPool3d(2))
+
+    def forward(self, x):
+        return self.s500mri(x)
+
+
+def _with_sex(features: torch.Tensor, sex: torch.Tensor) -> torch.Tensor:
+    """The image features with one more column, the sex (0 male, 1 female)."""
+    return torch.cat([features, sex.reshape(-1, 1)], dim=1)
+
+
+class S500MRIClassifier(nn.Module):
+    """ml_MRI's ``S500MRI_clf``: age-group logits from a 128^3 scan and sex. In eval mode RReLU multiplies
+    negative inputs by its mean slope."""
+
+    def __init__(self, num_classes: int = 4, dropout: float = 0.3):
+        super().__init__()
+        widths = (1, 8, 16, 32, 64)
+        self.features = nn.Sequential(*(_S500MRIBlock(widths[i], widths[i + 1], dropout) for i in range(4)))
+        self.clf = nn.Module()
+        self.clf.flatten = nn.Sequential(nn.Conv3d(64, 128, 4), nn.RReLU(), nn.Flatten())
+        self.clf.clf = nn.Linear(129, num_classes)
+
+    def forward(self, volume, sex):
+        return self.clf.clf(_with_sex(self.clf.flatten(self.features(volume)), sex))
+
+
+class VAECEncoder(nn.Module):
+    """ml_MRI's VAE-C encoder (``VAE_age.encoder``) without its random sampling: the age-class and latent
+    posterior means and log-variances, and the age-conditioned prior mean taken at the age mean."""
+
+    def __init__(self, latent_dim: int = 16, num_classes: int = 2, dropout: float = 0.2):
+        super().__init__()
+        stages = []
+        for in_channels, out_channels, kernel in ((1, 8, 5), (8, 16, 5), (16, 32, 5), (32, 64, 3)):
+            stages += [nn.Conv3d(in_channels, out_channels, kernel, stride=2), nn.BatchNorm3d(out_channels),
+                       nn.Dropout3d(dropout), nn.LeakyReLU()]
+        self.down_sample = nn.Sequential(*stages)
+        self.flatten = nn.Sequential(nn.Conv3d(64, 128, 6), nn.BatchNorm3d(128), nn.LeakyReLU(), nn.Flatten())
+        self.age_mean = nn.Linear(129, num_classes)
+        self.age_log_var = nn.Linear(129, num_classes)
+        self.z_mean = nn.Linear(129, latent_dim)
+        self.z_log_var = nn.Linear(129, latent_dim)
+        self.z_cond_age_mean = nn.Linear(num_classes, latent_dim)
+
+    def forward(self, volume, sex):
+        x = _with_sex(self.flatten(self.down_sample(volume)), sex)
+        age_mean = self.age_mean(x)
+        return age_mean, self.age_log_var(x), self.z_mean(x), self.z_log_var(x), self.z_cond_age_mean(age_mean)
+
+
+class VAECDecoder(nn.Module):
+    """ml_MRI's VAE-C decoder (``VAE_age.decoder``): latent (N, latent_dim) -> (N, 1, 128, 128, 128)."""
+
+    def __init__(self, latent_dim: int = 16, dropout: float = 0.2):
+        super().__init__()
+        stages = [nn.Unflatten(1, (latent_dim, 1, 1, 1))]
+        widths = (latent_dim, 64, 32, 16, 8, 1)
+        for index in range(5):
+            stages += [nn.ConvTranspose3d(widths[index], widths[index + 1], 5, stride=1 if index == 0 else 2),
+                       nn.BatchNorm3d(widths[index + 1])]
+            stages += [nn.Dropout3d(dropout), nn.LeakyReLU()] if index < 4 else [nn.LeakyReLU()]
+        self.decoder = nn.Sequential(*stages, nn.ConvTranspose3d(1, 1, 4))
+
+    def forward(self, z):
+        return self.decoder(z)
+
+
 # Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs).
 REFERENCES = {
     "sfcn": SFCN,
     "agemapper": AgeMapper,
     "densenet169_3d": DenseNet169,
     "inception_resnet_v2_3d": InceptionResNetV2,
+    "s500mri_classifier": S500MRIClassifier,
+    "vae_c_encoder": VAECEncoder,
+    "vae_c_decoder": VAECDecoder,
 }
