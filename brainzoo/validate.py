@@ -117,9 +117,11 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:
-    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own)."""
+    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own; predict runs
+    no age-group classifier yet, so their steps only describe the upstream's preprocessing)."""
     inference = spec.get("inference")
-    if not isinstance(inference, dict) or inference.get("method") == "deepbet":
+    if (not isinstance(inference, dict) or inference.get("method") == "deepbet"
+            or (inference.get("output") or {}).get("type") == "age-group-logits"):
         return
     from brainzoo.predict import check_preprocessing
 
