@@ -136,10 +136,12 @@ def test_n4_removes_a_smooth_bias_field():
 def test_registration_recovers_a_known_affine_and_repeats_exactly():
     brain = mni152_brain()[0]
     known = _rigid(1, -15, [-8, 12, -5]) @ np.diag([1.1, 0.95, 1.0, 1.0])
-    registered, template_to_input, summary = register_to_mni152(brain * 1000, known @ FSL_MNI152_AFFINE)
+    moved = known @ FSL_MNI152_AFFINE
+    registered, template_to_input, summary = register_to_mni152(brain * 1000, moved, template="mni152-brain")
     assert _mean_distance_mm(template_to_input, known, _brain_points()) < 0.2
     assert summary["dice_with_template_mask"] > 0.97 and registered.shape == FSL_MNI152_SHAPE
-    np.testing.assert_array_equal(register_to_mni152(brain * 1000, known @ FSL_MNI152_AFFINE)[1], template_to_input)
+    repeated = register_to_mni152(brain * 1000, moved, template="mni152-brain")[1]
+    np.testing.assert_array_equal(repeated, template_to_input)
 
 
 @pytest.mark.slow
@@ -150,7 +152,8 @@ def test_brain_age_pipeline_on_a_moved_template(tmp_path):
     scan = nib.Nifti1Image(np.round(brain * 1000).astype(np.int16), moved)
     spec = {
         "input": {"contrast": ["T1w"], "orientation": "RAS", "spacing_mm": [1, 1, 1], "shape": [160, 192, 160]},
-        "preprocessing": [{"step": "n4"}, {"step": "brain-extraction"}, {"step": "register"},
+        "preprocessing": [{"step": "n4"}, {"step": "brain-extraction"},
+                          {"step": "register", "template": "mni152-brain"},
                           {"step": "divide-by-mean"}, {"step": "crop", "shape": [160, 192, 160]}],
         "output": {"type": "age-log-probabilities", "bins": SFCN_BINS,
                    "bias_correction": {"method": "de-lange-cole-2020", "slope": 0.8, "intercept": 12.0,
@@ -191,13 +194,14 @@ def test_registration_of_a_real_brain_to_the_template():
     brain = nib.load(folder / "ch2bet.nii.gz")
     brain_mask = nib.load(folder / "ch2_brainmask_derived_from_ch2bet.nii.gz")
     moved = _rigid(2, 12, [10, -5, 8]) @ brain.affine
-    registered, template_to_input, summary = register_to_mni152(brain.get_fdata(dtype=np.float32), moved)
+    registered, template_to_input, summary = register_to_mni152(brain.get_fdata(dtype=np.float32), moved,
+                                                                template="mni152-brain")
     assert registered.shape == FSL_MNI152_SHAPE
     warped_mask = resample_world((np.asarray(brain_mask.dataobj) > 0).astype(np.float32), moved, FSL_MNI152_SHAPE,
                                  template_to_input @ FSL_MNI152_AFFINE, order=0) > 0
     assert dice(warped_mask, mni152_brain()[1]) > 0.93
     assert summary["dice_with_template_mask"] > 0.93
-    unmoved = register_to_mni152(brain.get_fdata(dtype=np.float32), brain.affine)[1]
+    unmoved = register_to_mni152(brain.get_fdata(dtype=np.float32), brain.affine, template="mni152-brain")[1]
     # The same brain gives the same alignment however its header places it (within a millimetre).
     assert _mean_distance_mm(np.linalg.inv(_rigid(2, 12, [10, -5, 8])) @ template_to_input, unmoved,
                              _brain_points()) < 1.0

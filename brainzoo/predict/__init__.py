@@ -5,7 +5,8 @@ spacing, shape, optional block shape), ``preprocessing`` (steps run in the liste
 decode). A model is a Keras model or any callable on float32 arrays shaped (batch, D, H, W, 1).
 
 Preprocessing steps: ``first-volume`` (always done on loading), ``n4`` (bias-field correction),
-``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182),
+``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182:
+``template: mni152-brain``, a brain to the template brain, or ``mni152-head``, a whole head to a whole head),
 ``reorient`` / ``resample`` / ``conform`` (= both, to ``input``'s orientation, spacing and shape), and the
 array steps of :mod:`brainzoo.predict.steps` (``crop``, ``pad``, ``resize``, ``zscore``, ``divide-by-mean``,
 ``minmax``, ``percentile``, ``scale``).
@@ -38,9 +39,6 @@ from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSo
 
 # SimpleITK (registration, N4) and matplotlib (QC pictures) are imported by the steps that use them: a brain
 # mask needs neither, and their imports would add ~0.4 s to every brain-extraction process.
-
-# A registered brain overlapping the template's brain mask less than this has most likely gone wrong.
-REGISTRATION_DICE_WARNING = 0.85
 
 
 def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
@@ -207,6 +205,8 @@ class _Context:
 
     brain_mask: np.ndarray | None = None
     registered: np.ndarray | None = None
+    registration: str = "brainzoo"  # what fits a register step: "brainzoo" (ours) or "niftyreg" (reg_aladin)
+    step_options: dict | None = None  # the running image step's entry in the spec (a register step's template)
 
 
 def check_preprocessing(steps: list[dict]) -> None:
@@ -217,6 +217,11 @@ def check_preprocessing(steps: list[dict]) -> None:
             check_step_options(step)
         elif name not in _IMAGE_STEPS:
             raise BrainzooError(f"preprocessing step {name!r} is not supported by brainzoo.predict")
+        elif name == "register":
+            from brainzoo.predict.registration import TEMPLATES
+            if set(step) != {"step", "template"} or step["template"] not in TEMPLATES:
+                raise BrainzooError(f"preprocessing step 'register' takes one option, template: one of "
+                                    f"{', '.join(TEMPLATES)} (got {dict(step)})")
         elif len(step) > 1:
             raise BrainzooError(f"preprocessing step {name!r} takes no options (it uses the spec's input)")
 
@@ -232,6 +237,7 @@ def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context,
             if name in ARRAY_STEPS:
                 volume = apply_array_step(volume, step)
             else:
+                context.step_options = step
                 volume = _IMAGE_STEPS[name](volume, model_input, context, recorder.record)
         recorder.record["preprocessing"].append(dict(step))
     if list(volume.data.shape) != list(model_input["shape"]):
@@ -258,14 +264,18 @@ def _brain_extraction(volume: GriddedVolume, model_input: dict, context: _Contex
 
 
 def _register(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
-    from brainzoo.predict.registration import FSL_MNI152_AFFINE, register_to_mni152
-    registered, template_to_input, summary = register_to_mni152(volume.data, volume.affine)
-    summary["template_to_input_world"] = np.round(template_to_input, 6).tolist()
+    from brainzoo.predict.registration import FSL_MNI152_AFFINE, check_fit, register_to_mni152
+    template = context.step_options["template"]
+    if context.registration == "niftyreg":
+        from brainzoo.predict.niftyreg import register_with_reg_aladin
+        registered, template_to_input, summary = register_with_reg_aladin(volume.data, volume.affine,
+                                                                          template=template)
+    else:
+        registered, template_to_input, summary = register_to_mni152(volume.data, volume.affine, template=template)
+    summary = {"registration": context.registration, **summary,
+               "template_to_input_world": np.round(template_to_input, 6).tolist()}
     record["registration"] = summary
-    if summary["dice_with_template_mask"] < REGISTRATION_DICE_WARNING:
-        warnings.warn(f"{record['input']['path']}: the registered brain overlaps the template brain mask only "
-                      f"{summary['dice_with_template_mask']:.2f} (Dice); registration may have failed, or the scan "
-                      "is not skull-stripped", stacklevel=2)
+    check_fit(summary, record["input"]["path"])
     context.registered = registered
     return volume.moved(registered, np.linalg.inv(volume.affine) @ template_to_input @ FSL_MNI152_AFFINE)
 

