@@ -1,8 +1,9 @@
 """Keras reimplementations of published 3-D brain-MRI architectures.
 
-Every builder takes ``input_shape`` (depth, height, width, channels), its architecture's options,
-``weights`` (a catalogue id or a file path) and ``name``, and returns a ``tf.keras.Model``. Importing
-this package registers the custom layers, so ``tf.keras.models.load_model(path, compile=False)`` works.
+Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder, which starts from a
+latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a catalogue id or a file path) and
+``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers, so
+``tf.keras.models.load_model(path, compile=False)`` works.
 """
 
 from brainzoo.models.agemapper import agemapper

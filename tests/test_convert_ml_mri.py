@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from brainzoo.convert import convert_checkpoint, convert_state_dict, record_path
 from brainzoo.models import pytorch_parameter_count
-from conftest import FIXTURES, SHARED, brainzoo, seeded_state_dict
+from conftest import FIXTURES, REPO, SHARED, brainzoo, seeded_state_dict
 from test_convert import fixture_input
 
 SHARED_SEEDS = SHARED / "fixtures" / "seeds"
@@ -33,6 +34,8 @@ CONVERSIONS = {
 }
 UPSTREAM_FORMAT_FILES = {"s500mri_clf_2class.full.pt": "s500mri_clf_2class",
                          "s500mri_clf_4class.full.pt": "s500mri_clf_4class"}
+CATALOGUE_VERSIONS = {"neuronets/ml-mri-age-group-cnn/1.0.0/2class": "s500mri_clf_2class",
+                      "neuronets/ml-mri-age-group-cnn/1.0.0/4class": "s500mri_clf_4class"}
 RELATIVE_TOLERANCE = 1e-4
 SEX = np.array([0, 1], np.float32)  # the fixtures' sex input: 0 male, 1 female, alternating
 
@@ -183,3 +186,19 @@ def test_upstream_format_whole_module_pickles_convert_through_the_cli(tmp_path, 
     loaded = tf.keras.models.load_model(tmp_path / "model.h5", compile=False)
     (logits,) = keras_outputs(loaded, fixture_inputs(fixture))
     assert largest_difference(logits, fixture["expected_outputs"]["logits"]) <= 1
+
+
+@pytest.mark.parametrize("version_id", CATALOGUE_VERSIONS)
+def test_catalogue_versions_convert_with_the_options_and_classes_their_specs_give(version_id):
+    """The recipe's --arch and --option, the spec's builder options, parameters and class labels agree."""
+    spec = yaml.safe_load((REPO / version_id / "spec.yaml").read_text())
+    argv = spec["weights"][0]["recipe"]["argv"]
+    options = dict(argv[i + 1].split("=") for i, word in enumerate(argv) if word == "--option")
+    assert {key: yaml.safe_load(value) for key, value in options.items()} == spec["architecture"]["options"]
+    fixture = load_seed_fixture(CATALOGUE_VERSIONS[version_id])
+    model = convert_state_dict(argv[argv.index("--arch") + 1], seeded_state_dict(fixture["state_dict"]),
+                               spec["architecture"]["options"])
+    assert pytorch_parameter_count(model) == spec["architecture"]["parameters"] == fixture["parameters"]
+    assert model.output_shape == (None, len(spec["inference"]["output"]["classes"]))
+    covariates = [covariate["name"] for covariate in spec["inference"]["input"]["covariates"]]
+    assert model.input_names == ["volume", *covariates]
