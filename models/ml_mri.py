@@ -25,7 +25,7 @@ ENCODER_BLOCKS = ((8, 5), (16, 5), (32, 5), (64, 3))  # (channels, kernel), each
 DECODER_BLOCKS = ((64, 5, 1), (32, 5, 2), (16, 5, 2), (8, 5, 2), (1, 5, 2))  # (channels, kernel, stride)
 
 
-def _image_and_sex_inputs(input_shape) -> tuple[tf.keras.Input, tf.keras.Input]:
+def _image_and_sex_inputs(input_shape) -> tuple[tf.Tensor, tf.Tensor]:
     """The two inputs of the originals' ``forward(img, gender)``: a channels-last volume and one number per scan."""
     return tf.keras.Input(tuple(input_shape), name="volume"), tf.keras.Input((1,), name="sex")
 
