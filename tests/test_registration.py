@@ -106,6 +106,30 @@ def test_the_niftyreg_triple_uses_reg_aladins_map_as_template_to_scan(monkeypatc
     assert summary["metric"].startswith("NiftyReg reg_aladin") and summary["brain_in_head"] > 0.99
 
 
+@pytest.mark.parametrize("scale, error", [(1.0, None), (0.5, "axis scales 0.50")])
+def test_the_register_step_runs_the_chosen_registration_and_stops_on_a_gross_failure(monkeypatch, scale, error):
+    """The step with registration niftyreg (reg_aladin's answer given): the record says who fitted what, and an
+    insane fit stops the step with the scan's name instead of a prediction."""
+    from brainzoo.predict import _Context, _register
+    from brainzoo.predict.volumes import GriddedVolume
+
+    head, _ = mni152_head()
+    known = _moved(1, -4, [2, 3, -1], scale=scale)
+    monkeypatch.setattr(niftyreg, "reg_aladin", lambda reference, floating: known)
+    volume = GriddedVolume.native(nib.Nifti1Image(head, known @ FSL_MNI152_AFFINE))
+    context = _Context(registration="niftyreg", step_options={"step": "register", "template": "mni152-head"})
+    record = {"input": {"path": "sub-04_FLAIR.nii.gz"}}
+    if error:
+        with pytest.raises(BrainzooError, match=f"sub-04_FLAIR.nii.gz: .*{error}"):
+            _register(volume, {}, context, record)
+        return
+    registered = _register(volume, {}, context, record)
+    assert record["registration"]["registration"] == "niftyreg"
+    np.testing.assert_allclose(record["registration"]["template_to_input_world"], known, atol=1e-6)
+    assert registered.data.shape == FSL_MNI152_SHAPE
+    np.testing.assert_allclose(registered.affine, known @ FSL_MNI152_AFFINE, atol=1e-6)  # the grid, in scan world
+
+
 def _reg_aladin_or_skip():
     try:
         return niftyreg.reg_aladin_binary()
