@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -353,12 +354,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def end_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM (a cluster scheduler's kill, a timeout) ends the command as Ctrl-C does: by an exception, so its
+    temporary and half-written outputs are removed on the way out."""
+    sys.exit(128 + signum)
+
+
 def entry() -> None:
     """The ``brainzoo`` command: :func:`main`, then exit without traversing every object for cycles.
 
     Python's final garbage collections walk all of TensorFlow's objects, which adds half a second to every
     process that imported it; frozen objects are skipped, and the operating system reclaims the memory.
     """
+    signal.signal(signal.SIGTERM, end_on_sigterm)
     status = main()
     gc.freeze()
     sys.exit(status)

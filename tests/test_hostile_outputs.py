@@ -8,8 +8,10 @@ store) on a synthetic 3 mm head, so the one case that runs the model takes a few
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -34,6 +36,21 @@ def full_disk(self, *args, **kwargs):
     return real_write_text(self, *args, **kwargs)
 pathlib.Path.write_text = full_disk
 sys.exit(cli.main(sys.argv[1:]))
+"""
+
+# The CLI with the JSON record's write hanging half-way, as on a stalled file system, until it is killed.
+STALLED_WRITE = """
+import pathlib, sys, time
+from brainzoo import cli
+real_write_text = pathlib.Path.write_text
+def stalled(self, text, *args, **kwargs):
+    if not self.name.startswith(".mask.json."):
+        return real_write_text(self, text, *args, **kwargs)
+    real_write_text(self, text[:10])
+    time.sleep(120)
+pathlib.Path.write_text = stalled
+sys.argv[0] = "brainzoo"
+cli.entry()
 """
 
 
@@ -129,6 +146,21 @@ def test_a_full_disk_at_the_last_output_removes_the_earlier_ones(scan, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert f"{record}: cannot be written (No space left on device)" in proc.stderr and "Traceback" not in proc.stderr
     assert leftovers(tmp_path, {scan}) == []  # the mask and brain written before it are gone again
+
+
+def test_a_killed_command_leaves_neither_outputs_nor_partial_files(scan, tmp_path):
+    mask, record = tmp_path / "mask.nii.gz", tmp_path / "mask.json"
+    command = [sys.executable, "-P", "-c", STALLED_WRITE, *mask_command(scan, mask, "--record", str(record))]
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".mask.json.*.partial.json")) and time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1]
+            time.sleep(0.1)
+        assert mask.exists()  # written before the record
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert leftovers(tmp_path, {scan}) == []
 
 
 def test_the_checks_give_way_to_force_where_the_user_knows_better(tmp_path):
