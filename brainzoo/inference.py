@@ -31,8 +31,8 @@ import brainzoo
 from brainzoo import catalogue
 from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, check_writable,
-                             save_nifti, write_csv)
+from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, output_folder, save_nifti,
+                             write_csv)
 from brainzoo.predict.volumes import check_field_of_view, check_intensity_profile, load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -228,7 +228,8 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
 def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
                            out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
                            contrast: str | None = None, force: bool = False, networks: Networks | None = None) -> dict:
-    """Brain age of one raw scan: our brain extraction (if the spec needs one), then the predictor."""
+    """Brain age of one raw scan: our brain extraction (if the spec needs one), then the predictor; outputs all or
+    none."""
     from brainzoo.predict import predict_brain_age
 
     version = catalogue.find_version(ref)
@@ -239,33 +240,32 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
         recipe = " ".join(version.weights[0].entry["recipe"]["argv"])
         raise BrainzooError(f"{version.id}: no weights yet (produce them by conversion: {recipe}, from "
                             f"{version.weights[0].entry['upstream']['url']}); no brain age is computed without them")
-    targets = [p for p in (out_json, qc_png) if p is not None]
-    if flair_outputs is not None:
-        targets += [flair_outputs / "brainAge.txt", flair_outputs / "results.json"]
-    for path in targets:
-        check_writable(path, force)
-    check_contrast(version, infile, input_contrast(infile, contrast), force)
+    flair_files = [flair_outputs / "brainAge.txt", flair_outputs / "results.json"] if flair_outputs else [None, None]
+    outputs = check_outputs([(out_json, (".json",)), (qc_png, (".png",)), (flair_files[0], (".txt",)),
+                             (flair_files[1], (".json",))], [infile], force)
+    check_scan(version, infile, input_contrast(infile, contrast), force)
     networks = networks or load_networks(version)
-    brain_mask = None
-    steps = [s["step"] for s in version.spec["inference"]["preprocessing"]]
-    mask_record = None
-    if "brain-extraction" in steps:
-        masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
-        brain_mask, _, mask_record = masker.run(infile)
-    record = predict_brain_age(infile, list(networks.models.values()), spec_inference=version.spec["inference"], age=age,
-                               brain_mask=brain_mask, qc_png=qc_png, force=force)
-    record["model"] = model_provenance(version, networks.runtime)
-    if mask_record is not None:
-        record["brain_extraction"] = {"model": masker.provenance(), **mask_record}
-    if out_json is not None:
-        _save_json(record, out_json, force)
-    if flair_outputs is not None:
-        # The FLAIR brain-age container writes these two files; same names and fields.
-        brain_age = record["result"]["brain_age"]
-        with atomic_output(flair_outputs / "brainAge.txt", force) as tmp:
-            tmp.write_text(f"{brain_age}\n")
-        _save_json({"brainAge": brain_age, "biologicalAge": age}, flair_outputs / "results.json", force)
-    return record
+    with all_or_nothing(outputs):
+        brain_mask = None
+        steps = [s["step"] for s in version.spec["inference"]["preprocessing"]]
+        mask_record = None
+        if "brain-extraction" in steps:
+            masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
+            brain_mask, _, mask_record = masker.run(infile)
+        record = predict_brain_age(infile, list(networks.models.values()), spec_inference=version.spec["inference"],
+                                   age=age, brain_mask=brain_mask, qc_png=qc_png, force=force)
+        record["model"] = model_provenance(version, networks.runtime)
+        if mask_record is not None:
+            record["brain_extraction"] = {"model": masker.provenance(), **mask_record}
+        if out_json is not None:
+            _save_json(record, out_json, force)
+        if flair_outputs is not None:
+            # The FLAIR brain-age container writes these two files; same names and fields.
+            brain_age = record["result"]["brain_age"]
+            with atomic_output(flair_files[0], force) as tmp:
+                tmp.write_text(f"{brain_age}\n")
+            _save_json({"brainAge": brain_age, "biologicalAge": age}, flair_files[1], force)
+        return record
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -302,13 +302,14 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
     """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error."""
     k, n = parse_shard(shard)
     scans = study_scans(source)[k - 1::n]
-    out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / ("results.csv" if n == 1 else f"results-{k}-of-{n}.csv")
-    check_writable(table, force)
-    masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL, runtime=runtime)
-    version = catalogue.find_version(model) if task == "brain-age" else None
-    # Unpublished weights: every row then records predict_brain_age_file's explanation.
-    networks = load_networks(version) if version and all(w.published for w in version.weights) else None
+    with output_folder(out_dir):  # a study that cannot start leaves no empty folder
+        check_output(table, (".csv",), inputs=[source], force=force)
+        masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL,
+                                  runtime=runtime)
+        version = catalogue.find_version(model) if task == "brain-age" else None
+        # Unpublished weights: every row then records predict_brain_age_file's explanation.
+        networks = load_networks(version) if version and all(w.published for w in version.weights) else None
     rows = []
     for scan in tqdm(scans, desc=task, unit="scan", disable=not progress):
         path = Path(scan["path"])

@@ -113,6 +113,11 @@ CASES = {
         mask_command(save(head((64, 72, 8), 2.0), t / "slab.nii.gz"), t / "m.nii.gz"), t / "slab.nii.gz"),
     "inverted intensities, no contrast declared": lambda s, t: (
         mask_command(save(head(inverted=True), t / "inverted.nii.gz"), t / "m.nii.gz"), t / "inverted.nii.gz"),
+    "study: output folder is a file": lambda s, t: (
+        ["predict", "study", "brain-mask", str(table(t, s)), str(s), "--model", STUDENT], s),
+    "study: the table would be overwritten": lambda s, t: (
+        ["predict", "study", "brain-mask", str(table(t, s, "results.csv")), str(t), "--model", STUDENT, "--force"],
+        t / "results.csv"),
     "evaluate: output folder is a file": lambda s, t: (
         ["evaluate", "brain-mask", "--model", STUDENT, "--data", str(table(t, s)), "--out", str(s)], s),
 }
