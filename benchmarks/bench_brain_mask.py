@@ -83,14 +83,14 @@ def python_call(module: str, function: str, *arguments) -> list[str]:
                                   f"from {module} import {function}; {call}"]
 
 
-def measure(argv: list, log: Path, env: dict) -> tuple[float, float, float]:
+def measure(argv: list, log: Path, env: dict, cwd: Path = REPO) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (GiB) of one command run to completion (wait4: this child's own).
 
     CPU time is the figure that other work on a shared machine disturbs least.
     """
     with log.open("w") as output:
         start = time.perf_counter()
-        child = subprocess.Popen([str(a) for a in argv], stdout=output, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        child = subprocess.Popen([str(a) for a in argv], stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd)
         _, status, usage = os.wait4(child.pid, 0)
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)

@@ -87,6 +87,14 @@ class WeightsFile:
         return self.sha256 is not None
 
     @property
+    def conversion_hint(self) -> str:
+        """How a user makes weights that come by conversion from an upstream checkpoint."""
+        upstream = self.entry["upstream"]
+        name = Path(upstream["file"]).name if upstream.get("file") else None
+        return (f"download {name or 'the checkpoint'} from {upstream['url']}, then run: "
+                f"brainzoo get {self.version_id} --upstream {name or 'CHECKPOINT'}")
+
+    @property
     def present(self) -> bool:
         """The content is in this clone (an annexed symlink resolves to an existing object)."""
         return self.path.exists()
@@ -129,31 +137,54 @@ def version_folders(root: Path) -> list[Path]:
 
 
 def load_version(folder: Path, root: Path | None = None) -> Version:
+    """A version folder whose spec is usable: a spec ``brainzoo validate`` would refuse is an error naming it."""
+    from brainzoo.validate import spec_problems
+
     root = root or repo_root(folder)
+    folder = folder.resolve()
+    try:
+        version_id = folder.relative_to(root).as_posix()
+    except ValueError:
+        raise BrainzooError(f"{folder}: is not inside the dataset {root}") from None
     spec = read_yaml(folder / SPEC_FILE)
     card = read_yaml(folder / CARD_FILE)
-    return Version(id=folder.resolve().relative_to(root).as_posix(), path=folder.resolve(), spec=spec, card=card)
+    problems = list(spec_problems(spec, folder.relative_to(root) / SPEC_FILE, folder))
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise BrainzooError(f"{version_id}: unusable spec ({shown}); `brainzoo validate` lists every problem")
+    return Version(id=version_id, path=folder, spec=spec, card=card)
+
+
+def load_catalogue(root: Path | None = None) -> tuple[list[Version], dict[str, str]]:
+    """Every usable version, and why each other version folder is not (one broken spec spoils nothing else)."""
+    root = root or repo_root()
+    usable, broken = [], {}
+    for folder in version_folders(root):
+        try:
+            usable.append(load_version(folder, root))
+        except BrainzooError as err:
+            broken[folder.relative_to(root).as_posix()] = str(err)
+    return usable, broken
 
 
 def versions(root: Path | None = None) -> list[Version]:
-    root = root or repo_root()
-    return [load_version(folder, root) for folder in version_folders(root)]
+    """The usable versions (see :func:`load_catalogue` for the others)."""
+    return load_catalogue(root)[0]
 
 
 def find_version(ref: str, root: Path | None = None) -> Version:
     """Look a version up by id (``neuronets/deepbet/1.0.2``; the ``neuronets/`` may be left out) or folder path."""
     root = root or repo_root()
+    version_id = ref.strip("/")
+    if not version_id.startswith(CATALOGUE_DIR + "/"):
+        version_id = f"{CATALOGUE_DIR}/{version_id}"
+    if (root / version_id / SPEC_FILE).is_file():
+        return load_version(root / version_id, root)
     candidate = Path(ref)
     if candidate.is_dir() and (candidate / SPEC_FILE).is_file():
         return load_version(candidate.resolve(), root)
-    ref = ref.strip("/")
-    if not ref.startswith(CATALOGUE_DIR + "/"):
-        ref = f"{CATALOGUE_DIR}/{ref}"
-    folder = root / ref
-    if not (folder / SPEC_FILE).is_file():
-        known = ", ".join(p.relative_to(root).as_posix() for p in version_folders(root)) or "none"
-        raise BrainzooError(f"{ref}: no such model version in {root} (known: {known})")
-    return load_version(folder, root)
+    known = ", ".join(p.relative_to(root).as_posix() for p in version_folders(root)) or "none"
+    raise BrainzooError(f"{version_id}: no such model version in {root} (known: {known})")
 
 
 def add_to_index(root: Path, version_id: str, task: str) -> None:
@@ -183,8 +214,8 @@ def resolve_weights(ref: str | os.PathLike, name: str | None = None) -> Path:
         return Path(ref)
     weights = find_version(str(ref)).weights_file(name)
     if not weights.published:
-        raise BrainzooError(f"{weights.version_id}: weights {weights.name!r} are not published yet; "
-                            f"produce them with: {' '.join(weights.entry['recipe']['argv'])}")
+        raise BrainzooError(f"{weights.version_id}: weights {weights.name!r} are made by conversion: "
+                            f"{weights.conversion_hint}")
     if not weights.present:
         raise BrainzooError(f"{weights.path}: weights are not in this clone; run: brainzoo get {weights.version_id}")
     return weights.path

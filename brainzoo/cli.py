@@ -15,6 +15,7 @@ import yaml
 
 from brainzoo import __version__, catalogue, inference, mirror, publish, sources, validate, zoo
 from brainzoo.errors import BrainzooError
+from brainzoo.predict import REGISTRATIONS
 
 
 def render_table(records: list[dict], columns: list[str]) -> str:
@@ -33,6 +34,9 @@ def render_text(record: dict) -> str:
 
 def list_text(records: list[dict]) -> str:
     for r in records:
+        if r["status"] == "error":
+            r["task"], r["weights"] = "unusable", "see `brainzoo validate`"
+            continue
         r["weights"] = f"{r['weights_present']}/{r['weights_published']} present" + (
             f", {r['weights_files'] - r['weights_published']} to convert" if r["weights_files"] > r["weights_published"] else "")
         r["size"] = f"{r['weights_bytes'] / 1e6:.1f} MB"
@@ -74,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("get", parents=[common], help="fetch a version's weights (datalad get), checksummed")
     p.add_argument("model")
     p.add_argument("--source", help="git-annex remote to fetch from (default: cheapest reachable)")
+    p.add_argument("--upstream", nargs="+", metavar="CHECKPOINT",
+                   help="make the weights by converting these downloaded upstream checkpoint files")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="with --upstream: convert files whose identity the spec cannot confirm (recorded as such)")
     p = sub.add_parser("verify", parents=[common], help="fsck present weights and compare sha256 with the specs")
     p.add_argument("--remote", help="instead check that this remote holds every published weights file")
     sub.add_parser("validate", parents=[common], help="check specs, cards and the index against the schemas")
@@ -96,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--probability", help="also write the probability map here")
     q.add_argument("--qc", help="also write a QC picture (PNG) here")
     q.add_argument("--record", help="also write the JSON record here")
-    q = predict_sub.add_parser("brain-age", parents=[common, scan_options], help="brain age of one raw scan")
+    brain_age_options = argparse.ArgumentParser(add_help=False)
+    brain_age_options.add_argument("--mask", help="your brain mask for the spec's brain-extraction step "
+                                                 "(default: our brain-extraction model draws it)")
+    brain_age_options.add_argument("--registration", choices=REGISTRATIONS, default="brainzoo",
+                                   help="what fits the register step: brainzoo (default) or niftyreg (reg_aladin, "
+                                        "the upstream's tool; pip install 'brainzoo[niftyreg]')")
+    q = predict_sub.add_parser("brain-age", parents=[common, scan_options, brain_age_options],
+                               help="brain age of one raw scan")
     q.add_argument("infile")
     q.add_argument("--model", required=True, help="brain-age catalogue id")
     q.add_argument("--age", type=float, help="chronological age (years): adds the brain-age gap")
@@ -104,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--flair-outputs", help="folder for brainAge.txt and results.json as the FLAIR container writes")
     q.add_argument("--qc", help="QC picture (PNG) of the registration")
     q = predict_sub.add_parser("study", parents=[common, runtime_option], help="every scan of a CSV/TSV or BIDS folder")
+    q.add_argument("--registration", choices=REGISTRATIONS, default="brainzoo",
+                   help="brain-age: as for predict brain-age")
     q.add_argument("task", choices=["brain-mask", "brain-age"])
     q.add_argument("source", help="CSV/TSV with a path column (optional age, contrast) or a BIDS folder")
     q.add_argument("out_dir")
@@ -111,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--shard", help="K/N: only every N-th scan from the K-th (cluster array jobs)")
     q.add_argument("--force", action="store_true")
     q.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("preprocess", parents=[common, brain_age_options],
+                       help="the model-ready volume of a scan (or of every scan of a study), as predict makes it")
+    p.add_argument("model", help="catalogue id")
+    p.add_argument("source", help="a NIfTI scan, or a CSV/TSV table / BIDS folder of scans")
+    p.add_argument("out", help="the output .nii[.gz] for one scan; a folder for a study")
+    p.add_argument("--contrast", help="the scan's contrast (default: from a BIDS suffix such as _T1w)")
+    p.add_argument("--record", help="one scan: also write the JSON record (registration map, steps, timings)")
+    p.add_argument("--qc", help="one scan: also write a QC picture (PNG) of the registration")
+    p.add_argument("--shard", help="a study: K/N, only every N-th scan from the K-th")
+    p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
+    p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("evaluate", parents=[common], help="measure a model on a table of scans (card metrics)")
     evaluate_sub = p.add_subparsers(dest="evaluate_command", required=True)
@@ -240,7 +269,8 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
         if model is None:
             raise BrainzooError("predict study brain-age: --model is required (a brain-age catalogue id)")
         yield from inference.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
-                                       force=args.force, progress=not args.no_progress, runtime=args.runtime)
+                                       force=args.force, progress=not args.no_progress, runtime=args.runtime,
+                                       registration=args.registration)
         return
     if args.predict_command == "brain-mask":
         masker = inference.BrainMasker.load(args.model, threshold=args.threshold, runtime=args.runtime)
@@ -253,9 +283,28 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
         record = inference.predict_brain_age_file(
             args.model, Path(args.infile), age=args.age, out_json=optional(args.out),
             flair_outputs=optional(args.flair_outputs), qc_png=optional(args.qc), contrast=args.contrast,
-            force=args.force)
+            mask=optional(args.mask), registration=args.registration, force=args.force)
         message = ", ".join(f"{k} {v}" for k, v in record["result"].items() if not isinstance(v, (list, dict)))
     yield {"action": f"predict-{args.predict_command}", "path": args.infile, "status": "ok", "message": message,
+           "record": record}
+
+
+def preprocess_records(args: argparse.Namespace) -> Iterator[dict]:
+    """`brainzoo preprocess`: one scan to one volume, or a study table / BIDS folder to a folder of them."""
+    source = Path(args.source)
+    if source.is_dir() or source.suffix in (".csv", ".tsv"):
+        if args.record or args.qc or args.mask:
+            raise BrainzooError("--record, --qc and --mask are for one scan; a study writes a record per scan")
+        yield from inference.run_study("preprocess", source, Path(args.out), model=args.model, shard=args.shard,
+                                       force=args.force, progress=not args.no_progress,
+                                       registration=args.registration)
+        return
+    optional = (lambda value: Path(value) if value else None)
+    record = inference.preprocess_file(args.model, source, Path(args.out), record_json=optional(args.record),
+                                       qc_png=optional(args.qc), contrast=args.contrast, mask=optional(args.mask),
+                                       registration=args.registration, force=args.force)
+    shape = "x".join(map(str, record["volume"]["shape"]))
+    yield {"action": "preprocess", "path": args.out, "status": "ok", "message": f"{shape} volume for {args.model}",
            "record": record}
 
 
@@ -308,6 +357,8 @@ def run_command(args: argparse.Namespace) -> int:
         return emit(convert_records(args), args.json)
     if args.command == "predict":
         return emit(predict_records(args), args.json)
+    if args.command == "preprocess":
+        return emit(preprocess_records(args), args.json)
     if args.command == "evaluate":
         from brainzoo import evaluate
 
@@ -325,6 +376,13 @@ def run_command(args: argparse.Namespace) -> int:
         return emit(zoo.list_versions(root), args.json, table=list_text)
     if args.command == "info":
         return emit(zoo.info(args.model, root), args.json, table=info_text)
+    if args.command == "get" and args.upstream:
+        from brainzoo import upstream
+
+        return emit(upstream.get_upstream(root, args.model, args.upstream, allow_unverified=args.allow_unverified),
+                    args.json)
+    if args.command == "get" and args.allow_unverified:
+        raise BrainzooError("--allow-unverified goes with --upstream")
     if args.command == "get":
         return emit(sources.get(root, args.model, source=args.source), args.json)
     if args.command == "publish":

@@ -284,7 +284,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
         return module_state_dict(content)
     if is_state_dict(content):
         return dict(content)
-    nested = [content[key] for key in STATE_DICT_CONTAINERS if isinstance(content, Mapping) and is_state_dict(content.get(key))]
+    nested = [content[key] for key in STATE_DICT_CONTAINERS
+              if isinstance(content, Mapping) and is_state_dict(content.get(key))]
     if not nested:
         found = (f"a dict with keys {_listing(map(str, content))}" if isinstance(content, Mapping)
                  else f"a {getattr(content, 'name', type(content).__name__)}")

@@ -139,9 +139,9 @@ def load_networks(version: Version, runtime: str = "keras") -> Networks:
                 raise
     import tensorflow as tf
 
-    from brainzoo.model_files import load_keras_model
+    from brainzoo.model_files import load_keras_models
 
-    return Networks({name: load_keras_model(path) for name, path in paths.items()}, f"tensorflow {tf.__version__}")
+    return Networks(load_keras_models(paths), f"tensorflow {tf.__version__}")
 
 
 @dataclass
@@ -225,38 +225,87 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
         return record
 
 
-def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
-                           out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
-                           contrast: str | None = None, force: bool = False, networks: Networks | None = None) -> dict:
-    """Brain age of one raw scan: our brain extraction (if the spec needs one), then the predictor; outputs all or
-    none."""
-    from brainzoo.predict import predict_brain_age
-
+def brain_age_version(ref: str) -> Version:
     version = catalogue.find_version(ref)
     if version.task != "brain-age":
         raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-age model")
-    unpublished = [w.name for w in version.weights if not w.published]
-    if unpublished:
-        recipe = " ".join(version.weights[0].entry["recipe"]["argv"])
-        raise BrainzooError(f"{version.id}: no weights yet (produce them by conversion: {recipe}, from "
-                            f"{version.weights[0].entry['upstream']['url']}); no brain age is computed without them")
+    return version
+
+
+def check_converted(version: Version) -> None:
+    """Brain-age weights are made in the user's clone from the upstream checkpoints; say how if they are not."""
+    unconverted = [w for w in version.weights if not w.published]
+    if unconverted:
+        hints = "; ".join(f"{w.name}: {w.conversion_hint}" for w in unconverted)
+        raise BrainzooError(f"{version.id}: no brain age without its weights, which are made here by conversion "
+                            f"from the upstream checkpoints ({hints})")
+
+
+def spec_brain_mask(version: Version, infile: Path, masker: BrainMasker | None,
+                    mask: Path | None) -> tuple[object, dict | None]:
+    """The brain mask a spec's brain-extraction step needs: the user's, else our brain-extraction model's.
+
+    Returns the mask (None when the spec has no such step) and what made it, for the record.
+    """
+    if not any(step["step"] == "brain-extraction" for step in version.spec["inference"]["preprocessing"]):
+        if mask is not None:
+            raise BrainzooError(f"{mask}: {version.id} does not skull-strip (no brain-extraction step); "
+                                "it takes the whole head")
+        return None, None
+    if mask is not None:
+        return mask, {"mask": str(mask), "made_by": "the user (--mask)"}
+    masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
+    brain_mask, _, mask_record = masker.run(infile)
+    return brain_mask, {"model": masker.provenance(), **mask_record}
+
+
+def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
+                    qc_png: Path | None = None, contrast: str | None = None, mask: Path | None = None,
+                    registration: str = "brainzoo", masker: BrainMasker | None = None, force: bool = False) -> dict:
+    """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed;
+    the volume and its record and picture are written all or none."""
+    from brainzoo.predict import preprocess_scan
+
+    version = catalogue.find_version(ref)
+    outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
+                            [infile, mask], force)
+    check_scan(version, infile, input_contrast(infile, contrast), force)
+    with all_or_nothing(outputs):
+        brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
+        image, record = preprocess_scan(infile, spec_inference=version.spec["inference"], brain_mask=brain_mask,
+                                        registration=registration, qc_png=qc_png, force=force)
+        record |= {"model": {"id": version.id, "brainzoo": brainzoo.__version__}, "outputs": {"volume": str(outfile)},
+                   "volume": {"shape": list(image.shape), "affine": np.round(image.affine, 6).tolist()}}
+        if mask_record is not None:
+            record["brain_extraction"] = mask_record
+        save_nifti(image, outfile, force)
+        if record_json is not None:
+            _save_json(record, record_json, force)
+        return record
+
+
+def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
+                           out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
+                           contrast: str | None = None, mask: Path | None = None, registration: str = "brainzoo",
+                           force: bool = False, networks: Networks | None = None) -> dict:
+    """Brain age of one raw scan: brain extraction (if the spec needs one), then the predictor; outputs all or none."""
+    from brainzoo.predict import predict_brain_age
+
+    version = brain_age_version(ref)
+    check_converted(version)
     flair_files = [flair_outputs / "brainAge.txt", flair_outputs / "results.json"] if flair_outputs else [None, None]
     outputs = check_outputs([(out_json, (".json",)), (qc_png, (".png",)), (flair_files[0], (".txt",)),
-                             (flair_files[1], (".json",))], [infile], force)
+                             (flair_files[1], (".json",))], [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     networks = networks or load_networks(version)
     with all_or_nothing(outputs):
-        brain_mask = None
-        steps = [s["step"] for s in version.spec["inference"]["preprocessing"]]
-        mask_record = None
-        if "brain-extraction" in steps:
-            masker = masker or BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
-            brain_mask, _, mask_record = masker.run(infile)
+        brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
         record = predict_brain_age(infile, list(networks.models.values()), spec_inference=version.spec["inference"],
-                                   age=age, brain_mask=brain_mask, qc_png=qc_png, force=force)
+                                   age=age, brain_mask=brain_mask, registration=registration, qc_png=qc_png,
+                                   force=force)
         record["model"] = model_provenance(version, networks.runtime)
         if mask_record is not None:
-            record["brain_extraction"] = {"model": masker.provenance(), **mask_record}
+            record["brain_extraction"] = mask_record
         if out_json is not None:
             _save_json(record, out_json, force)
         if flair_outputs is not None:
@@ -278,28 +327,67 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def study_scans(source: Path) -> list[dict]:
-    """Scans of a study: a CSV/TSV (``path`` column, optional ``age``, ``contrast``) or a BIDS folder."""
+    """Scans of a study: a CSV/TSV (``path`` column, optional ``id``, ``age``, ``contrast``) or a BIDS folder.
+
+    Ids name each scan's outputs, so they must be unique and plain file-name parts (no folders).
+    """
     if source.is_dir():
         scans = sorted(source.glob("sub-*/**/anat/*.nii*"))
         if not scans:
             raise BrainzooError(f"{source}: no sub-*/[ses-*/]anat/*.nii[.gz] scans found")
-        return [{"path": str(p), "id": p.name.split(".nii")[0]} for p in scans]
-    try:
-        rows = list(csv.DictReader(io.StringIO(source.read_text()), delimiter="\t" if source.suffix == ".tsv" else ","))
-    except (OSError, UnicodeDecodeError) as err:
-        raise BrainzooError(f"{source}: cannot read the table: {err}") from None
-    if not rows or "path" not in rows[0]:
-        raise BrainzooError(f"{source}: needs a 'path' column (and optionally 'age', 'contrast')")
+        rows = [{"path": str(p), "id": p.name.split(".nii")[0]} for p in scans]
+    else:
+        try:
+            text = source.read_text()
+            rows = list(csv.DictReader(io.StringIO(text), delimiter="\t" if source.suffix == ".tsv" else ","))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise BrainzooError(f"{source}: cannot read the table: {err}") from None
+        if not rows or "path" not in rows[0]:
+            raise BrainzooError(f"{source}: needs a 'path' column (and optionally 'id', 'age', 'contrast')")
+        for row in rows:
+            row["path"] = str(source.parent / (row["path"] or ""))
+            if not row.get("id"):
+                row["id"] = Path(row["path"]).name.split(".nii")[0]
+    seen: dict[str, str] = {}
     for row in rows:
-        row["path"] = str(source.parent / row["path"])
-        row.setdefault("id", Path(row["path"]).name.split(".nii")[0])
+        if not SAFE_ID.fullmatch(row["id"]):
+            raise BrainzooError(f"{source}: id {row['id']!r} (of {row['path']}) must be letters, digits, '.', '_' "
+                                "or '-': it names the scan's output files")
+        if row["id"] in seen:
+            raise BrainzooError(f"{source}: {seen[row['id']]} and {row['path']} share the id {row['id']!r}; "
+                                "give each scan its own id in an 'id' column")
+        seen[row["id"]] = row["path"]
     return rows
 
 
+def scan_age(scan: dict) -> float | None:
+    """A table row's chronological age, if it gives one."""
+    text = (scan.get("age") or "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise BrainzooError(f"{scan['path']}: age {text!r} is not a number of years") from None
+
+
+STUDY_TASKS = ("brain-mask", "brain-age", "preprocess")
+
+
 def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
-              progress: bool = True, runtime: str = "auto") -> Iterator[dict]:
-    """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error."""
+              progress: bool = True, runtime: str = "auto", registration: str = "brainzoo") -> Iterator[dict]:
+    """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error.
+
+    ``preprocess`` writes each scan's model-ready volume; its table keeps the study table's columns (age,
+    sex...) with ``path`` naming that volume, so it feeds ``brainzoo tfrecords`` as it is.
+    """
+    if task not in STUDY_TASKS:
+        raise BrainzooError(f"study task must be one of {', '.join(STUDY_TASKS)}, not {task!r}")
+    action = task if task == "preprocess" else f"predict-{task}"
     k, n = parse_shard(shard)
     scans = study_scans(source)[k - 1::n]
     table = out_dir / ("results.csv" if n == 1 else f"results-{k}-of-{n}.csv")
@@ -307,8 +395,8 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
         check_output(table, (".csv",), inputs=[source], force=force)
         masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL,
                                   runtime=runtime)
-        version = catalogue.find_version(model) if task == "brain-age" else None
-        # Unpublished weights: every row then records predict_brain_age_file's explanation.
+        version = brain_age_version(model) if task == "brain-age" else None
+        # Unconverted weights: every row then records predict_brain_age_file's explanation.
         networks = load_networks(version) if version and all(w.published for w in version.weights) else None
     rows = []
     for scan in tqdm(scans, desc=task, unit="scan", disable=not progress):
@@ -320,18 +408,23 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
                                                  record_json=out_dir / f"{scan['id']}_mask.json",
                                                  contrast=scan.get("contrast"), force=force)
                 row["brain_volume_ml"] = record["prediction"]["brain_volume_ml"]
-            else:
-                age = float(scan["age"]) if scan.get("age") not in (None, "") else None
-                record = predict_brain_age_file(model, path, age=age, masker=masker, networks=networks,
+            elif task == "brain-age":
+                record = predict_brain_age_file(model, path, age=scan_age(scan), masker=masker, networks=networks,
                                                 out_json=out_dir / f"{scan['id']}_brain_age.json",
-                                                contrast=scan.get("contrast"), force=force)
+                                                contrast=scan.get("contrast"), registration=registration, force=force)
                 row |= {k: v for k, v in record["result"].items() if not isinstance(v, (list, dict))}
+            else:
+                row = {**scan, **row, "path": "", "input": str(path)}
+                output = f"{scan['id']}.nii.gz"
+                preprocess_file(model, path, out_dir / output, record_json=out_dir / f"{scan['id']}.json",
+                                contrast=scan.get("contrast"), registration=registration, masker=masker, force=force)
+                row["path"] = output
         except BrainzooError as err:
             row |= {"status": "error", "error": str(err)}
         rows.append(row)
-        yield {"action": f"predict-{task}", "path": str(path), "status": row["status"], "message": row["error"]}
+        yield {"action": action, "path": str(path), "status": row["status"], "message": row["error"]}
     write_csv(table, rows, list(dict.fromkeys(key for row in rows for key in row)), force)
-    yield {"action": f"predict-{task}", "path": str(table), "status": "ok", "message": f"{len(rows)} scan(s)"}
+    yield {"action": action, "path": str(table), "status": "ok", "message": f"{len(rows)} scan(s)"}
 
 
 def _save_json(record: dict, path: Path, force: bool) -> None:

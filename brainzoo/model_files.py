@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from brainzoo import catalogue
 from brainzoo.catalogue import WeightsFile
@@ -144,6 +145,42 @@ def load_keras_model(path: str | os.PathLike):
             return tf.keras.models.load_model(file, compile=False)
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise BrainzooError(f"{path}: cannot build the Keras model: {err}") from None
+
+
+class EnsembleMember:
+    """One weights file of an ensemble whose files share an architecture: the members share one Keras graph and
+    each swaps its own weights in when called (building a 49M-parameter graph takes ~6 s, swapping 0.2 s)."""
+
+    def __init__(self, graph, weights: list[np.ndarray]):
+        self.graph, self.weights = graph, weights
+
+    def __call__(self, batch: np.ndarray):
+        if getattr(self.graph, "_brainzoo_member", None) is not self:
+            self.graph.set_weights(self.weights)
+            self.graph._brainzoo_member = self
+        return self.graph(batch, training=False)
+
+
+def load_keras_models(paths: dict[str, Path]) -> dict[str, object]:
+    """Keras models of several .h5 files (checked as :func:`load_keras_model` does); files with the same
+    architecture share one built graph (:class:`EnsembleMember`)."""
+    configs = {}
+    for name, path in paths.items():
+        with open_model_file(path) as file:
+            configs[name] = file.attrs["model_config"]
+    shared = {config for config in configs.values() if list(configs.values()).count(config) > 1}
+    models, graphs = {}, {}
+    for name, path in paths.items():
+        config = configs[name]
+        if config not in shared:
+            models[name] = load_keras_model(path)
+            continue
+        if config in graphs:
+            graphs[config].load_weights(path)
+        else:
+            graphs[config] = load_keras_model(path)
+        models[name] = EnsembleMember(graphs[config], graphs[config].get_weights())
+    return models
 
 
 def user_cache_folder() -> Path:

@@ -76,8 +76,7 @@ def get(root: Path, ref: str, source: str | None = None) -> Iterator[dict]:
         rel = str(weights.path.relative_to(root))
         if not weights.published:
             yield {"action": "get", "path": rel, "status": "impossible",
-                   "message": "not published: produce it by conversion with `" + " ".join(weights.entry["recipe"]["argv"])
-                              + "` (upstream: " + weights.entry["upstream"]["url"] + ")"}
+                   "message": f"made by conversion from the upstream checkpoint: {weights.conversion_hint}"}
         elif problem := key_problem(weights):
             yield {"action": "get", "path": rel, "status": "error", "message": f"{rel}: {problem}; not fetched"}
         else:

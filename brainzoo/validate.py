@@ -38,8 +38,8 @@ def schema_problems(name: str, data: dict, file: Path) -> Iterator[str]:
 def _schema_message(err: jsonschema.ValidationError) -> str:
     """Say which alternative was meant when a weights entry matches neither form."""
     if err.validator == "oneOf" and isinstance(err.instance, dict) and "path" in err.instance:
-        return ("a weights entry needs either sha256 + size + sources (published) "
-                "or upstream + recipe (to be produced by conversion), not both")
+        return ("a weights entry needs sha256 + size + sources (published), upstream + recipe (to be produced "
+                "by conversion), or upstream + recipe + sha256 + size + conversion (converted here)")
     return err.message
 
 
@@ -87,9 +87,9 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
     except BrainzooError as err:
         yield str(err)
         return
-    yield from schema_problems("spec", spec, spec_file.relative_to(root))
-    yield from schema_problems("card", card, card_file.relative_to(root))
     spec_rel, card_rel = spec_file.relative_to(root), card_file.relative_to(root)
+    yield from spec_problems(spec, spec_rel, version_folder)
+    yield from schema_problems("card", card, card_rel)
 
     parts = rel.parts  # neuronets/<model>/<semver>[/<variant>]
     if len(parts) not in (3, 4) or not re.fullmatch(r"\d+\.\d+\.\d+", parts[2]):
@@ -105,15 +105,27 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
     if card_version != parts[2]:
         yield f"{card_rel}: Model_details.Model_version: {card_version!r} does not match the folder semver {parts[2]!r}"
 
+    for i, entry in enumerate(spec["weights"] if isinstance(spec.get("weights"), list) else []):
+        if isinstance(entry, dict):
+            yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
+
+
+def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[str]:
+    """What makes a spec unusable (checked whenever a version is loaded): its schema, paths that leave the
+    version folder, entry points and preprocessing steps."""
+    problems = list(schema_problems("spec", spec, spec_rel))
+    yield from problems
+    if problems:
+        return  # the checks below read fields the schema vouches for
     for trail, value in _paths_in(spec):
         if not inside(version_folder, value):
             yield f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder"
-    if isinstance(spec.get("inference"), dict) and isinstance(spec["inference"].get("entry_point"), dict):
-        yield from (f"{spec_rel}: {p}" for p in entry_point_problems(spec["inference"]["entry_point"], "inference.entry_point"))
+    entry_point = spec["inference"]["entry_point"]
+    yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point"))
     yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
-    for i, entry in enumerate(spec.get("weights") or []):
-        if isinstance(entry, dict):
-            yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
+    for i, entry in enumerate(spec["weights"]):
+        if "recipe" in entry:
+            yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe"))
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:
@@ -133,8 +145,6 @@ def preprocessing_problems(spec: dict) -> Iterator[str]:
 
 def weights_problems(entry: dict, where: str, version_folder: Path) -> Iterator[str]:
     """A published weights entry must be an annexed file whose key matches its sha256 and size."""
-    if "recipe" in entry:
-        yield from entry_point_problems(entry["recipe"], f"{where}.recipe")
     if not all(k in entry for k in ("sha256", "size", "path")) or not inside(version_folder, entry["path"]):
         return
     path = version_folder / entry["path"]

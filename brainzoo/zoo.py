@@ -24,8 +24,10 @@ def bootstrap(root: Path) -> Iterator[dict]:
     count = annex.record_store_contents(root)
     yield {"action": "bootstrap", "path": annex.STORE_DIR, "status": "ok",
            "message": f"{annex.STORE_NAME} registered; holds {count} weights file(s)"}
+    usable, broken = catalogue.load_catalogue(root)
+    yield from broken_records("bootstrap", broken)
     urls = {w.path: [s["url"] for s in w.sources if s["type"] in ("web", "osf") and "url" in s]
-            for v in catalogue.versions(root) for w in v.weights if w.published}
+            for v in usable for w in v.weights if w.published}
     registered = annex.register_urls(root, {p: u for p, u in urls.items() if u})
     yield {"action": "bootstrap", "path": ".", "status": "ok", "message": f"{registered} web URL(s) registered"}
     yield {"action": "bootstrap", "path": annex.OSF_NAME, "status": "ok", "message": annex.ensure_osf(root)}
@@ -39,8 +41,16 @@ def weights_summary(version: Version) -> dict:
             "weights_bytes": sum(w.size for w in published)}
 
 
+def broken_records(action: str, broken: dict[str, str]) -> Iterator[dict]:
+    """An error record for each version folder whose spec cannot be used; the others go on."""
+    for version_id, problem in broken.items():
+        yield {"action": action, "id": version_id, "path": version_id, "status": "error", "message": problem}
+
+
 def list_versions(root: Path) -> Iterator[dict]:
-    for version in catalogue.versions(root):
+    usable, broken = catalogue.load_catalogue(root)
+    yield from broken_records("list", broken)
+    for version in usable:
         spec = version.spec
         yield {"action": "list", "id": version.id, "status": "ok", "message": "",
                "model": spec.get("model"), "version": spec.get("version"), "variant": spec.get("variant", ""),
@@ -60,10 +70,6 @@ def info(ref: str, root: Path) -> Iterator[dict]:
            **weights_summary(version)}
 
 
-def published_weights(root: Path) -> list[WeightsFile]:
-    return [w for v in catalogue.versions(root) for w in v.weights if w.published]
-
-
 def verify(root: Path, remote: str | None = None) -> Iterator[dict]:
     """git-annex fsck of every present weights file and sha256 against the spec; or, with ``remote``, that the
     remote holds every published weights file.
@@ -71,7 +77,9 @@ def verify(root: Path, remote: str | None = None) -> Iterator[dict]:
     Damaged content is an error with what to do, on the run that finds it and on every later run: fsck moves
     it to ``.git/annex/bad``, after which the file looks merely absent.
     """
-    weights = published_weights(root)
+    usable, broken = catalogue.load_catalogue(root)
+    yield from broken_records("verify", broken)
+    weights = [w for v in usable for w in v.weights if w.published]
     if remote:
         paths = [str(w.path.relative_to(root)) for w in weights]
         yield from (dict(r, action="verify") for r in annex.fsck(root, paths, remote=remote)) if paths else ()

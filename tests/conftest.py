@@ -43,10 +43,11 @@ def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess
 
 
 def brainzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess, run inside a dataset."""
+    """The real CLI in a subprocess, run inside a dataset (-P: the installed brainzoo, even in a clone of this one)."""
     env = dict(os.environ)
     env.pop("BRAINZOO_ROOT", None)
-    return subprocess.run([sys.executable, "-m", "brainzoo.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-P", "-m", "brainzoo.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env)
 
 
 def load_fixture(name: str) -> dict:

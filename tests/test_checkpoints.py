@@ -121,6 +121,7 @@ def test_damaged_files_are_named_errors(tmp_path, damage):
 def test_the_upstream_ml_mri_pickles_give_every_tensor(name):
     module = read_pickled(SEEDS / f"{name}.full.pt")
     assert module.name in ("models.S500MRI_clf", "__main__.S500MRI_clf")
-    expected = {entry["key"]: entry["shape"] for entry in json.loads((SEEDS / f"{name}.json").read_text())["state_dict"]}
+    fixture = json.loads((SEEDS / f"{name}.json").read_text())
+    expected = {entry["key"]: entry["shape"] for entry in fixture["state_dict"]}
     state = module_state_dict(module)
     assert {key: list(array.shape) for key, array in state.items()} == expected

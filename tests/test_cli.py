@@ -55,7 +55,7 @@ def test_get_explains_how_to_obtain_unconverted_weights(toy_dataset):
     got = brainzoo("get", "neuronets/toy-age/1.0.0", "--json", cwd=toy_dataset)
     [record] = [r for r in json_records(got) if r["action"] == "get"]
     assert record["status"] == "impossible"
-    assert "brainzoo convert --arch sfcn {src} weights/model.h5" in record["message"]
+    assert record["message"].endswith("then run: brainzoo get neuronets/toy-age/1.0.0 --upstream CHECKPOINT")
     assert "https://example.org/checkpoint.p" in record["message"]
 
 

@@ -88,7 +88,7 @@ def test_predict_refuses_a_model_file_that_would_run_code(tmp_path, marker, runt
     root = _catalogue_root(tmp_path, _hostile_model(tmp_path / "hostile.h5", marker, "top").read_bytes())
     out = tmp_path / "mask.nii.gz"
     proc = brainzoo("predict", "brain-mask", str(_scan(tmp_path / "head.nii.gz")), str(out), "--model", TOY,
-                    "--runtime", runtime, cwd=root)
+                    "--runtime", runtime, "--contrast", "T1w", cwd=root)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"{root / TOY / TOY_WEIGHTS}: layer 'payload': Lambda" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -194,6 +194,26 @@ def test_brainzoos_own_architectures_load(tmp_path):
                 check_model_config(file, weights.path)
 
 
+def test_ensemble_members_share_one_graph_and_give_their_own_outputs(tmp_path):
+    """Members with one architecture are built once; each call runs that member's own weights."""
+    paths, expected = {}, {}
+    batch = np.random.default_rng(0).standard_normal((1, 32, 32, 32, 1)).astype(np.float32)
+    for index in range(3):
+        tf.keras.utils.set_random_seed(index)
+        model = sfcn((32, 32, 32, 1), channels=(2, 2, 2, 2, 2, 2))
+        paths[f"member-{index}"] = tmp_path / f"member-{index}.h5"
+        model.save(paths[f"member-{index}"], save_format="h5")
+        expected[f"member-{index}"] = model(batch, training=False).numpy()
+    alone = tmp_path / "other.h5"
+    unet((16, 16, 16, 1), base_filters=2).save(alone, save_format="h5")
+    models = model_files.load_keras_models({**paths, "other": alone})
+    members = [models[name] for name in paths]
+    assert len({member.graph for member in members}) == 1 and isinstance(models["other"], tf.keras.Model)
+    for name in [*paths, *reversed(paths)]:
+        np.testing.assert_allclose(np.asarray(models[name](batch)), expected[name], rtol=1e-6)
+    assert len({float(np.asarray(m(batch)).sum()) for m in members}) == 3
+
+
 @pytest.fixture
 def toy_unet(tmp_path) -> bytes:
     path = tmp_path / "unet.h5"
@@ -231,7 +251,8 @@ def test_damaged_weights_are_refused_with_both_checksums_and_the_repair(tmp_path
     with pytest.raises(BrainzooError, match="differs from the spec"):
         unet((32, 32, 32, 1), base_filters=2, weights=TOY)  # a builder given a catalogue id checks it too
     out = tmp_path / "mask.nii.gz"
-    proc = brainzoo("predict", "brain-mask", str(_scan(tmp_path / "head.nii.gz")), str(out), "--model", TOY, cwd=root)
+    proc = brainzoo("predict", "brain-mask", str(_scan(tmp_path / "head.nii.gz")), str(out), "--model", TOY,
+                    "--contrast", "T1w", cwd=root)
     assert proc.returncode == 1 and f"sha256 {damaged} differs" in proc.stderr and not out.exists()
     weights_path.write_bytes(toy_unet + b"\0")
     with pytest.raises(BrainzooError, match=rf"{weights_path}: {len(toy_unet) + 1} bytes, but the spec .* says "

@@ -93,7 +93,8 @@ def test_brain_age_without_weights_says_how_to_get_them(tmp_path, atlas):
     proc = brainzoo("predict", "brain-age", str(atlas), "--model", "neuronets/sfcn-ukbiobank/1.0.0",
                     "--out", str(tmp_path / "age.json"), cwd=REPO)
     assert proc.returncode == 1
-    assert "no weights yet (produce them by conversion: brainzoo convert --arch sfcn" in proc.stderr
+    assert ("brainzoo get neuronets/sfcn-ukbiobank/1.0.0 --upstream run_20190719_00_epoch_best_mae.p"
+            in proc.stderr)
     assert not (tmp_path / "age.json").exists()
 
 
@@ -101,7 +102,7 @@ def test_study_keeps_going_past_a_failing_scan_and_shards(masker, atlas, tmp_pat
     broken = tmp_path / "broken_T1w.nii.gz"
     broken.write_text("junk")
     table = tmp_path / "study.csv"
-    table.write_text(f"path\n{atlas}\n{broken}\n{atlas}\n")
+    table.write_text(f"id,path\nfirst,{atlas}\nbroken,{broken}\nagain,{atlas}\n")
     records = list(inference.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard="2/2",
                                        force=False, progress=False))
     assert [r["status"] for r in records] == ["error", "ok"]  # shard 2/2 holds only the second row
@@ -109,3 +110,17 @@ def test_study_keeps_going_past_a_failing_scan_and_shards(masker, atlas, tmp_pat
     assert len(rows) == 1 and rows[0]["status"] == "error" and "broken_T1w.nii.gz" in rows[0]["error"]
     with pytest.raises(BrainzooError, match="--shard '3/2'"):
         inference.parse_shard("3/2")
+
+
+@pytest.mark.parametrize("rows, problem", [
+    ("path\na/scan.nii.gz\nb/scan.nii.gz\n", "a/scan.nii.gz and .*b/scan.nii.gz share the id 'scan'"),
+    ("id,path\n../../x,scan.nii.gz\n", "id '../../x' .* must be letters, digits"),
+    ("id,path\nsub 1,scan.nii.gz\n", "id 'sub 1'"),
+])
+def test_study_ids_are_unique_and_stay_inside_the_output_folder(tmp_path, rows, problem):
+    table = tmp_path / "study.csv"
+    table.write_text(rows)
+    with pytest.raises(BrainzooError, match=problem):
+        list(inference.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard=None, force=False,
+                                 progress=False))
+    assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x_mask.nii.gz").exists()

@@ -47,7 +47,7 @@ def test_toy_catalogue_is_valid(catalogue):
     ("spec.yaml", lambda s: s.update(version="1.0.0"),
      f"{TOY}/spec.yaml: version: '1.0.0' does not match the folder (expected '0.1.0')"),
     ("spec.yaml", lambda s: s["weights"][0].pop("sha256"),
-     f"{TOY}/spec.yaml: weights[0]: a weights entry needs either sha256 + size + sources"),
+     f"{TOY}/spec.yaml: weights[0]: a weights entry needs sha256 + size + sources (published)"),
     ("spec.yaml", lambda s: s["weights"][0].update(path="../../other/weights/model.h5"),
      f"{TOY}/spec.yaml: weights[0].path: path '../../other/weights/model.h5' escapes the version folder"),
     ("spec.yaml", lambda s: s["weights"][0].update(path="/etc/passwd"),
@@ -99,4 +99,35 @@ def test_unpublished_weights_need_upstream_and_recipe(catalogue):
     edit_yaml(catalogue / TOY / "spec.yaml", to_recipe)
     assert problems(catalogue) == ""
     edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["weights"][0].pop("upstream"))
-    assert "weights[0]: a weights entry needs either" in problems(catalogue)
+    assert "weights[0]: a weights entry needs sha256 + size + sources" in problems(catalogue)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s.update(weights=5), "weights: 5 is not of type 'array'"),
+    (lambda s: s["weights"][0].update(path="../../outside.h5"), "weights[0].path: path '../../outside.h5' escapes"),
+    (lambda s: s["inference"].pop("output"), "inference: 'output' is a required property"),
+    (lambda s: s["inference"]["preprocessing"].append({"step": "warp-drive"}), "step: 'warp-drive' is not one of"),
+])
+def test_an_unusable_spec_is_an_error_record_and_the_rest_of_the_catalogue_works(catalogue, change, problem):
+    """One broken version stops neither list, verify, bootstrap nor validate; using it is a clear error."""
+    good = "neuronets/toy-copy/0.1.0"
+    shutil.copytree(catalogue / TOY, catalogue / good, symlinks=True)
+    edit_yaml(catalogue / good / "spec.yaml", lambda s: s.update(id=good, model="toy-copy"))
+    edit_yaml(catalogue / TOY / "spec.yaml", change)
+    for command in ("list", "verify", "bootstrap", "validate"):
+        result = brainzoo(command, "--json", cwd=catalogue)
+        records = [yaml.safe_load(line) for line in result.stdout.splitlines()]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+        assert any(r["status"] == "error" and problem in r["message"] for r in records), (command, records)
+        assert any(r["status"] != "error" and good in str(r.get("id") or r.get("path")) for r in records) or \
+            command != "list", (command, records)
+    for command in (("info", TOY), ("get", TOY), ("predict", "brain-mask", "scan.nii.gz", "m.nii.gz", "--model", TOY)):
+        result = brainzoo(*command, cwd=catalogue)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and "unusable spec" in result.stderr, command
+
+
+def test_a_model_folder_outside_the_dataset_is_an_error(catalogue, tmp_path):
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(catalogue / TOY, outside, symlinks=True)
+    result = brainzoo("info", str(outside), cwd=catalogue)
+    assert result.returncode == 1 and "is not inside the dataset" in result.stderr and "Traceback" not in result.stderr

@@ -40,6 +40,9 @@ from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSo
 # SimpleITK (registration, N4) and matplotlib (QC pictures) are imported by the steps that use them: a brain
 # mask needs neither, and their imports would add ~0.4 s to every brain-extraction process.
 
+# What can fit a register step: our own affine registration, or NiftyReg's reg_aladin (the upstream's tool).
+REGISTRATIONS = ("brainzoo", "niftyreg")
+
 
 def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
                        batch_size: int = 1, keep_largest: bool = True, fill_holes: bool = True,
@@ -103,9 +106,32 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
     return mask_img, probability_img, recorder.record
 
 
+def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: ImageSource | None = None,
+                    registration: str = "brainzoo", max_voxels: int = DEFAULT_MAX_VOXELS,
+                    qc_png: str | os.PathLike | None = None,
+                    force: bool = False) -> tuple[nib.Nifti1Image, dict]:
+    """The model-ready volume of a scan after every preprocessing step of the spec, and its record.
+
+    The volume is exactly what :func:`predict_brain_age` feeds the networks. After a ``register`` step it is
+    placed in template (MNI) world, on the template grid as the later crops and resizes leave it, so it
+    overlays the template; the record's ``registration.template_to_input_world`` takes it back to the scan.
+    ``registration`` says what fits a ``register`` step: ``brainzoo`` or ``niftyreg``.
+    """
+    with _Recorder(img, "preprocess") as recorder:
+        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
+        if qc_png is not None:
+            with recorder.timed("qc"):
+                recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
+    affine = volume.affine
+    if context.template_to_input is not None:
+        affine = np.linalg.inv(context.template_to_input) @ affine
+    return nib.Nifti1Image(volume.data, affine), recorder.record
+
+
 def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inference: dict, age: float | None = None,
-                      brain_mask: ImageSource | None = None, max_voxels: int = DEFAULT_MAX_VOXELS,
-                      qc_png: str | os.PathLike | None = None, force: bool = False) -> dict:
+                      brain_mask: ImageSource | None = None, registration: str = "brainzoo",
+                      max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
+                      force: bool = False) -> dict:
     """Brain age of a scan from one model or an ensemble sharing one spec; the record holds the result.
 
     The scan is preprocessed once as the spec says (``brain_mask`` serves a ``brain-extraction`` step), every
@@ -121,17 +147,7 @@ def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inferen
     if age is not None and not (isinstance(age, numbers.Real) and np.isfinite(age) and age >= 0):
         raise BrainzooError(f"chronological age must be a non-negative number of years, not {age!r}")
     with _Recorder(img, "brain-age") as recorder:
-        with recorder.timed("load"):
-            image = load_volume(img, max_voxels=max_voxels)
-            context = _Context(brain_mask=None if brain_mask is None else load_mask(brain_mask, image,
-                                                                                    max_voxels=max_voxels))
-        recorder.describe_input(image)
-        if brain_mask is not None:
-            recorder.record["input"]["brain_mask"] = source_name(brain_mask)
-            if not any(step["step"] == "brain-extraction" for step in spec_inference["preprocessing"]):
-                warnings.warn(f"{source_name(brain_mask)}: not used; this model's preprocessing has no "
-                              "brain-extraction step", stacklevel=2)
-        volume = _preprocess(GriddedVolume.native(image), spec_inference, context, recorder)
+        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
         predictions = []
         for index, model in enumerate(models):
             with recorder.timed("predict"):
@@ -146,6 +162,25 @@ def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inferen
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
     return recorder.record
+
+
+def _load_and_preprocess(img: ImageSource, spec_inference: dict, brain_mask: ImageSource | None, registration: str,
+                         max_voxels: int, recorder: _Recorder) -> tuple[GriddedVolume, _Context]:
+    """Load a scan (and its brain mask) and run the spec's preprocessing: the network input, and what it left."""
+    if registration not in REGISTRATIONS:
+        raise BrainzooError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {registration!r}")
+    with recorder.timed("load"):
+        image = load_volume(img, max_voxels=max_voxels)
+        context = _Context(brain_mask=None if brain_mask is None else load_mask(brain_mask, image,
+                                                                                max_voxels=max_voxels),
+                           registration=registration)
+    recorder.describe_input(image)
+    if brain_mask is not None:
+        recorder.record["input"]["brain_mask"] = source_name(brain_mask)
+        if not any(step["step"] == "brain-extraction" for step in spec_inference["preprocessing"]):
+            warnings.warn(f"{source_name(brain_mask)}: not used; this model's preprocessing has no "
+                          "brain-extraction step", stacklevel=3)
+    return _preprocess(GriddedVolume.native(image), spec_inference, context, recorder), context
 
 
 def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
@@ -207,6 +242,7 @@ class _Context:
     registered: np.ndarray | None = None
     registration: str = "brainzoo"  # what fits a register step: "brainzoo" (ours) or "niftyreg" (reg_aladin)
     step_options: dict | None = None  # the running image step's entry in the spec (a register step's template)
+    template_to_input: np.ndarray | None = None  # a register step's map from template world to scan world
 
 
 def check_preprocessing(steps: list[dict]) -> None:
@@ -276,7 +312,7 @@ def _register(volume: GriddedVolume, model_input: dict, context: _Context, recor
                "template_to_input_world": np.round(template_to_input, 6).tolist()}
     record["registration"] = summary
     check_fit(summary, record["input"]["path"])
-    context.registered = registered
+    context.registered, context.template_to_input = registered, template_to_input
     return volume.moved(registered, np.linalg.inv(volume.affine) @ template_to_input @ FSL_MNI152_AFFINE)
 
 
@@ -309,4 +345,4 @@ def _registration_qc(path: str | os.PathLike, context: _Context, force: bool) ->
     return str(path) if qc.save_registration_qc(path, brain, template_mask, force=force) else None
 
 
-__all__ = ["predict_brain_mask", "predict_brain_age"]
+__all__ = ["predict_brain_mask", "predict_brain_age", "preprocess_scan"]
