@@ -113,6 +113,10 @@ CASES = {
         mask_command(save(head((64, 72, 8), 2.0), t / "slab.nii.gz"), t / "m.nii.gz"), t / "slab.nii.gz"),
     "inverted intensities, no contrast declared": lambda s, t: (
         mask_command(save(head(inverted=True), t / "inverted.nii.gz"), t / "m.nii.gz"), t / "inverted.nii.gz"),
+    "preprocess: output without a NIfTI suffix": lambda s, t: (
+        ["preprocess", "neuronets/sfcn-ukbiobank/1.0.0", str(s), str(t / "volume.npy")], t / "volume.npy"),
+    "preprocess: output is the input": lambda s, t: (
+        ["preprocess", "neuronets/sfcn-ukbiobank/1.0.0", str(s), str(s), "--force"], s),
     "study: output folder is a file": lambda s, t: (
         ["predict", "study", "brain-mask", str(table(t, s)), str(s), "--model", STUDENT], s),
     "study: the table would be overwritten": lambda s, t: (
