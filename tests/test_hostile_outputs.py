@@ -64,6 +64,16 @@ def head(data_shape=(64, 72, 64), voxel_mm=3.0, inverted=False) -> nib.Nifti1Ima
     return nib.Nifti1Image((data.max() - data if inverted else data).astype(np.float32), affine)
 
 
+@pytest.fixture(scope="module")
+def student() -> str:
+    """The student's id, its weights fetched from the in-repo store if this clone lacks them (a fresh clone does)."""
+    from brainzoo import sources
+
+    failed = [r for r in sources.get(REPO, STUDENT) if r["status"] == "error"]
+    assert not failed, failed
+    return STUDENT
+
+
 @pytest.fixture
 def scan(tmp_path) -> Path:
     path = tmp_path / "scan.nii.gz"
@@ -149,7 +159,7 @@ def test_bad_outputs_and_inputs_stop_cleanly_before_any_work(case, scan, tmp_pat
     assert {path: path.read_bytes() for path in before} == before  # the inputs are untouched
 
 
-def test_a_full_disk_at_the_last_output_removes_the_earlier_ones(scan, tmp_path):
+def test_a_full_disk_at_the_last_output_removes_the_earlier_ones(student, scan, tmp_path):
     mask, brain, record = tmp_path / "mask.nii.gz", tmp_path / "brain.nii.gz", tmp_path / "mask.json"
     proc = cli(*mask_command(scan, mask, "--brain", str(brain), "--record", str(record)), full_disk=True)
     assert proc.returncode == 1, proc.stderr
@@ -157,7 +167,7 @@ def test_a_full_disk_at_the_last_output_removes_the_earlier_ones(scan, tmp_path)
     assert leftovers(tmp_path, {scan}) == []  # the mask and brain written before it are gone again
 
 
-def test_a_killed_command_leaves_neither_outputs_nor_partial_files(scan, tmp_path):
+def test_a_killed_command_leaves_neither_outputs_nor_partial_files(student, scan, tmp_path):
     mask, record = tmp_path / "mask.nii.gz", tmp_path / "mask.json"
     command = [sys.executable, "-P", "-c", STALLED_WRITE, *mask_command(scan, mask, "--record", str(record))]
     with subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
@@ -172,7 +182,7 @@ def test_a_killed_command_leaves_neither_outputs_nor_partial_files(scan, tmp_pat
     assert leftovers(tmp_path, {scan}) == []
 
 
-def test_the_checks_give_way_to_force_where_the_user_knows_better(tmp_path):
+def test_the_checks_give_way_to_force_where_the_user_knows_better(student, tmp_path):
     inverted = save(head(inverted=True), tmp_path / "inverted.nii.gz")
     proc = cli(*mask_command(inverted, tmp_path / "m.nii.gz", "--force"))
     assert proc.returncode == 0, proc.stderr
