@@ -2,8 +2,8 @@
 
 Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder, which starts from a
 latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a catalogue id or a file path) and
-``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers, so
-``tf.keras.models.load_model(path, compile=False)`` works.
+``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers; a saved model is
+read back through :func:`brainzoo.model_files.load_keras_model`, which refuses anything not allow-listed first.
 """
 
 from brainzoo.models.agemapper import agemapper

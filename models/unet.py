@@ -1,7 +1,7 @@
 """3D U-Net for brain extraction: nobrainer's ``unet`` ("brainy") topology with readable layer names.
 
-Only stock Keras layers are used, so a saved ``.h5`` loads with a bare
-``tf.keras.models.load_model(path, compile=False)`` — which is what ``nobrainer predict`` does.
+Only stock Keras layers are used, so a saved ``.h5`` needs no brainzoo code to load: ``nobrainer predict``
+reads it as it is (brainzoo reads it through :func:`brainzoo.model_files.load_keras_model`).
 ``base_filters=16`` is exactly nobrainer's ``unet(n_classes, input_shape)`` (same layers in the same
 order, so the same weights list); smaller values give the lighter variants we train on CPUs.
 """
