@@ -118,11 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="JSON record of the prediction")
     q.add_argument("--flair-outputs", help="folder for brainAge.txt and results.json as the FLAIR container writes")
     q.add_argument("--qc", help="QC picture (PNG) of the registration")
+    q = predict_sub.add_parser("classify", parents=[common, scan_options],
+                               help="class probabilities and label of one raw scan (an age group) from a classifier")
+    q.add_argument("infile")
+    q.add_argument("--model", required=True, help="catalogue id of a classifier (its spec gives classes and inputs)")
+    q.add_argument("--sex", help="the scan's sex, as the model's spec codes it (M or F), where the model takes it")
+    q.add_argument("--mask", help="your brain mask for the spec's brain-extraction step "
+                                  "(default: our brain-extraction model draws it)")
+    q.add_argument("--out", help="JSON record of the prediction")
     q = predict_sub.add_parser("study", parents=[common, runtime_option], help="every scan of a CSV/TSV or BIDS folder")
     q.add_argument("--registration", choices=REGISTRATIONS, default="brainzoo",
                    help="brain-age: as for predict brain-age")
-    q.add_argument("task", choices=["brain-mask", "brain-age"])
-    q.add_argument("source", help="CSV/TSV with a path column (optional age, contrast) or a BIDS folder")
+    q.add_argument("task", choices=["brain-mask", "brain-age", "classify"])
+    q.add_argument("source", help="CSV/TSV with a path column (optional age, contrast; sex for classify) or a BIDS "
+                                  "folder")
     q.add_argument("out_dir")
     q.add_argument("--model", help="catalogue id (brain-mask default: deepbet)")
     q.add_argument("--shard", help="K/N: only every N-th scan from the K-th (cluster array jobs)")
@@ -267,7 +276,7 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
     if args.predict_command == "study":
         model = args.model or (catalogue.DEFAULT_BRAIN_MASK_MODEL if args.task == "brain-mask" else None)
         if model is None:
-            raise BrainzooError("predict study brain-age: --model is required (a brain-age catalogue id)")
+            raise BrainzooError(f"predict study {args.task}: --model is required (a catalogue id)")
         yield from inference.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
                                        force=args.force, progress=not args.no_progress, runtime=args.runtime,
                                        registration=args.registration)
@@ -279,6 +288,12 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
             probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
             contrast=args.contrast, force=args.force)
         message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
+    elif args.predict_command == "classify":
+        record = inference.predict_classification_file(
+            args.model, Path(args.infile), covariates={"sex": args.sex}, out_json=optional(args.out),
+            contrast=args.contrast, mask=optional(args.mask), force=args.force)
+        result = record["result"]
+        message = f"{result['label']} (probability {result['probability']:.3f})"
     else:
         record = inference.predict_brain_age_file(
             args.model, Path(args.infile), age=args.age, out_json=optional(args.out),

@@ -233,11 +233,12 @@ def brain_age_version(ref: str) -> Version:
 
 
 def check_converted(version: Version) -> None:
-    """Brain-age weights are made in the user's clone from the upstream checkpoints; say how if they are not."""
+    """Converted weights (brain age, age group) are made in the user's clone from the upstream checkpoints; say how
+    if they are not."""
     unconverted = [w for w in version.weights if not w.published]
     if unconverted:
         hints = "; ".join(f"{w.name}: {w.conversion_hint}" for w in unconverted)
-        raise BrainzooError(f"{version.id}: no brain age without its weights, which are made here by conversion "
+        raise BrainzooError(f"{version.id}: no prediction without its weights, which are made here by conversion "
                             f"from the upstream checkpoints ({hints})")
 
 
@@ -317,6 +318,45 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
         return record
 
 
+def classifier_version(ref: str) -> Version:
+    """A version whose spec's output is class logits (the task comes from the spec, not the command)."""
+    from brainzoo.predict.classification import CLASS_OUTPUTS
+
+    version = catalogue.find_version(ref)
+    if version.spec["inference"]["output"]["type"] not in CLASS_OUTPUTS:
+        raise BrainzooError(f"{version.id}: is a {version.task} model, not a classifier")
+    return version
+
+
+def predict_classification_file(ref: str, infile: Path, *, covariates: dict[str, str | None],
+                                masker: BrainMasker | None = None, out_json: Path | None = None,
+                                contrast: str | None = None, mask: Path | None = None, force: bool = False,
+                                networks: Networks | None = None) -> dict:
+    """Class probabilities and label of one raw scan (brain extraction if the spec needs one); the record, written
+    to ``out_json`` if given. ``covariates``: the values given by name, e.g. ``{"sex": "F"}``."""
+    from brainzoo.predict import predict_classification
+    from brainzoo.predict.classification import covariate_values
+
+    version = classifier_version(ref)
+    coded = covariate_values(version.spec["inference"]["input"], covariates, version.id)
+    check_converted(version)
+    outputs = check_outputs([(out_json, (".json",))], [infile, mask], force)
+    check_scan(version, infile, input_contrast(infile, contrast), force)
+    networks = networks or load_networks(version)
+    with all_or_nothing(outputs):
+        brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
+        record = predict_classification(infile, list(networks.models.values()),
+                                        spec_inference=version.spec["inference"], covariates=coded,
+                                        brain_mask=brain_mask)
+        record["input"]["covariates"] = {name: value for name, value in covariates.items() if value is not None}
+        record["model"] = model_provenance(version, networks.runtime)
+        if mask_record is not None:
+            record["brain_extraction"] = mask_record
+        if out_json is not None:
+            _save_json(record, out_json, force)
+        return record
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``K/N`` (1-based K) -> (K, N); a cluster array job passes its task index as K."""
     if text is None:
@@ -375,7 +415,7 @@ def scan_age(scan: dict) -> float | None:
         raise BrainzooError(f"{scan['path']}: age {text!r} is not a number of years") from None
 
 
-STUDY_TASKS = ("brain-mask", "brain-age", "preprocess")
+STUDY_TASKS = ("brain-mask", "brain-age", "classify", "preprocess")
 
 
 def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
@@ -383,7 +423,8 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
     """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error.
 
     ``preprocess`` writes each scan's model-ready volume; its table keeps the study table's columns (age,
-    sex...) with ``path`` naming that volume, so it feeds ``brainzoo tfrecords`` as it is.
+    sex...) with ``path`` naming that volume, so it feeds ``brainzoo tfrecords`` as it is. ``classify`` takes
+    each covariate the classifier's spec declares from the column of that name (``sex``).
     """
     if task not in STUDY_TASKS:
         raise BrainzooError(f"study task must be one of {', '.join(STUDY_TASKS)}, not {task!r}")
@@ -395,7 +436,8 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
         check_output(table, (".csv",), inputs=[source], force=force)
         masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL,
                                   runtime=runtime)
-        version = brain_age_version(model) if task == "brain-age" else None
+        version = (brain_age_version(model) if task == "brain-age" else
+                   classifier_version(model) if task == "classify" else None)
         # Unconverted weights: every row then records predict_brain_age_file's explanation.
         networks = load_networks(version) if version and all(w.published for w in version.weights) else None
     rows = []
@@ -413,6 +455,15 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
                                                 out_json=out_dir / f"{scan['id']}_brain_age.json",
                                                 contrast=scan.get("contrast"), registration=registration, force=force)
                 row |= {k: v for k, v in record["result"].items() if not isinstance(v, (list, dict))}
+            elif task == "classify":
+                covariates = {c["name"]: scan.get(c["name"]) for c in version.spec["inference"]["input"].get(
+                    "covariates", [])}
+                record = predict_classification_file(model, path, covariates=covariates, masker=masker,
+                                                     networks=networks, out_json=out_dir / f"{scan['id']}_class.json",
+                                                     contrast=scan.get("contrast"), force=force)
+                result = record["result"]
+                row |= {"label": result["label"], "probability": result["probability"],
+                        **{f"p_{label}": p for label, p in result["probabilities"].items()}}
             else:
                 row = {**scan, **row, "path": "", "input": str(path)}
                 output = f"{scan['id']}.nii.gz"

@@ -129,11 +129,9 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:
-    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own; predict runs
-    no age-group classifier yet, so their steps only describe the upstream's preprocessing)."""
+    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own)."""
     inference = spec.get("inference")
-    if (not isinstance(inference, dict) or inference.get("method") == "deepbet"
-            or (inference.get("output") or {}).get("type") == "age-group-logits"):
+    if not isinstance(inference, dict) or inference.get("method") == "deepbet":
         return
     from brainzoo.predict import check_preprocessing
 

@@ -1,4 +1,5 @@
-"""Prediction: a brain mask or a brain age from one NIfTI scan, driven by a model version's spec.
+"""Prediction: a brain mask, a brain age or a class (an age group) from one NIfTI scan, driven by a model version's
+spec.
 
 The spec's ``inference`` section (a plain dict here) says what the model expects: ``input`` (orientation,
 spacing, shape, optional block shape), ``preprocessing`` (steps run in the listed order) and ``output`` (how to
@@ -8,8 +9,9 @@ Preprocessing steps: ``first-volume`` (always done on loading), ``n4`` (bias-fie
 ``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182:
 ``template: mni152-brain``, a brain to the template brain, or ``mni152-head``, a whole head to a whole head),
 ``reorient`` / ``resample`` / ``conform`` (= both, to ``input``'s orientation, spacing and shape), and the
-array steps of :mod:`brainzoo.predict.steps` (``crop``, ``pad``, ``resize``, ``zscore``, ``divide-by-mean``,
-``minmax``, ``percentile``, ``scale``).
+array steps of :mod:`brainzoo.predict.steps` (``crop``, ``pad``, ``resize``, ``bounds-crop``, ``zoom``,
+``transpose``, ``zscore``, ``zscore-above-mean``, ``divide-by-mean``, ``minmax``, ``percentile``, ``scale``,
+``histogram-standardisation``).
 
 Each call returns a record (a plain dict, JSON-ready): the input, the steps with their options, the
 predictions, per-step timings in seconds and the warnings raised on the way (which are also re-issued).
@@ -29,7 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from brainzoo.errors import BrainzooError
-from brainzoo.predict import brain_age
+from brainzoo.predict import brain_age, classification
 from brainzoo.predict.blocks import (Model, predict_block_below_head_top, predict_blocks, predict_brain_block,
                                      run_model)
 from brainzoo.predict.postprocess import clean_mask
@@ -161,6 +163,33 @@ def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inferen
         if qc_png is not None:
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
+    return recorder.record
+
+
+def predict_classification(img: ImageSource, models: Sequence[Model], *, spec_inference: dict,
+                           covariates: Sequence[float] = (), brain_mask: ImageSource | None = None,
+                           max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+    """Class probabilities and the most probable class of a scan (an age group, say), as the spec's output says.
+
+    The scan is preprocessed once as the spec says (``brain_mask`` serves a ``brain-extraction`` step); each
+    model takes the volume and then ``covariates`` (already coded, see
+    :func:`brainzoo.predict.classification.covariate_values`), returns logits, and the record holds each model's
+    probabilities and their mean's most probable class.
+    """
+    _check_spec(spec_inference, classification.CLASS_OUTPUTS)
+    if not models:
+        raise BrainzooError("no model given")
+    classes = spec_inference["output"]["classes"]
+    with _Recorder(img, "classification") as recorder:
+        volume, _ = _load_and_preprocess(img, spec_inference, brain_mask, "brainzoo", max_voxels, recorder)
+        inputs = [volume.data[np.newaxis, ..., np.newaxis], *(np.full((1, 1), c, np.float32) for c in covariates)]
+        predictions = []
+        for index, model in enumerate(models):
+            with recorder.timed("predict"):
+                output = run_model(model, inputs if covariates else inputs[0])
+            predictions.append({"model": index} | classification.decode_class_logits(output, classes))
+        recorder.record["predictions"] = predictions
+        recorder.record["result"] = classification.class_result([p["probabilities"] for p in predictions], classes)
     return recorder.record
 
 
@@ -345,4 +374,4 @@ def _registration_qc(path: str | os.PathLike, context: _Context, force: bool) ->
     return str(path) if qc.save_registration_qc(path, brain, template_mask, force=force) else None
 
 
-__all__ = ["predict_brain_mask", "predict_brain_age", "preprocess_scan"]
+__all__ = ["predict_brain_mask", "predict_brain_age", "predict_classification", "preprocess_scan"]

@@ -116,16 +116,130 @@ def scale(data: np.ndarray, factor: float) -> np.ndarray:
     return (data * np.float32(factor)).astype(np.float32)
 
 
+def bounds_crop(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Crop to the bounding box of the non-zero voxels (a skull-stripped brain's box), as ml_MRI's ``BoundsCrop``.
+
+    The upstream drops every plane whose sum is 0, interior ones included; a brain has none inside its box, so
+    the box is the same volume and keeps the step a plain crop whose index map stays exact.
+    """
+    nonzero = np.nonzero(data)
+    if not nonzero[0].size:
+        raise BrainzooError("preprocessing step 'bounds-crop': the volume is all zero (no brain to crop to)")
+    start = [int(axis.min()) for axis in nonzero]
+    window = tuple(slice(first, int(axis.max()) + 1) for first, axis in zip(start, nonzero))
+    return data[window], _translation(start)
+
+
+def _check_smallest_side(smallest_side: int) -> None:
+    if isinstance(smallest_side, bool) or not isinstance(smallest_side, int) or smallest_side < 2:
+        raise BrainzooError(f"preprocessing step 'zoom': smallest_side must be an integer of at least 2, "
+                            f"not {smallest_side!r}")
+
+
+def zoom(data: np.ndarray, smallest_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zoom by one factor on all axes so that the smallest side becomes ``smallest_side`` voxels (ml_MRI).
+
+    As the upstream's ``scipy.ndimage.zoom(img, smallest_side / min(img.shape))``: cubic spline, each axis
+    ``round(n * factor)`` voxels, the first and last voxel centres kept in place, so output voxel ``i`` samples
+    the input at ``i * (n_in - 1) / (n_out - 1)``.
+    """
+    _check_smallest_side(smallest_side)
+    if min(data.shape) < 2:
+        raise BrainzooError(f"preprocessing step 'zoom': cannot zoom a {_dims(data.shape)} volume")
+    from scipy import ndimage
+
+    zoomed = ndimage.zoom(data.astype(np.float32), smallest_side / min(data.shape), order=3)
+    new_to_old = np.eye(4)
+    new_to_old[:3, :3] = np.diag([(old - 1) / (new - 1) for old, new in zip(data.shape, zoomed.shape)])
+    return zoomed, new_to_old
+
+
+def _check_axes(axes: Sequence[int]) -> None:
+    if not isinstance(axes, (list, tuple)) or sorted(axes) != [0, 1, 2]:
+        raise BrainzooError(f"preprocessing step 'transpose': axes must be a permutation of 0, 1, 2, not {axes!r}")
+
+
+def transpose(data: np.ndarray, axes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Permute the array axes: output axis ``i`` is input axis ``axes[i]`` (ml_MRI swaps the first two)."""
+    _check_axes(axes)
+    new_to_old = np.zeros((4, 4))
+    new_to_old[list(axes), [0, 1, 2]] = 1
+    new_to_old[3, 3] = 1
+    return np.transpose(data, axes), new_to_old
+
+
+def zscore_above_mean(data: np.ndarray) -> np.ndarray:
+    """Z-score with the mean and SD (n - 1) of the voxels brighter than the volume's mean, applied to every voxel.
+
+    torchio's ``ZNormalization(masking_method=ZNormalization.mean)``, which ml_MRI uses: the statistics are the
+    head's (or brain's), not the background's.
+    """
+    values = data[data > data.mean(dtype=np.float64)].astype(np.float64)
+    std = values.std(ddof=1) if values.size > 1 else 0.0
+    if std == 0:
+        raise BrainzooError("preprocessing step 'zscore-above-mean': the voxels above the mean are constant")
+    return ((data - values.mean()) / std).astype(np.float32)
+
+
+def _check_landmarks(percentiles: Sequence[float], landmarks: Sequence[float]) -> None:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*percentiles, *landmarks])
+    if (not isinstance(percentiles, (list, tuple)) or not isinstance(landmarks, (list, tuple)) or not numbers
+            or len(percentiles) < 2 or len(percentiles) != len(landmarks)):
+        raise BrainzooError("preprocessing step 'histogram-standardisation': percentiles and landmarks must be two "
+                            f"lists of numbers of one length (at least 2), not {percentiles!r} and {landmarks!r}")
+    if not (0 <= percentiles[0] and percentiles[-1] <= 100 and np.all(np.diff(percentiles) > 0)):
+        raise BrainzooError("preprocessing step 'histogram-standardisation': percentiles must increase within "
+                            f"[0, 100], not {percentiles!r}")
+    if not np.all(np.diff(landmarks) >= 0):
+        raise BrainzooError(f"preprocessing step 'histogram-standardisation': landmarks must not decrease, "
+                            f"not {landmarks!r}")
+
+
+def histogram_standardisation(data: np.ndarray, percentiles: Sequence[float],
+                              landmarks: Sequence[float]) -> np.ndarray:
+    """Nyul and Udupa's piecewise-linear histogram standardisation, as torchio 0.13's ``HistogramStandardization``.
+
+    The volume's intensities at ``percentiles`` (of every voxel) are mapped onto ``landmarks`` linearly between
+    neighbouring percentiles and, beyond the first and last, along the end segments; a segment between two
+    equal percentiles (background) gets slope 0. torchio uses the percentiles 1, 10, 20, ..., 90, 99.
+    """
+    _check_landmarks(percentiles, landmarks)
+    flat = data.reshape(-1).astype(np.float32)
+    values = np.percentile(flat, percentiles)
+    spans = np.diff(values)
+    spans[spans < 1e-5] = np.inf
+    slopes = np.diff(np.asarray(landmarks, dtype=np.float64)) / spans
+    intercepts = np.asarray(landmarks[:-1], dtype=np.float64) - slopes * values[:-1]
+    segment = np.digitize(flat, values[1:-1])
+    return (slopes[segment] * flat + intercepts[segment]).reshape(data.shape).astype(np.float32)
+
+
+def histogram_landmarks(volumes: Sequence[np.ndarray], percentiles: Sequence[float]) -> list[float]:
+    """Landmarks for :func:`histogram_standardisation` from training volumes, as torchio 0.13's ``train``.
+
+    Each volume's intensities at ``percentiles`` are scaled so that its first and last percentiles map to 0 and
+    100; the landmarks are their mean. Give each volume as the upstream masked it (ml_MRI: its non-zero box).
+    """
+    table = np.array([np.percentile(v.astype(np.float32), percentiles) for v in volumes], dtype=np.float64)
+    slopes = 100 / (table[:, -1] - table[:, 0])
+    return ((slopes @ table) / len(table) + np.mean(-slopes * table[:, 0])).tolist()
+
+
 def _dims(shape: Sequence[int]) -> str:
     return "x".join(str(n) for n in shape)
 
 
 GEOMETRIC_STEPS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
-    "crop": centre_crop, "pad": centre_pad, "resize": resize,
+    "crop": centre_crop, "pad": centre_pad, "resize": resize, "bounds-crop": bounds_crop, "zoom": zoom,
+    "transpose": transpose,
 }
 INTENSITY_STEPS: dict[str, Callable[..., np.ndarray]] = {
     "zscore": zscore, "divide-by-mean": divide_by_mean, "minmax": minmax, "percentile": percentile_window,
-    "scale": scale,
+    "scale": scale, "zscore-above-mean": zscore_above_mean, "histogram-standardisation": histogram_standardisation,
+}
+# Steps whose option values can be checked without a volume (``brainzoo validate`` does, before any work).
+OPTION_VALUE_CHECKS: dict[str, Callable[..., None]] = {
+    "histogram-standardisation": _check_landmarks, "zoom": _check_smallest_side, "transpose": _check_axes,
 }
 ARRAY_STEPS = GEOMETRIC_STEPS.keys() | INTENSITY_STEPS.keys()
 
@@ -143,9 +257,13 @@ def check_options(name: str, function: Callable, options: dict, skip: int = 1) -
 
 
 def check_step_options(step: dict) -> None:
-    """An array step's options must be exactly the keyword arguments of its function."""
+    """An array step's options must be exactly the keyword arguments of its function (and sound, where that can
+    be known without a volume)."""
     name = step["step"]
-    check_options(name, {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], {k: v for k, v in step.items() if k != "step"})
+    options = {k: v for k, v in step.items() if k != "step"}
+    check_options(name, {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], options)
+    if name in OPTION_VALUE_CHECKS:
+        OPTION_VALUE_CHECKS[name](**options)
 
 
 def apply_array_step(volume: GriddedVolume, step: dict) -> GriddedVolume:
