@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("explain", parents=[common, brain_age_options],
+                       help="Grad-CAM map of a brain-age or age-group model on one scan, on the scan's grid")
+    p.add_argument("model", help="catalogue id")
+    p.add_argument("infile", help="the scan (NIfTI)")
+    p.add_argument("outfile", help="the map on the scan's grid, 0 to 1 (.nii or .nii.gz)")
+    p.add_argument("--layer", help="the convolutional layer explained (default: the spec's explain.layer)")
+    p.add_argument("--target", help="a classifier's class, by label or index (default: the predicted class)")
+    p.add_argument("--sex", help="the scan's sex, as the model's spec codes it (M or F), where the model takes it")
+    p.add_argument("--model-grid", help="also write the map on the model's input grid here (.nii or .nii.gz)")
+    p.add_argument("--contrast", help="the scan's contrast (default: from a BIDS suffix such as _T1w)")
+    p.add_argument("--qc", help="also write a picture (PNG) of the map over the scan")
+    p.add_argument("--record", help="also write the JSON record")
+    p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
+
     p = sub.add_parser("evaluate", parents=[common], help="measure a model on a table of scans (card metrics)")
     evaluate_sub = p.add_subparsers(dest="evaluate_command", required=True)
     evaluation_options = argparse.ArgumentParser(add_help=False)
@@ -323,6 +337,20 @@ def preprocess_records(args: argparse.Namespace) -> Iterator[dict]:
            "record": record}
 
 
+def explain_records(args: argparse.Namespace) -> Iterator[dict]:
+    """`brainzoo explain`: the map written, and what it explains."""
+    from brainzoo import explain
+
+    optional = (lambda value: Path(value) if value else None)
+    record = explain.explain_file(args.model, Path(args.infile), Path(args.outfile), layer=args.layer,
+                                  target=args.target, sex=args.sex, model_grid=optional(args.model_grid),
+                                  qc_png=optional(args.qc), record_json=optional(args.record), contrast=args.contrast,
+                                  mask=optional(args.mask), registration=args.registration, force=args.force)
+    explained = record["explanation"]
+    yield {"action": "explain", "path": args.outfile, "status": "ok",
+           "message": f"Grad-CAM of the {explained['target']['score']} on layer {explained['layer']}", "record": record}
+
+
 def training_overrides(args: argparse.Namespace) -> dict:
     return {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
             "seed": args.seed, "checkpoint_every_steps": args.checkpoint_every_steps}
@@ -374,6 +402,8 @@ def run_command(args: argparse.Namespace) -> int:
         return emit(predict_records(args), args.json)
     if args.command == "preprocess":
         return emit(preprocess_records(args), args.json)
+    if args.command == "explain":
+        return emit(explain_records(args), args.json)
     if args.command == "evaluate":
         from brainzoo import evaluate
 

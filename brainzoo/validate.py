@@ -88,7 +88,12 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
         yield str(err)
         return
     spec_rel, card_rel = spec_file.relative_to(root), card_file.relative_to(root)
-    yield from spec_problems(spec, spec_rel, version_folder)
+    problems = list(spec_problems(spec, spec_rel, version_folder))
+    yield from problems
+    if not problems:  # the explain section's layer is looked up in the architecture the schema vouches for
+        from brainzoo.explain import explain_problems
+
+        yield from (f"{spec_rel}: {p}" for p in explain_problems(spec))
     yield from schema_problems("card", card, card_rel)
 
     parts = rel.parts  # neuronets/<model>/<semver>[/<variant>]
