@@ -154,11 +154,15 @@ class EnsembleMember:
     def __init__(self, graph, weights: list[np.ndarray]):
         self.graph, self.weights = graph, weights
 
-    def __call__(self, batch: np.ndarray):
+    def keras_model(self):
+        """The shared graph holding this member's weights, for what a call does not give (a layer's gradients)."""
         if getattr(self.graph, "_brainzoo_member", None) is not self:
             self.graph.set_weights(self.weights)
             self.graph._brainzoo_member = self
-        return self.graph(batch, training=False)
+        return self.graph
+
+    def __call__(self, batch: np.ndarray):
+        return self.keras_model()(batch, training=False)
 
 
 def load_keras_models(paths: dict[str, Path]) -> dict[str, object]:

@@ -124,10 +124,14 @@ def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: Image
         if qc_png is not None:
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
-    affine = volume.affine
-    if context.template_to_input is not None:
-        affine = np.linalg.inv(context.template_to_input) @ affine
-    return nib.Nifti1Image(volume.data, affine), recorder.record
+    return nib.Nifti1Image(volume.data, model_grid_affine(volume, context)), recorder.record
+
+
+def model_grid_affine(volume: GriddedVolume, context: _Context) -> np.ndarray:
+    """Where the network's input grid lies: in the scan's world, or in template world after a register step."""
+    if context.template_to_input is None:
+        return volume.affine
+    return np.linalg.inv(context.template_to_input) @ volume.affine
 
 
 def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inference: dict, age: float | None = None,
