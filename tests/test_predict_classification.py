@@ -60,7 +60,8 @@ def test_bounds_crop_keeps_the_brain_box_and_maps_back(tmp_path):
     volume = apply_array_step(GriddedVolume.native(image), {"step": "bounds-crop"})
     assert volume.data.shape == (81, 111, 71)  # each radius on both sides of the centre voxel
     np.testing.assert_array_equal(volume.data, data[18:99, 25:136, 17:88])
-    np.testing.assert_allclose(volume.affine, image.affine @ [[1, 0, 0, 18], [0, 1, 0, 25], [0, 0, 1, 17], [0, 0, 0, 1]])
+    start = [[1, 0, 0, 18], [0, 1, 0, 25], [0, 0, 1, 17], [0, 0, 0, 1]]
+    np.testing.assert_allclose(volume.affine, image.affine @ np.array(start))
     np.testing.assert_array_equal(volume.to_native_grid(volume.data), data)
     with pytest.raises(BrainzooError, match="all zero"):
         bounds_crop(np.zeros((4, 4, 4), np.float32))
