@@ -2,17 +2,23 @@
 
 (a) Networks that read one octant of their input by construction: the map must sit on that octant of the scan,
 after the preprocessing's axis swaps, flips, crop and resize are undone. (b) A fixture network whose Grad-CAM was
-computed in PyTorch (tests/fixtures/gradcam/make_reference.py): its Keras twin must give the same maps.
+computed in PyTorch (tests/fixtures/gradcam/make_reference.py): its Keras twin must give the same maps. (c) The
+age-group CNN end to end, from a seeded upstream-format checkpoint to the map on the scan's grid, and the
+command's refusals of bad input.
 """
 
 from __future__ import annotations
+
+import json
 
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, brainzoo
 from scipy import ndimage
+# Fixtures: the whole head with its brain mask, and a clone whose 2-class CNN get --upstream made from seeded weights.
+from test_predict_classification import TWO_CLASS, converted_clone, head_and_mask  # noqa: F401
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
@@ -185,3 +191,46 @@ def test_validate_checks_the_explain_section():
     assert any("explain: missing" in p for p in explain_problems({k: v for k, v in spec.items() if k != "explain"}))
     with pytest.raises(BrainzooError, match="target 'elderly' is neither 'predicted', a class label"):
         class_index("elderly", {"type": "age-group-logits", "classes": CLASSES})
+
+
+def test_explain_writes_the_map_on_the_scan_s_grid(converted_clone, head_and_mask, tmp_path):
+    scan, mask = head_and_mask
+    out, on_grid, record, picture = (tmp_path / name for name in ("map.nii.gz", "grid.nii.gz", "r.json", "q.png"))
+    proc = brainzoo("explain", TWO_CLASS, str(scan), str(out), "--sex", "F", "--mask", str(mask), "--model-grid",
+                    str(on_grid), "--record", str(record), "--qc", str(picture), cwd=converted_clone)
+    assert proc.returncode == 0, proc.stderr
+    scan_image, saliency = nib.load(scan), nib.load(out)
+    assert saliency.shape == scan_image.shape and np.allclose(saliency.affine, scan_image.affine)
+    values = saliency.get_fdata()
+    assert 0.5 < values.max() <= 1 and values.min() >= 0
+    # The network sees the brain's bounding box only (brain extraction, then bounds-crop): so does the map.
+    brain = np.argwhere(nib.load(mask).get_fdata() > 0)
+    box = tuple(slice(max(low - 1, 0), high + 2) for low, high in zip(brain.min(axis=0), brain.max(axis=0)))
+    outside = np.ones(values.shape, bool)
+    outside[box] = False
+    assert values[outside].max() == 0
+    assert nib.load(on_grid).shape == (128, 128, 128)
+    written = json.loads(record.read_text())
+    explained = written["explanation"]
+    assert explained["layer"] == "block_3_relu_2" and explained["layer_grid"] == [8, 8, 8]
+    assert explained["target"]["chosen"] == "predicted" and explained["target"]["label"] in ("22-30", "31+")
+    assert written["model"]["id"] == TWO_CLASS and picture.stat().st_size > 0
+
+    before = out.read_bytes()
+    new = str(tmp_path / "new.nii.gz")
+    refusals = [
+        ((str(tmp_path / "absent.nii.gz"), new, "--sex", "F"), "absent.nii.gz: no such file"),
+        ((str(scan), str(out), "--sex", "F"), "map.nii.gz: already exists; pass --force"),
+        ((str(scan), str(tmp_path / "new.txt"), "--sex", "F"), "new.txt: this output's name must end in .nii"),
+        ((str(scan), new), f"{TWO_CLASS}: takes the sex as an input beside the scan: pass --sex M or F"),
+        ((str(scan), new, "--sex", "F", "--target", "elderly"), "target 'elderly' is neither 'predicted', a class"),
+        ((str(scan), new, "--sex", "F", "--layer", "block_9_relu_2"), "has no layer 'block_9_relu_2'"),
+    ]
+    for args, message in refusals:
+        proc = brainzoo("explain", TWO_CLASS, *args, "--mask", str(mask), cwd=converted_clone)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    proc = brainzoo("explain", "neuronets/brainzoo-unet/0.5.0", str(scan), new, cwd=converted_clone)
+    assert proc.returncode == 1 and "Grad-CAM explains the brain-age and age-group models" in proc.stderr
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.nii.gz", "map.nii.gz", "q.png", "r.json"]
