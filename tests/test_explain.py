@@ -126,6 +126,52 @@ def test_an_ensemble_map_is_the_mean_of_its_members_maps():
     assert len(both.scores) == 2
 
 
+def test_the_map_comes_back_through_the_registration_s_recorded_map(monkeypatch):
+    """A spec that registers (as the brain-age models do): a known rigid move stands in for the fit, and the map must
+    land on the octant the network reads, carried into the scan's world by the recorded template-to-scan map."""
+    from brainzoo.predict import registration
+
+    turn_z, turn_x = np.deg2rad(10), np.deg2rad(5)
+    template_to_scan = np.array([[np.cos(turn_z), -np.sin(turn_z), 0, 4], [np.sin(turn_z), np.cos(turn_z), 0, -6],
+                                 [0, 0, 1, 3], [0, 0, 0, 1]]) @ np.array([
+        [1, 0, 0, 0], [0, np.cos(turn_x), -np.sin(turn_x), 0], [0, np.sin(turn_x), np.cos(turn_x), 0], [0, 0, 0, 1]])
+
+    def known_fit(data, affine, *, template):
+        registered = registration.resample_to_template(data, affine, template_to_scan)
+        return registered, template_to_scan, {"template": template, "axis_scales": [1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr(registration, "register_to_mni152", known_fit)
+    shape = (121, 146, 121)  # the template's field of view in 1.5 mm voxels, moved by the known map
+    scan_affine = template_to_scan @ np.array([[1.5, 0, 0, -90], [0, 1.5, 0, -126], [0, 0, 1.5, -72], [0, 0, 0, 1]])
+    smooth = ndimage.gaussian_filter(np.random.default_rng(1).random(shape), 2)
+    scan = nib.Nifti1Image((1 + smooth).astype(np.float32), scan_affine)
+    spec_inference = {"input": {"contrast": ["T1w"], "orientation": "LAS", "spacing_mm": [6, 7, 6],
+                                "shape": list(GRID)},
+                      "preprocessing": [{"step": "register", "template": "mni152-brain"},
+                                        {"step": "crop", "shape": [96, 112, 96]},
+                                        {"step": "resize", "shape": list(GRID)}, {"step": "minmax"}],
+                      "output": {"type": "age"}}
+    native, model_grid, record = explain_scan(scan, [octant_network("age", 1)], spec_inference=spec_inference,
+                                              layer=OCTANT_LAYER)
+    recorded = np.array(record["registration"]["template_to_input_world"])
+    np.testing.assert_allclose(recorded, template_to_scan, atol=1e-6)
+
+    # The octant the network reads: its grid is LAS on the template grid, centre-cropped, so the upper corner is
+    # left of, anterior to and above the crop's centre, template voxel (90.5, 108.5, 90.5).
+    indices = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), axis=-1)
+    in_template = nib.affines.apply_affine(np.linalg.inv(template_to_scan) @ scan_affine, indices)
+    crop_centre = nib.affines.apply_affine(registration.FSL_MNI152_AFFINE, [90.5, 108.5, 90.5])
+    octant = np.all((in_template - crop_centre) * [-1, 1, 1] > 0, axis=-1)
+    values = native.get_fdata()
+    assert values[octant].sum() > 0.85 * values.sum()
+
+    # And the scan-grid map is the model-grid map resampled into the scan's world through the recorded map.
+    to_model_grid = np.linalg.inv(model_grid.affine) @ np.linalg.inv(recorded) @ scan_affine
+    coordinates = np.moveaxis(nib.affines.apply_affine(to_model_grid, indices), -1, 0)
+    expected = ndimage.map_coordinates(model_grid.get_fdata(), coordinates, order=1)
+    np.testing.assert_allclose(values, expected, atol=1e-4)
+
+
 def keras_twin(state: dict[str, np.ndarray]) -> tf.keras.Model:
     """The fixture network of make_reference.py in Keras (channels last), holding its PyTorch weights."""
     volume = tf.keras.Input((*GRID, 1), name="volume")
