@@ -183,13 +183,14 @@ def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, la
 
 def explain_settings(spec: dict, layer: str | None = None, target: str | int | None = None) -> tuple[str, str | int]:
     """The layer and target to explain: those given, else the spec's ``explain`` defaults."""
-    if spec["task"] not in EXPLAINED_TASKS or "explain" not in spec:
+    if spec["task"] not in EXPLAINED_TASKS:
         raise BrainzooError(f"{spec['id']}: is a {spec['task']} model; Grad-CAM explains the brain-age and "
-                            "age-group models (their specs' explain section)")
-    defaults = spec["explain"]
-    output_spec = spec["inference"]["output"]
+                            "age-group models")
+    defaults = spec.get("explain", {})
+    if layer is None and "layer" not in defaults:
+        raise BrainzooError(f"{spec['id']}: its spec names no layer to explain (explain.layer); pass --layer")
     if target is not None:
-        class_index(target, output_spec)  # refuses a target for a regressor, and an unknown class
+        class_index(target, spec["inference"]["output"])  # refuses a target for a regressor, and an unknown class
     return layer or defaults["layer"], target if target is not None else defaults.get("target", PREDICTED)
 
 

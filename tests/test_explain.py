@@ -22,7 +22,8 @@ from test_predict_classification import TWO_CLASS, converted_clone, head_and_mas
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.explain import class_index, explain_problems, explain_scan, grad_cam, on_input_grid
+from brainzoo.explain import (class_index, explain_problems, explain_scan, explain_settings, grad_cam,
+                              on_input_grid)
 from brainzoo.models.layers import batch_norm, conv3d
 
 layers = tf.keras.layers
@@ -223,6 +224,21 @@ def test_the_predicted_class_is_the_default_target(reference):
     result = grad_cam([keras_twin(state)], reference["input"][np.newaxis, ..., np.newaxis], layer="features",
                       output_spec=output_spec)
     assert result.class_index == int(np.argmax(reference["logits"]))
+
+
+def test_the_layer_and_target_default_to_the_spec_s_and_what_cannot_be_explained_is_refused():
+    classifier = catalogue.find_version(TWO_CLASS, REPO).spec
+    assert explain_settings(classifier) == ("block_3_relu_2", "predicted")
+    assert explain_settings(classifier, "block_2_relu_2", "31+") == ("block_2_relu_2", "31+")
+    regressor = catalogue.find_version("neuronets/sfcn-ukbiobank/1.0.0", REPO).spec
+    with pytest.raises(BrainzooError, match="map explains its age; a target is for classifiers"):
+        explain_settings(regressor, target="1")
+    unexplained = {key: value for key, value in regressor.items() if key != "explain"}
+    with pytest.raises(BrainzooError, match="names no layer to explain .*; pass --layer"):
+        explain_settings(unexplained)
+    assert explain_settings(unexplained, "conv_4_relu") == ("conv_4_relu", "predicted")
+    with pytest.raises(BrainzooError, match="is a brain-extraction model; Grad-CAM explains the brain-age and"):
+        explain_settings(catalogue.find_version("neuronets/brainzoo-unet/0.5.0", REPO).spec)
 
 
 def test_validate_checks_the_explain_section():
