@@ -1,4 +1,5 @@
-"""deepbet's brain extraction (Fisch et al. 2024) around the Keras networks of :mod:`brainzoo.models.deepbet`.
+"""deepbet's brain extraction (Fisch et al. 2024) around the networks of :mod:`brainzoo.models.deepbet`, run by
+ONNX Runtime or Keras.
 
 The steps and their arithmetic are those of deepbet 1.0.2's ``BrainExtraction.run``, so that the masks
 agree voxel for voxel:
@@ -27,9 +28,11 @@ import numpy as np
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
-from brainzoo.models.deepbet import BRAIN_CHANNEL, deepbet_bbox, deepbet_segmentation
 
 CATALOGUE_VERSION = "deepbet/1.0.2"
+# The brain channel of both networks' two-channel softmax: brainzoo.models.deepbet.BRAIN_CHANNEL, which imports
+# TensorFlow (tests/test_onnx_runtime.py holds the two equal).
+BRAIN_CHANNEL = 1
 BBOX_GRID = (128, 128, 128)
 SEGMENTATION_GRID = (256, 256, 256)
 WINDOW_QUANTILES = (0.005, 0.995)
@@ -200,7 +203,8 @@ def _native(array: np.ndarray, image: Image, dtype) -> nib.Nifti1Image:
 
 
 class DeepbetExtractor:
-    """deepbet's brain extraction with both Keras networks loaded once, for many scans."""
+    """deepbet's brain extraction with both networks loaded once, for many scans. A network is anything called on a
+    float32 batch (1, D, H, W, 1) that returns the softmax (1, D, H, W, 2): an :class:`OnnxModel` or a Keras model."""
 
     def __init__(self, bbox_model, segmentation_model):
         self.bbox_model = bbox_model
@@ -208,14 +212,26 @@ class DeepbetExtractor:
 
     @classmethod
     def from_weights(cls, bbox: str | os.PathLike = CATALOGUE_VERSION,
-                     segmentation: str | os.PathLike = CATALOGUE_VERSION) -> DeepbetExtractor:
-        """Networks from ``.h5`` files or a catalogue version (default ``deepbet/1.0.2``)."""
-        return cls(deepbet_bbox(weights=bbox), deepbet_segmentation(weights=segmentation))
+                     segmentation: str | os.PathLike = CATALOGUE_VERSION,
+                     runtime: str = "onnxruntime") -> DeepbetExtractor:
+        """Networks from whole-model ``.h5`` files or a catalogue version (default ``deepbet/1.0.2``), run by
+        ONNX Runtime (no TensorFlow import) or, with ``runtime="keras"``, as Keras models."""
+        from brainzoo.model_files import load_keras_model, open_model_file, verified_weights_path
+
+        paths = [verified_weights_path(bbox, "bbox"), verified_weights_path(segmentation, "segmentation")]
+        if runtime == "keras":
+            return cls(*map(load_keras_model, paths))
+        if runtime != "onnxruntime":
+            raise BrainzooError(f"runtime must be onnxruntime or keras, not {runtime!r}")
+        from brainzoo.predict.onnx_runtime import OnnxModel
+
+        for path in paths:
+            open_model_file(path).close()  # the same allow-list of layers as a Keras load
+        return cls(*map(OnnxModel, paths))
 
     @staticmethod
     def _brain_probability(model, volume: np.ndarray) -> np.ndarray:
-        batch = volume[None, ..., None].astype(np.float32)
-        return model(batch, training=False).numpy()[0, ..., BRAIN_CHANNEL]
+        return np.asarray(model(volume[None, ..., None].astype(np.float32)))[0, ..., BRAIN_CHANNEL]
 
     def probability(self, volume: np.ndarray, source: str = "the input volume") -> tuple[np.ndarray, tuple[slice, ...]]:
         """Brain probability on a RAS-oriented float32 volume's own grid (zero outside the box), and the box."""

@@ -6,9 +6,9 @@ ensemble), how its brain-extraction model runs (``inference.method``: ``blocks``
 versions, the sha256 of each weights file used and the runtime that ran them, so a result can be traced to
 exact bytes.
 
-Runtimes: a U-Net for brain extraction runs by ONNX Runtime where every layer maps
-(:mod:`brainzoo.predict.onnx_runtime`; ``auto``, the default), which spares the process TensorFlow's import;
-``keras`` runs it in TensorFlow. Everything else runs in Keras.
+Runtimes: every network runs by ONNX Runtime where every layer of its .h5 maps (:mod:`brainzoo.predict.onnx_runtime`;
+``auto``, the default), which spares the process TensorFlow's import; every network of the catalogue maps, so Keras
+is only the fallback for a .h5 holding a layer that does not. ``keras`` runs it in TensorFlow.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def check_runtime(runtime: str) -> None:
         raise BrainzooError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
 
 
-def load_networks(version: Version, runtime: str = "keras") -> Networks:
+def load_networks(version: Version, runtime: str = "auto") -> Networks:
     """Every weights file of a version, run by ONNX Runtime (``onnxruntime``; ``auto`` if every layer of every
     file maps, else Keras) or as Keras models (``keras``).
 
@@ -162,13 +162,11 @@ class BrainMasker:
         check_runtime(runtime)
         inference = version.spec["inference"]
         threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
+        # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
+        networks = functools.cache(lambda: load_networks(version, runtime))
         if inference.get("method", "blocks") == "deepbet":
             from brainzoo.deepbet_pipeline import DeepbetExtractor
 
-            if runtime == "onnxruntime":
-                raise BrainzooError(f"{version.id}: the deepbet port runs in Keras only (--runtime keras or auto)")
-            # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
-            networks = functools.cache(lambda: load_networks(version, "keras"))
             extractor = functools.cache(lambda: DeepbetExtractor(networks().models["bbox"],
                                                                  networks().models["segmentation"]))
 
@@ -182,7 +180,6 @@ class BrainMasker:
                           "timings_s": {"total": round(time.perf_counter() - started, 3)}}
                 return result.mask, result.probability, record
         else:
-            networks = functools.cache(lambda: load_networks(version, runtime))
             spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
 
             def run(scan):

@@ -1,39 +1,74 @@
-"""Keras U-Nets run by ONNX Runtime (brainzoo.predict.onnx_runtime) compute what Keras computes."""
+"""Keras networks run by ONNX Runtime (brainzoo.predict.onnx_runtime) compute what Keras computes, and prediction
+processes run them without importing TensorFlow.
+
+Tolerances. Both runtimes compute in float32 (unit roundoff 6e-8) but add in different orders (convolutions as
+blocked matrix products, batch norms folded into convolutions), so an output may differ by the rounding of some
+hundred additions of terms of its own size, or of order 1 for a small output that is a sum of such terms: 1e-5 of
+the output's largest magnitude, or of 1 if that is smaller. The deepbet port's twenty instance norms each divide by a
+feature map's standard deviation, which amplifies those differences: its probabilities get 1e-4 (3e-5 seen on the
+seeded network below).
+"""
 
 import json
+import os
 import subprocess
 import sys
 
 import h5py
 import nibabel as nib
 import numpy as np
+import onnx
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, SHARED_DATA, needs_shared_data
-from brainzoo import catalogue, sources
+from conftest import REPO, SHARED_DATA, needs_shared_data, write_index, write_version
+from brainzoo import catalogue, deepbet_pipeline, inference, sources
 from brainzoo.errors import BrainzooError
 from brainzoo.inference import BrainMasker
 from brainzoo.metrics import dice
+from brainzoo.models import (agemapper, densenet169_3d, inception_resnet_v2_3d, s500mri_classifier, sfcn,
+                             vae_c_encoder)
+from brainzoo.models.deepbet import BRAIN_CHANNEL, deepbet_bbox
 from brainzoo.models.unet import unet
-from brainzoo.predict.onnx_runtime import OnnxModel, UnsupportedModel
+from brainzoo.predict.onnx_runtime import LAYERS, OnnxModel, UnsupportedModel, keras_h5_to_onnx
+from brainzoo.predict.registration import FSL_MNI152_AFFINE, mni152_brain
 from brainzoo.predict.steps import percentile_window
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
 from brainzoo.training.synthetic import synthetic_head
 
 STUDENT = "neuronets/brainzoo-unet/0.5.0"
+DEEPBET = "neuronets/deepbet/1.0.2"
+UKBIOBANK_SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
+RELATIVE_TOLERANCE = 1e-5
+DEEPBET_TOLERANCE = 1e-4
+
+# Every architecture of brainzoo.models at a size its architecture allows, small enough to build and run in seconds:
+# builder call, batch size, absolute tolerance (None: RELATIVE_TOLERANCE of the output's largest magnitude, at least 1).
+ARCHITECTURES = {
+    "sfcn": (lambda: sfcn((32, 40, 32, 1), channels=(4, 4, 4, 4, 4, 4)), 2, None),
+    "densenet169_3d": (lambda: densenet169_3d((32, 32, 32, 1)), 2, None),
+    "inception_resnet_v2_3d": (lambda: inception_resnet_v2_3d((9, 9, 9, 1)), 2, None),
+    "agemapper_2mm": (lambda: agemapper((16, 20, 16, 1), resolution="2mm", channels=(2, 2, 2, 2, 2)), 2, None),
+    "deepbet": (lambda: deepbet_bbox((32, 32, 64, 1)), 2, DEEPBET_TOLERANCE),
+    "s500mri_classifier": (lambda: s500mri_classifier(num_classes=4), 1, None),  # 128^3 only
+    "vae_c_encoder": (lambda: vae_c_encoder(), 1, None),  # 128^3 only; five outputs
+}
 
 
-def _saved_unet(path, norm, seed=0):
-    """A small U-Net with random weights, and batch-norm statistics that are not the identity, saved as .h5."""
-    tf.keras.utils.set_random_seed(seed)
-    model = unet((16, 16, 16, 1), base_filters=2, norm=norm)
-    rng = np.random.default_rng(seed)
+def _randomise_batch_norms(model, rng):
+    """Batch-norm parameters and statistics that are not the identity, so that their mapping counts."""
     for layer in model.layers:
         if isinstance(layer, tf.keras.layers.BatchNormalization):
             gamma, beta, mean, variance = layer.get_weights()
             layer.set_weights([gamma + rng.normal(0, 0.2, gamma.shape), beta + rng.normal(0, 0.2, beta.shape),
                                rng.normal(0, 0.5, mean.shape), rng.uniform(0.5, 2, variance.shape)])
+
+
+def _saved_unet(path, norm, seed=0):
+    """A small U-Net with random weights and batch norms, saved as .h5."""
+    tf.keras.utils.set_random_seed(seed)
+    model = unet((16, 16, 16, 1), base_filters=2, norm=norm)
+    _randomise_batch_norms(model, np.random.default_rng(seed))
     model.save(path)
     return tf.keras.models.load_model(path, compile=False)
 
@@ -63,13 +98,72 @@ def test_nobrainers_own_unet_with_a_softmax_head_matches_keras(batchnorm, tmp_pa
     np.testing.assert_allclose(output, keras_model(batch).numpy(), atol=1e-5)
 
 
-def test_a_layer_without_a_mapping_is_named(tmp_path):
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_every_architecture_matches_keras(architecture, tmp_path):
+    build, batch_size, tolerance = ARCHITECTURES[architecture]
+    tf.keras.utils.set_random_seed(3)
+    model = build()
+    _randomise_batch_norms(model, np.random.default_rng(3))
+    model.save(tmp_path / "model.h5")
+    rng = np.random.default_rng(4)
+    inputs = [rng.normal(size=(batch_size, *x.shape[1:])).astype(np.float32) for x in model.inputs]
+    graph = keras_h5_to_onnx(tmp_path / "model.h5")
+    onnx.checker.check_model(graph)
+    ours = OnnxModel(graph)(inputs if len(inputs) > 1 else inputs[0])
+    theirs = model(inputs if len(inputs) > 1 else inputs[0], training=False)
+    ours, theirs = (ours, theirs) if isinstance(theirs, list) else ([ours], [theirs])
+    assert len(ours) == len(theirs) == len(model.outputs)
+    for mine, keras in zip(ours, map(np.asarray, theirs)):
+        assert mine.shape == keras.shape
+        np.testing.assert_allclose(mine, keras, rtol=0,
+                                   atol=tolerance or RELATIVE_TOLERANCE * max(1.0, float(np.abs(keras).max())))
+
+
+def test_the_pipeline_reads_the_brain_channel_the_networks_write():
+    assert deepbet_pipeline.BRAIN_CHANNEL == BRAIN_CHANNEL
+
+
+def _unmapped(kind: str, marker):
+    """A tiny network with one layer or option that has no exact ONNX mapping, called ``kind``."""
+    layers = tf.keras.layers
     inputs = tf.keras.Input((8, 8, 8, 1), name="image")
-    x = tf.keras.layers.Conv3D(2, 3, padding="same", name="conv")(inputs)
-    outputs = tf.keras.layers.UpSampling3D(2, name="upsample")(x)
-    tf.keras.Model(inputs, outputs).save(tmp_path / "other.h5")
-    with pytest.raises(UnsupportedModel, match=r"other\.h5: layer 'upsample': UpSampling3D layers are not mapped"):
+    x = layers.Conv3D(2, 3, padding="same", name="conv")(inputs)
+    x = {"UpSampling3D": layers.UpSampling3D(2, name=kind),
+         "Lambda": layers.Lambda(lambda t: t + len(open(str(marker), "w").name) * 0, name=kind),
+         "strided_same": layers.Conv3D(2, 3, strides=2, padding="same", name=kind),
+         "relu6": layers.ReLU(6.0, name=kind),
+         "softmax_axis_1": layers.Softmax(axis=1, name=kind),
+         "same_average_pool": layers.AveragePooling3D(2, padding="same", name=kind)}[kind](x)
+    return tf.keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("kind, problem", [
+    ("UpSampling3D", "UpSampling3D layers are not mapped"), ("Lambda", "Lambda layers are not mapped"),
+    ("strided_same", "'same' padding with an even kernel or a stride"), ("relu6", "a ReLU with a ceiling"),
+    ("softmax_axis_1", "a softmax over axis 1"), ("same_average_pool", "pooling with padding 'same'")])
+def test_a_layer_without_an_exact_mapping_is_named_and_never_run(kind, problem, tmp_path):
+    marker = tmp_path / "lambda-ran"
+    _unmapped(kind, str(marker)).save(tmp_path / "other.h5")
+    marker.unlink(missing_ok=True)  # building the Lambda ran it once, here
+    with pytest.raises(UnsupportedModel, match=rf"other\.h5: layer '{kind}': {problem}"):
         OnnxModel(tmp_path / "other.h5")
+    assert not marker.exists()
+    assert "Lambda" not in LAYERS
+
+
+def test_auto_falls_back_to_keras_only_for_a_network_that_does_not_map(tmp_path, monkeypatch):
+    _unmapped("UpSampling3D", None).save(tmp_path / "model.h5")
+    spec = json.loads(json.dumps(catalogue.find_version(STUDENT, REPO).spec)) | {"id": "neuronets/unmapped/1.0.0"}
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "sources": [{"type": "inrepo-store"}]}]
+    write_version(tmp_path / "root", spec, catalogue.find_version(STUDENT, REPO).card,
+                  weights={"weights/model.h5": (tmp_path / "model.h5").read_bytes()})
+    write_index(tmp_path / "root")
+    monkeypatch.setenv("BRAINZOO_ROOT", str(tmp_path / "root"))
+    version = catalogue.find_version("neuronets/unmapped/1.0.0")
+    assert inference.load_networks(version).runtime.startswith("tensorflow ")
+    with pytest.raises(UnsupportedModel, match="layer 'UpSampling3D'"):
+        inference.load_networks(version, "onnxruntime")
 
 
 def test_a_file_that_is_not_a_keras_model_is_named(tmp_path):
@@ -125,20 +219,64 @@ def test_the_runtime_is_chosen_recorded_and_checked(student_weights, tmp_path):
     assert np.mean(masks["auto"] != masks["keras"]) < 1e-4
     with pytest.raises(BrainzooError, match="runtime must be one of auto, onnxruntime, keras, not 'torch'"):
         BrainMasker.load(STUDENT, runtime="torch")
-    with pytest.raises(BrainzooError, match="the deepbet port runs in Keras only"):
-        BrainMasker.load("neuronets/deepbet/1.0.2", runtime="onnxruntime")
 
 
-def test_a_brain_mask_process_never_imports_tensorflow(student_weights, tmp_path):
+# Run by a fresh interpreter: each command of the JSON list in argv[1] ([folder, *args]) through the CLI from that
+# folder, with any import of TensorFlow or Keras made to fail.
+WITHOUT_TENSORFLOW = """
+import json, os, sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "keras"):
+            raise ImportError(f"{name} was imported by a prediction process")
+
+sys.meta_path.insert(0, NoTensorFlow())
+from brainzoo.cli import main
+for folder, *args in json.loads(sys.argv[1]):
+    os.chdir(folder)
+    if main(args) != 0:
+        sys.exit(f"failed: brainzoo {' '.join(args)}")
+"""
+
+
+def _brain_age_catalogue(root, seed=0):
+    """A dataset holding the UK Biobank SFCN's spec with a seeded SFCN of a few channels as its weights (the real
+    ones are converted by each user); the input and the steps are the published ones."""
+    tf.keras.utils.set_random_seed(seed)
+    model = sfcn(channels=(2, 2, 2, 2, 2, 2))
+    _randomise_batch_norms(model, np.random.default_rng(seed))
+    model.save(root.parent / "sfcn.h5")
+    version = catalogue.find_version(UKBIOBANK_SFCN, REPO)
+    spec = json.loads(json.dumps(version.spec))
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "sources": [{"type": "inrepo-store"}]}]
+    write_version(root, spec, version.card, weights={"weights/model.h5": (root.parent / "sfcn.h5").read_bytes()})
+    write_index(root)
+
+
+def test_prediction_processes_never_import_tensorflow(student_weights, deepbet_weights, tmp_path):
     head = synthetic_head(40.0, shape=(96, 112, 96), seed=6)
     nib.save(nib.Nifti1Image(head.volume, head.affine), tmp_path / "head_T1w.nii.gz")
-    code = ("import sys; from brainzoo.cli import main; code = main(sys.argv[1:]); "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; sys.exit(code)")
-    argv = [sys.executable, "-c", code, "predict", "brain-mask", str(tmp_path / "head_T1w.nii.gz"),
-            str(tmp_path / "mask.nii.gz"), "--model", STUDENT, "--record", str(tmp_path / "mask.json")]
-    proc = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=300)
+    # A brain for brain age: the template's at 2 mm (registered in half the time of 1 mm), its mask given as --mask.
+    brain, brain_mask = (volume[::2, ::2, ::2] for volume in mni152_brain())
+    affine = FSL_MNI152_AFFINE @ np.diag([2, 2, 2, 1])
+    nib.save(nib.Nifti1Image(np.round(brain * 1000).astype(np.int16), affine), tmp_path / "brain_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(brain_mask.astype(np.uint8), affine), tmp_path / "brain_mask.nii.gz")
+    _brain_age_catalogue(tmp_path / "root")
+    commands = [[str(REPO), "predict", "brain-mask", str(tmp_path / "head_T1w.nii.gz"),
+                 str(tmp_path / f"{name}.nii.gz"), "--model", model, "--record", str(tmp_path / f"{name}.json")]
+                for name, model in (("student", STUDENT), ("deepbet", DEEPBET))]
+    commands.append([str(tmp_path / "root"), "predict", "brain-age", str(tmp_path / "brain_T1w.nii.gz"), "--model",
+                     UKBIOBANK_SFCN, "--mask", str(tmp_path / "brain_mask.nii.gz"), "--age", "60",
+                     "--out", str(tmp_path / "age.json")])
+    environment = {key: value for key, value in os.environ.items() if key != "BRAINZOO_ROOT"}
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, json.dumps(commands)], capture_output=True,
+                          text=True, env=environment, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((tmp_path / "mask.json").read_text())
-    assert record["model"]["runtime"].startswith("onnxruntime ")
-    assert record["prediction"]["brain_block_passes"] in (1, 2)
-    assert dice(np.asarray(nib.load(tmp_path / "mask.nii.gz").dataobj) > 0, head.mask > 0) > 0.8
+    records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("student", "deepbet", "age")}
+    assert all(record["model"]["runtime"].startswith("onnxruntime ") for record in records.values()), records
+    assert records["student"]["prediction"]["brain_block_passes"] in (1, 2)
+    for name in ("student", "deepbet"):
+        assert dice(np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj) > 0, head.mask > 0) > 0.8, name
+    assert 42 < records["age"]["result"]["brain_age"] < 82
