@@ -58,7 +58,8 @@ def main() -> None:
     import torch
     torch.set_num_threads(args.threads)
 
-    from brainzoo.convert import ARCHITECTURES, convert_state_dict
+    from brainzoo.convert.names import ARCHITECTURES
+    from brainzoo.convert.state_dict import convert_state_dict
     from brainzoo.models.torch_reference import REFERENCES
 
     # TensorFlow uses oneDNN kernels on this CPU only when asked; that changes its timings severalfold.

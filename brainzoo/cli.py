@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator
 import yaml
 
 from brainzoo import __version__, catalogue, inference, mirror, publish, sources, validate, zoo
+from brainzoo.convert import CONVERTERS
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import REGISTRATIONS
 
@@ -92,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan_options.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
     runtime_option = argparse.ArgumentParser(add_help=False)
     runtime_option.add_argument("--runtime", choices=inference.RUNTIMES, default="auto",
-                                help="what runs a brain-extraction U-Net: onnxruntime (no TensorFlow import) or keras; "
-                                     "auto: onnxruntime where every layer maps (default)")
+                                help="what runs the networks: onnxruntime (no TensorFlow import) or keras; "
+                                     "auto: onnxruntime where every layer maps, else keras (default)")
     q = predict_sub.add_parser("brain-mask", parents=[common, scan_options, runtime_option],
                                help="brain extraction of one scan")
     q.add_argument("infile")
@@ -224,11 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rewrite an existing set")
 
     p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
-    p.add_argument("--arch", required=True, choices=[*CONVERTIBLE, *DEEPBET_NETWORKS],
+    p.add_argument("--arch", required=True, choices=list(CONVERTERS),
                    help="architecture of the checkpoint (deepbet-*: read from the installed deepbet package)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST: checkpoint and output .h5 (deepbet-*: DST only)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="builder option (YAML value)")
-    p.add_argument("--force", action="store_true", help="overwrite DST")
+    p.add_argument("--record", metavar="JSON", help="where the conversion record goes (default: DST with .json)")
+    p.add_argument("--force", action="store_true", help="overwrite DST and the record")
 
     training_options = argparse.ArgumentParser(add_help=False)
     training_options.add_argument("--train", required=True, help="training TFRecords (folder, glob or file)")
@@ -252,37 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-CONVERTIBLE = ("sfcn", "densenet169", "inception-resnet-v2", "agemapper-1mm", "agemapper-2mm", "s500mri",
-               "vae-c-encoder", "vae-c-decoder")
-DEEPBET_NETWORKS = ("deepbet-bbox", "deepbet-segmentation")
-
-
 def convert_records(args: argparse.Namespace) -> Iterator[dict]:
     """`brainzoo convert`: the record written beside the model, as a result record."""
-    expected = 1 if args.arch in DEEPBET_NETWORKS else 2
+    from brainzoo import convert
+
+    expected = 2 if CONVERTERS[args.arch].takes_checkpoint else 1
     if len(args.paths) != expected:
         raise BrainzooError(f"--arch {args.arch} takes {'DST' if expected == 1 else 'SRC DST'}, got {len(args.paths)} path(s)")
-    dst = Path(args.paths[-1])
-    if args.arch in DEEPBET_NETWORKS:
-        from brainzoo.models import deepbet_convert
-
-        record = deepbet_convert.convert(deepbet_convert.NETWORKS[args.arch.removeprefix("deepbet-")], dst,
-                                         dst.with_suffix(".json"), force=args.force)
-        difference = record["self_check"]["max_abs_difference"]
-    else:
-        from brainzoo import convert
-
-        options = {}
-        for item in args.option:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise BrainzooError(f"--option {item!r}: expected KEY=VALUE")
-            options[key] = yaml.safe_load(value)
-        record = convert.convert_checkpoint(args.arch, args.paths[0], dst, options, force=args.force)
-        difference = record["self_check"].get("max_abs_difference")
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise BrainzooError(f"--option {item!r}: expected KEY=VALUE")
+        options[key] = yaml.safe_load(value)
+    src, dst = (args.paths[0] if expected == 2 else None), Path(args.paths[-1])
+    record = convert.convert(args.arch, src, dst, options, force=args.force, record_file=args.record)
+    check = record["self_check"]
+    checked = (f"self-check max abs difference {check['max_abs_difference']:.3g}" if check["status"] == "passed"
+               else f"self-check skipped: {check['reason']}")
     yield {"action": "convert", "path": str(dst), "status": "ok",
-           "message": f"written with {dst.with_suffix('.json').name}; self-check max abs difference {difference}",
-           "record": record}
+           "message": f"written with {args.record or convert.record_path(dst)}; {checked}", "record": record}
 
 
 def predict_records(args: argparse.Namespace) -> Iterator[dict]:

@@ -15,7 +15,6 @@ the spec change only once all of them have passed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -23,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import brainzoo
 from brainzoo import annex, catalogue, zoo
 from brainzoo.sources import datalad_results, is_set_up
 from brainzoo.catalogue import Version, WeightsFile
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import sha256_of
+from brainzoo.validate import definition_problems
 
 
 @dataclass(frozen=True)
@@ -125,41 +124,32 @@ def recipe_architecture(weights: WeightsFile) -> str:
 def already_converted(source: UpstreamFile) -> bool:
     """The entry holds this very file's conversion, present and intact."""
     entry = source.weights.entry
-    return (entry.get("conversion", {}).get("source_sha256") == source.sha256 and source.weights.present
+    return (entry.get("conversion", {}).get("source", {}).get("sha256") == source.sha256 and source.weights.present
             and sha256_of(source.weights.path) == entry.get("sha256"))
 
 
-SELF_CHECK_FIELDS = ("status", "reason", "torch", "max_abs_difference", "tolerance")
-
-
 def convert_into(source: UpstreamFile, version: Version, scratch: Path, built: dict) -> tuple[Path, dict]:
-    """Convert one upstream file into ``scratch``; the model file and its conversion record.
+    """Convert one upstream file into ``scratch``; the model file and its conversion record (as the spec keeps it).
 
     ``built`` keeps the Keras model built for each architecture, refilled for every member of an ensemble.
     """
     from brainzoo import convert
+    from brainzoo.convert import state_dict
 
     arch = recipe_architecture(source.weights)
     options = version.spec.get("architecture", {}).get("options") or {}
     target = scratch / source.weights.name / source.weights.path.name
     target.parent.mkdir(parents=True)
     if arch not in built:
-        built[arch] = convert.BUILDERS[convert.architecture(arch).builder](**convert.resolved_options(arch, options))
-    record = convert.convert_checkpoint(arch, source.path, target, options, into=built[arch])
+        built[arch] = state_dict.build(arch, options)
+    record = convert.convert(arch, source.path, target, options, into=built[arch])
     expected_parameters = version.spec.get("architecture", {}).get("parameters")
-    if expected_parameters is not None and record["parameters"] != expected_parameters:
-        raise BrainzooError(f"{source.path}: converts to {record['parameters']:,} parameters; {version.id} "
-                            f"has {expected_parameters:,}")
-    conversion = {
-        "source_file": source.path.name, "source_size": source.size, "source_sha256": source.sha256,
-        "source_git_blob": source.git_blob,
-        "upstream_verified": source.verified is not None,
-        "verified_by": source.verified or "not verified: converted with --allow-unverified",
-        "architecture": arch, "options": record["options"], "converter": f"brainzoo {brainzoo.__version__}",
-        "tensorflow": record["tensorflow_version"],
-        "self_check": {key: value for key, value in record["self_check"].items() if key in SELF_CHECK_FIELDS},
-    }
-    return target, conversion
+    if expected_parameters is not None and record["keras_model"]["parameters"] != expected_parameters:
+        raise BrainzooError(f"{source.path}: converts to {record['keras_model']['parameters']:,} parameters; "
+                            f"{version.id} has {expected_parameters:,}")
+    record["source"].update(file=source.path.name, git_blob=source.git_blob,
+                            verified_by=source.verified or "not verified: converted with --allow-unverified")
+    return target, record
 
 
 def get_upstream(root: Path, ref: str, files: list[str | os.PathLike],
@@ -211,8 +201,9 @@ def install(root: Path, version: Version, converted: list[tuple[UpstreamFile, Pa
     entries = {entry["name"]: entry for entry in spec["weights"]}
     for source, model_file, conversion in converted:
         entries[source.weights.name].update(size=model_file.stat().st_size, sha256=sha256_of(model_file),
-                                            conversion=json.loads(json.dumps(conversion, default=str)))
-    problems = [problem for s, _, _ in converted for problem in weights_entry_problems(entries[s.weights.name])]
+                                            conversion=conversion)
+    problems = [f"weights {s.weights.name!r}: {problem}" for s, _, _ in converted
+                for problem in definition_problems("weights_entry", entries[s.weights.name])]
     if problems:
         raise BrainzooError(f"{spec_file}: the converted weights cannot be recorded: {'; '.join(problems)}")
     for source, model_file, _ in converted:
@@ -230,17 +221,6 @@ def install(root: Path, version: Version, converted: list[tuple[UpstreamFile, Pa
               if r["status"] in ("error", "impossible")]
     if failed:
         raise BrainzooError(f"{version.id}: converted, but datalad save failed: {failed[0]['message']}")
-
-
-def weights_entry_problems(entry: dict) -> list[str]:
-    """What the spec schema finds wrong with one weights entry."""
-    import jsonschema
-
-    from brainzoo.validate import schema
-
-    entry_schema = {"$defs": schema("spec").schema["$defs"], "$ref": "#/$defs/weights_entry"}
-    return [f"weights {entry['name']!r}: {error.message}"
-            for error in jsonschema.Draft202012Validator(entry_schema).iter_errors(entry)]
 
 
 def rel(root: Path, path: Path) -> str:

@@ -26,6 +26,13 @@ def schema(name: str) -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(json.loads(text))
 
 
+def definition_problems(definition: str, data) -> list[str]:
+    """What the spec schema's ``$defs`` entry ``definition`` finds wrong with ``data`` (a weights entry, a record)."""
+    spec_schema = schema("spec").schema
+    validator = jsonschema.Draft202012Validator({"$defs": spec_schema["$defs"], "$ref": f"#/$defs/{definition}"})
+    return [f"{_field(err.absolute_path)}: {err.message}" for err in validator.iter_errors(data)]
+
+
 def _field(path) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or "(top level)"
 
@@ -113,6 +120,34 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
     for i, entry in enumerate(spec["weights"] if isinstance(spec.get("weights"), list) else []):
         if isinstance(entry, dict):
             yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
+    if isinstance(spec.get("conversion"), dict) and isinstance(spec.get("weights"), list):
+        yield from (f"{spec_rel}: {p}" for p in conversion_record_problems(spec, version_folder))
+
+
+def conversion_record_problems(spec: dict, version_folder: Path) -> Iterator[str]:
+    """Each record of the spec's ``conversion`` has the record schema and names a weights file by its checksum."""
+    checksums = {Path(entry["path"]).name: entry.get("sha256") for entry in spec["weights"]
+                 if isinstance(entry, dict) and isinstance(entry.get("path"), str)}
+    for i, relative in enumerate(spec["conversion"].get("records") or []):
+        where = f"conversion.records[{i}]"
+        if not inside(version_folder, relative) or not (version_folder / relative).is_file():
+            yield f"{where}: {relative} is not a file in the version folder"
+            continue
+        try:
+            record = json.loads((version_folder / relative).read_text())
+        except json.JSONDecodeError as err:
+            yield f"{where}: {relative} is not JSON ({err})"
+            continue
+        problems = definition_problems("conversion_record", record)
+        yield from (f"{where}: {relative}: {problem}" for problem in problems)
+        if problems:
+            continue
+        model = record["keras_model"]
+        if model["file"] not in checksums:
+            yield f"{where}: {relative} records {model['file']}, which no weights entry holds"
+        elif checksums[model["file"]] != model["sha256"]:
+            yield (f"{where}: {relative} records sha256 {model['sha256']} for {model['file']}; the weights entry says "
+                   f"{checksums[model['file']]}")
 
 
 def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[str]:
@@ -131,6 +166,23 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
     for i, entry in enumerate(spec["weights"]):
         if "recipe" in entry:
             yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe"))
+            yield from (f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe"))
+
+
+def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:
+    """A recipe converts with a registered checkpoint converter that fills the spec's architecture."""
+    from brainzoo.convert import CONVERTERS
+
+    argv = recipe["argv"]
+    arch = argv[argv.index("--arch") + 1] if "--arch" in argv[:-1] else None
+    if argv[:2] != ["brainzoo", "convert"] or arch is None:
+        yield f"{where}.argv: a recipe is `brainzoo convert --arch NAME ...`, got {' '.join(argv)!r}"
+    elif arch not in CONVERTERS or not CONVERTERS[arch].takes_checkpoint:
+        known = ", ".join(name for name, c in CONVERTERS.items() if c.takes_checkpoint)
+        yield f"{where}.argv: --arch {arch}: no checkpoint converter of that name (known: {known})"
+    elif CONVERTERS[arch].builder != spec["architecture"]["builder"]:
+        yield (f"{where}.argv: --arch {arch} fills a {CONVERTERS[arch].builder} network, but the spec's architecture "
+               f"is {spec['architecture']['builder']}")
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:

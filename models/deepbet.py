@@ -7,7 +7,7 @@ network that labels brain on a 256^3 crop around it. Both end in a two-channel s
 
 Every layer is named after the TorchScript module it reproduces with dots turned into underscores
 (``down1.block1.double_conv.0`` is ``down1_block1_double_conv_0``), so the converter in
-:mod:`brainzoo.models.deepbet_convert` maps tensors by name, and checks each layer's kernel, stride,
+:mod:`brainzoo.convert.deepbet` maps tensors by name, and checks each layer's kernel, stride,
 padding, output padding and epsilon against the TorchScript graph it converts.
 """
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import SHARED
 
 from brainzoo.checkpoints import Opaque, module_state_dict, read_pickled
-from brainzoo.convert import read_checkpoint
+from brainzoo.convert.state_dict import read_checkpoint
 from brainzoo.errors import BrainzooError
 
 torch = pytest.importorskip("torch", reason="writing checkpoints in torch's formats needs torch")

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainzoo.convert import ARCHITECTURES, convert_checkpoint, convert_state_dict, read_checkpoint, record_path
+from brainzoo.convert import convert, record_path, record_problems
+from brainzoo.convert.names import ARCHITECTURES
+from brainzoo.convert.state_dict import convert_state_dict, read_checkpoint
 from brainzoo.errors import BrainzooError
 from brainzoo.models import pytorch_parameter_count
 from conftest import load_fixture, seeded_state_dict
@@ -156,7 +158,7 @@ def test_a_bad_checkpoint_file_writes_nothing(torch, tmp_path, agemapper_state, 
         source.write_text("hello")
     message = BAD_STATES[damage][1] if damage in BAD_STATES else "not a readable PyTorch checkpoint"
     with pytest.raises(BrainzooError, match=f"weights.pth: .*{message}"):
-        convert_checkpoint("agemapper-1mm", source, tmp_path / "agemapper.h5")
+        convert("agemapper-1mm", source, tmp_path / "agemapper.h5")
     assert [p.name for p in tmp_path.iterdir()] == ["weights.pth"]
 
 
@@ -176,7 +178,7 @@ def test_a_checkpoint_without_tensors_is_refused(torch, tmp_path):
 def test_an_existing_output_is_kept_without_force(tmp_path):
     (tmp_path / "model.h5").write_text("keep me")
     with pytest.raises(BrainzooError, match="model.h5: already exists"):
-        convert_checkpoint("sfcn", tmp_path / "weights.p", tmp_path / "model.h5")
+        convert("sfcn", tmp_path / "weights.p", tmp_path / "model.h5")
     assert (tmp_path / "model.h5").read_text() == "keep me"
     assert not record_path(tmp_path / "model.h5").exists()
 
@@ -192,12 +194,14 @@ def test_original_checkpoint_files_convert(torch, tmp_path, checkpoint):
     arch = ARCHITECTURE_OF_FIXTURE[fixture_name]
     destination = tmp_path / f"{fixture_name}.h5"
 
-    record = convert_checkpoint(arch, source, destination)
+    record = convert(arch, source, destination)
 
     assert json.loads(record_path(destination).read_text()) == json.loads(json.dumps(record))
-    assert record["architecture"] == arch
-    assert record["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
-    assert record["torch_version"] == torch.__version__ and record["tensorflow_version"] == tf.__version__
+    assert record_problems(record) == []
+    assert record["converter"] == arch
+    assert record["source"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert record["keras_model"]["sha256"] == hashlib.sha256(destination.read_bytes()).hexdigest()
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["tensorflow"] == tf.__version__
     assert record["self_check"]["status"] == "passed"
     assert record["self_check"]["max_abs_difference"] <= record["self_check"]["tolerance"]
     # The files hold the fixture's seeded tensors, so the saved model gives the original's output.

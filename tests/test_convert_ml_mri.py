@@ -19,7 +19,8 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from brainzoo.convert import convert_checkpoint, convert_state_dict, record_path
+from brainzoo.convert import convert, record_path
+from brainzoo.convert.state_dict import convert_state_dict
 from brainzoo.models import pytorch_parameter_count
 from conftest import FIXTURES, REPO, SHARED, brainzoo, seeded_state_dict
 from test_convert import fixture_input
@@ -134,7 +135,7 @@ def test_a_whole_vae_checkpoint_converts_with_a_passing_self_check(tmp_path, arc
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     whole = seeded_state_dict(load_seed_fixture("vae_c_2class")["state_dict"])
     torch.save({key: torch.from_numpy(value) for key, value in whole.items()}, tmp_path / "vae.pt")
-    record = convert_checkpoint(arch, tmp_path / "vae.pt", tmp_path / f"{arch}.h5")
+    record = convert(arch, tmp_path / "vae.pt", tmp_path / f"{arch}.h5")
     assert record["self_check"]["status"] == "passed"
     assert record["self_check"]["reference"].endswith({"vae-c-encoder": "VAECEncoder",
                                                        "vae-c-decoder": "VAECDecoder"}[arch])
@@ -147,7 +148,8 @@ def test_pytorch_reference_reproduces_the_original_output(fixture_name):
     """The self-check's reference implementations, against the original's outputs (the encoder's own keys are the
     whole VAE_age's under ``encoder.``)."""
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
-    from brainzoo.convert import ARCHITECTURES, network_state
+    from brainzoo.convert.names import ARCHITECTURES
+    from brainzoo.convert.state_dict import network_state
     from brainzoo.models.torch_reference import REFERENCES
 
     arch, options, names = CONVERSIONS[fixture_name]
@@ -181,7 +183,7 @@ def test_upstream_format_whole_module_pickles_convert_through_the_cli(tmp_path, 
     assert result.returncode == 0, result.stderr
     record = json.loads(record_path(tmp_path / "model.h5").read_text())
     assert record["self_check"]["status"] == ("passed" if importlib.util.find_spec("torch") else "skipped")
-    assert record["parameters"] == load_seed_fixture(fixture_name)["parameters"]
+    assert record["keras_model"]["parameters"] == load_seed_fixture(fixture_name)["parameters"]
     fixture = load_seed_fixture(fixture_name)
     loaded = tf.keras.models.load_model(tmp_path / "model.h5", compile=False)
     (logits,) = keras_outputs(loaded, fixture_inputs(fixture))

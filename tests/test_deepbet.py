@@ -7,6 +7,7 @@ also needs ../shared/data.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -18,7 +19,8 @@ import tensorflow as tf
 
 from brainzoo import deepbet_pipeline as pipeline
 from brainzoo.errors import BrainzooError
-from brainzoo.models import deepbet_convert
+from brainzoo.convert import convert, record_problems
+from brainzoo.convert import deepbet as deepbet_convert
 from brainzoo.models.deepbet import InstanceNormalization, conv_transpose3d, deepbet_bbox, deepbet_segmentation
 from brainzoo.models.layers import conv3d, max_pool_after_relu
 
@@ -301,17 +303,23 @@ def test_weights_have_no_subnormal_floats(converted):
 
 
 def test_convert_writes_a_loadable_model_and_its_record(converted, tmp_path):
-    weights, record_path = tmp_path / "bbox.h5", tmp_path / "bbox.json"
-    record = deepbet_convert.convert(deepbet_convert.NETWORKS["bbox"], weights, record_path)
-    assert record == json.loads(record_path.read_text())
-    assert record["self_check"]["max_abs_difference"] < 1e-3
-    assert record["output"]["tensors_mapped"] == len(DEEPBET_TENSORS)
+    """Through the registry, as `brainzoo convert --arch deepbet-bbox DST --record R` runs it."""
+    weights, record_file = tmp_path / "bbox.h5", tmp_path / "conversion" / "bbox.json"
+    record_file.parent.mkdir()
+    record = convert("deepbet-bbox", None, weights, record_file=record_file)
+    assert record == json.loads(record_file.read_text()) and record_problems(record) == []
+    assert record["self_check"]["status"] == "passed" and record["self_check"]["max_abs_difference"] < 1e-3
+    assert record["self_check"]["subnormal_fraction"] == {"torchscript": 0.0, "keras": 0.0}
+    assert record["source"]["package"] == "deepbet 1.0.2" and record["source"]["file"] == "data/models/bbox_model.pt"
+    assert record["keras_model"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     loaded = tf.keras.models.load_model(weights, compile=False)
     assert [layer.name for layer in loaded.layers] == [layer.name for layer in converted["bbox"][0].layers]
     for ours, expected in zip(loaded.get_weights(), converted["bbox"][0].get_weights(), strict=True):
         np.testing.assert_array_equal(ours, expected)
     with pytest.raises(BrainzooError, match="already exists"):
-        deepbet_convert.convert(deepbet_convert.NETWORKS["bbox"], weights, record_path)
+        convert("deepbet-bbox", None, weights, record_file=record_file)
+    with pytest.raises(BrainzooError, match="deepbet-bbox takes DST only"):
+        convert("deepbet-bbox", weights, tmp_path / "other.h5")
 
 
 def test_a_different_architecture_is_refused(converted):

@@ -63,7 +63,7 @@ def test_one_scan_leaves_r_and_the_age_bias_undefined_and_off_the_card():
 @pytest.fixture(scope="module")
 def seeded_sfcn(tmp_path_factory) -> bytes:
     """The bytes of a Keras .h5 SFCN holding the conversion fixture's seeded tensors."""
-    from brainzoo.convert import convert_state_dict
+    from brainzoo.convert.state_dict import convert_state_dict
 
     state = seeded_state_dict(load_fixture("sfcn_peng2021")["state_dict"])
     model = convert_state_dict("sfcn", state, {"input_shape": (INPUT_SIZE,) * 3 + (1,)})

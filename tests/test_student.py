@@ -81,7 +81,7 @@ def test_weights_are_the_cards_network_without_subnormal_floats(student):
     """The card's 1.19 M parameters, and none of HD-BET's trap: subnormal floats that make CPUs crawl."""
     import tensorflow as tf
 
-    from brainzoo.models.deepbet_convert import subnormal_fraction
+    from brainzoo.convert.deepbet import subnormal_fraction
 
     model = tf.keras.models.load_model(catalogue.resolve_weights(student.version.id, "model"), compile=False)
     assert model.count_params() == 1_193_761

@@ -23,7 +23,7 @@ def source_version(root, model_file) -> None:
 
     The published layout (40 bins over [42, 82] years), trained here at 32^3 (SFCN is fully convolutional).
     """
-    from brainzoo.convert import convert_state_dict
+    from brainzoo.convert.state_dict import convert_state_dict
 
     converted = REPO / "neuronets" / "sfcn-ukbiobank" / "1.0.0"
     spec = yaml.safe_load((converted / "spec.yaml").read_text())

@@ -187,8 +187,10 @@ def test_every_brain_age_version_from_upstream_checkpoints_to_a_brain_age(versio
     spec = spec_of(fresh_clone, version_id)
     for entry, checkpoint in zip(spec["weights"], files):
         conversion = entry["conversion"]
-        assert conversion["source_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-        assert conversion["upstream_verified"] is False and conversion["self_check"]["status"] == "passed"
+        assert conversion["source"]["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        assert conversion["source"]["file"] == checkpoint.name and conversion["self_check"]["status"] == "passed"
+        assert conversion["source"]["verified_by"] == "not verified: converted with --allow-unverified"
+        assert conversion["keras_model"]["sha256"] == entry["sha256"]
         assert entry["sha256"] == hashlib.sha256((fresh_clone / version_id / entry["path"]).read_bytes()).hexdigest()
     assert sh("git", "status", "--porcelain", cwd=fresh_clone).stdout == ""  # saved with DataLad
     assert list(version_problems(fresh_clone / version_id, fresh_clone)) == []  # what `brainzoo validate` checks

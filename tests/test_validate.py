@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import yaml
 
-from brainzoo.validate import validate
+from brainzoo.validate import conversion_record_problems, validate
 from conftest import REPO, brainzoo
 
 TOY = "neuronets/toy/0.1.0"
@@ -91,6 +92,7 @@ def test_index_must_list_every_version_with_its_task(catalogue):
 
 def test_unpublished_weights_need_upstream_and_recipe(catalogue):
     def to_recipe(spec):
+        spec["architecture"] = {"builder": "sfcn", "options": {}}
         spec["weights"][0] = {
             "name": "model", "path": "weights/model.h5",
             "upstream": {"url": "https://example.org/model.p", "license": "MIT"},
@@ -100,6 +102,42 @@ def test_unpublished_weights_need_upstream_and_recipe(catalogue):
     assert problems(catalogue) == ""
     edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["weights"][0].pop("upstream"))
     assert "weights[0]: a weights entry needs sha256 + size + sources" in problems(catalogue)
+
+
+
+@pytest.mark.parametrize("arch, problem", [
+    ("warp", "--arch warp: no checkpoint converter of that name (known: sfcn, densenet169"),
+    ("deepbet-bbox", "--arch deepbet-bbox: no checkpoint converter of that name"),
+    ("densenet169", "--arch densenet169 fills a densenet169_3d network, but the spec's architecture is sfcn"),
+])
+def test_a_recipe_names_a_registered_converter_of_the_specs_architecture(catalogue, arch, problem):
+    def to_recipe(spec):
+        spec["architecture"] = {"builder": "sfcn", "options": {}}
+        spec["weights"][0] = {
+            "name": "model", "path": "weights/model.h5",
+            "upstream": {"url": "https://example.org/model.p", "license": "MIT"},
+            "recipe": {"argv": ["brainzoo", "convert", "--arch", arch, "model.p", "weights/model.h5"], "options": {}}}
+    edit_yaml(catalogue / TOY / "spec.yaml", to_recipe)
+    assert f"{TOY}/spec.yaml: weights[0].recipe.argv: {problem}" in problems(catalogue)
+
+
+def test_conversion_records_must_match_the_schema_and_the_weights(tmp_path):
+    """The deepbet version's records, as `brainzoo convert --record` wrote them, checked against its spec."""
+    deepbet = REPO / "neuronets" / "deepbet" / "1.0.2"
+    spec = yaml.safe_load((deepbet / "spec.yaml").read_text())
+    shutil.copytree(deepbet / "conversion", tmp_path / "conversion")
+    assert list(conversion_record_problems(spec, tmp_path)) == []
+    record_file = tmp_path / "conversion" / "bbox.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "keras_model": {**record["keras_model"], "sha256": "0" * 64}}))
+    assert any(f"conversion/bbox.json records sha256 {'0' * 64} for bbox.h5; the weights entry says" in p
+               for p in conversion_record_problems(spec, tmp_path))
+    record_file.write_text(json.dumps({key: value for key, value in record.items() if key != "self_check"}))
+    assert ["conversion.records[0]: conversion/bbox.json: (top level): 'self_check' is a required property"] == \
+        list(conversion_record_problems(spec, tmp_path))
+    record_file.unlink()
+    assert list(conversion_record_problems(spec, tmp_path)) == [
+        "conversion.records[0]: conversion/bbox.json is not a file in the version folder"]
 
 
 @pytest.mark.parametrize("change, problem", [

@@ -1,31 +1,25 @@
-"""PyTorch checkpoints of the published brain-age networks -> Keras HDF5 models.
+"""PyTorch checkpoints (state_dicts) -> Keras models, tensor by tensor and by name.
 
-Every tensor is placed by name: each Keras layer's name translates to the PyTorch module path it came
-from (a table of patterns per architecture below), and from the layer type follow the tensor names and
-layouts. A checkpoint with a missing, unexpected or misshapen tensor is refused with the offending keys
-listed; nothing is matched by position or by shape.
-
-``convert_state_dict`` works on numpy arrays; ``convert_checkpoint`` reads the file without torch
-(:mod:`brainzoo.checkpoints`), checks the Keras model against the PyTorch reference implementation
-(:mod:`brainzoo.models.torch_reference`) and writes the model plus a JSON record of the conversion.
+Every tensor is placed by name: each Keras layer's name translates to the PyTorch module path it came from (the
+tables in :mod:`brainzoo.convert.names`), and from the layer type follow the tensor names and layouts. A checkpoint
+with a missing, unexpected or misshapen tensor is refused with the offending keys listed; nothing is matched by
+position or by shape. Checkpoints are read without torch (:mod:`brainzoo.checkpoints`); the result is checked
+against the PyTorch reference implementation (:mod:`brainzoo.models.torch_reference`) where torch is installed.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import re
-import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from brainzoo.convert.names import architecture, torch_module_path
 from brainzoo.errors import BrainzooError
-from brainzoo.fileio import atomic_output, check_writable, sha256_of
+from brainzoo.fileio import sha256_of
 from brainzoo.models import BUILDERS
 
 layers = tf.keras.layers
@@ -38,104 +32,6 @@ OPTIONAL_SUFFIX = "num_batches_tracked"
 # The conversion fixtures' tolerance: float32 agreement relative to the output's magnitude.
 RELATIVE_TOLERANCE = 1e-4
 LISTED_KEYS = 12
-
-Rule = tuple[str, str | Callable[[re.Match], str]]
-
-
-def _irv2_block(name: str) -> str:
-    """Inception-ResNet-v2 block name -> its index in the original ``features`` Sequential."""
-    kind, number = re.fullmatch(r"(stem|block_a|reduction_a|block_b|reduction_b|block_c)(\d*)", name).groups()
-    first_index = {"stem": 0, "block_a": 0, "reduction_a": 6, "block_b": 6, "reduction_b": 17, "block_c": 17}[kind]
-    return f"features.{first_index + int(number or 0)}"
-
-
-# Keras layer name (full match) -> PyTorch module path, per architecture. Group references keep the table short.
-SFCN_RULES: tuple[Rule, ...] = (
-    (r"conv_(\d+)_conv", r"feature_extractor.conv_\1.0"),
-    (r"conv_(\d+)_bn", r"feature_extractor.conv_\1.1"),
-    (r"classifier_conv_(\d+)", r"classifier.conv_\1"),
-)
-AGEMAPPER_RULES: tuple[Rule, ...] = (
-    (r"conv_(\d+)_conv", r"Feature_Extractor.Convolution_\1.0"),
-    (r"conv_(\d+)_bn", r"Feature_Extractor.Convolution_\1.1"),
-    (r"fc_(\d)", r"FullyConnected.FullyConnected_\1"),
-)
-DENSENET169_RULES: tuple[Rule, ...] = (
-    (r"(conv0|norm0|norm5)", r"0.features.\1"),
-    (r"denseblock(\d)_denselayer(\d+)_(norm1|conv1|norm2|conv2)", r"0.features.denseblock\1.denselayer\2.layers.\3"),
-    (r"transition(\d)_(norm|conv)", r"0.features.transition\1.\2"),
-    (r"class_layers_out", "0.class_layers.out"),
-    (r"output_linear", "1"),
-)
-INCEPTION_RESNET_V2_RULES: tuple[Rule, ...] = (
-    (r"stem_features_(\d)_(conv|bn)", r"features.0.features.\1.\2"),
-    (r"stem_branch_(a|2)_(conv|bn)", r"features.0.branch_\1.\2"),
-    (r"stem_branch_(\d)_(\d)_(conv|bn)", r"features.0.branch_\1.\2.\3"),
-    (r"(block_\w\d+|reduction_\w)_branch_(\d)_(conv|bn)", lambda m: f"{_irv2_block(m[1])}.branch_{m[2]}.{m[3]}"),
-    (r"(block_\w\d+|reduction_\w)_branch_(\d)_(\d)_(conv|bn)",
-     lambda m: f"{_irv2_block(m[1])}.branch_{m[2]}.{m[3]}.{m[4]}"),
-    (r"(block_\w\d+)_conv", lambda m: f"{_irv2_block(m[1])}.conv"),
-    (r"head_(conv|bn)", r"conv.\1"),
-    (r"head_linear", "linear.0"),
-    (r"output_linear", "linear.1"),
-)
-S500MRI_RULES: tuple[Rule, ...] = (
-    (r"block_(\d)_conv_1", r"features.\1.s500mri.0"),
-    (r"block_(\d)_bn_1", r"features.\1.s500mri.1"),
-    (r"block_(\d)_conv_2", r"features.\1.s500mri.4"),
-    (r"block_(\d)_bn_2", r"features.\1.s500mri.5"),
-    (r"head_conv", "clf.flatten.0"),
-    (r"logits", "clf.clf"),
-)
-# VAE-C stages are [conv, BN, Dropout3d, LeakyReLU] in one Sequential, so stage i's conv is index 4 i (the decoder's
-# is 4 i + 1, after its Unflatten).
-VAE_C_ENCODER_RULES: tuple[Rule, ...] = (
-    (r"down_(\d)_(conv|bn)", lambda m: f"down_sample.{4 * int(m[1]) + (m[2] == 'bn')}"),
-    (r"features_conv", "flatten.0"),
-    (r"features_bn", "flatten.1"),
-    (r"(age_mean|age_log_var|z_mean|z_log_var)", r"\1"),
-    (r"z_prior_mean", "z_cond_age_mean"),
-)
-VAE_C_DECODER_RULES: tuple[Rule, ...] = (
-    (r"up_(\d)_(conv|bn)", lambda m: f"decoder.{4 * int(m[1]) + 1 + (m[2] == 'bn')}"),
-    (r"reconstruction", "decoder.20"),
-)
-# The children of ml_MRI's whole VAE_age, which its checkpoints hold: the encoder and decoder converters each take one.
-VAE_AGE_PARTS = ("encoder", "decoder")
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """A convertible architecture: its Keras builder, the options its name implies, its name table.
-
-    ``part``: the child of a larger upstream model (one of ``whole_model``'s children) that this network is; the
-    rules name its own state_dict keys, and a checkpoint of the whole model gives the tensors under ``part.``.
-    """
-
-    builder: str
-    rules: tuple[Rule, ...]
-    fixed_options: dict = field(default_factory=dict)
-    part: str = ""
-    whole_model: tuple[str, ...] = ()
-
-
-ARCHITECTURES = {
-    "sfcn": Architecture("sfcn", SFCN_RULES),
-    "densenet169": Architecture("densenet169_3d", DENSENET169_RULES),
-    "inception-resnet-v2": Architecture("inception_resnet_v2_3d", INCEPTION_RESNET_V2_RULES),
-    "agemapper-1mm": Architecture("agemapper", AGEMAPPER_RULES, {"resolution": "1mm"}),
-    "agemapper-2mm": Architecture("agemapper", AGEMAPPER_RULES, {"resolution": "2mm"}),
-    "s500mri": Architecture("s500mri_classifier", S500MRI_RULES),
-    "vae-c-encoder": Architecture("vae_c_encoder", VAE_C_ENCODER_RULES, part="encoder", whole_model=VAE_AGE_PARTS),
-    "vae-c-decoder": Architecture("vae_c_decoder", VAE_C_DECODER_RULES, part="decoder", whole_model=VAE_AGE_PARTS),
-}
-
-
-def architecture(arch: str) -> Architecture:
-    if arch not in ARCHITECTURES:
-        raise BrainzooError(f"{arch}: unknown architecture (known: {', '.join(ARCHITECTURES)})")
-    return ARCHITECTURES[arch]
-
 
 def resolved_options(arch: str, options: Mapping | None = None) -> dict:
     """Every builder option for ``arch``: its defaults, then ``options``, then what the name implies."""
@@ -151,15 +47,6 @@ def resolved_options(arch: str, options: Mapping | None = None) -> dict:
         raise BrainzooError(f"{arch}: options {', '.join(sorted(clashing))} contradict the architecture name")
     defaults = {key: p.default for key, p in parameters.items() if key not in ("weights", "name")}
     return {**defaults, **(options or {}), **spec.fixed_options}
-
-
-def torch_module_path(arch: str, keras_layer: str) -> str:
-    """The PyTorch module path that a Keras layer with weights translates to."""
-    for pattern, replacement in architecture(arch).rules:
-        match = re.fullmatch(pattern, keras_layer)
-        if match:
-            return match.expand(replacement) if isinstance(replacement, str) else replacement(match)
-    raise LookupError(f"{arch}: Keras layer {keras_layer} has no PyTorch counterpart in the name table")
 
 
 # Axis orders that turn PyTorch tensors into Keras weights (None: unchanged).
@@ -260,10 +147,14 @@ def convert_state_dict(arch: str, state: Mapping[str, np.ndarray], options: Mapp
     ``into``: a model built earlier with the same architecture and options, whose every weight is replaced (members
     of an ensemble share one build, which takes longer than the conversion itself).
     """
-    options = resolved_options(arch, options)
-    model = into if into is not None else BUILDERS[architecture(arch).builder](**options)
+    model = into if into is not None else build(arch, options)
     load_state_dict(model, arch, state, source)
     return model
+
+
+def build(arch: str, options: Mapping | None = None) -> tf.keras.Model:
+    """An untrained Keras model of ``arch`` with ``options`` (completed by :func:`resolved_options`)."""
+    return BUILDERS[architecture(arch).builder](**resolved_options(arch, options))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -342,47 +233,16 @@ def self_check(arch: str, model: tf.keras.Model, state: Mapping[str, np.ndarray]
             "max_abs_difference": difference, "tolerance": tolerance, "torch": str(torch.__version__)}
 
 
-def record_path(dst: str | os.PathLike) -> Path:
-    """The JSON record written beside a converted model: the model's name with a .json suffix."""
-    return Path(dst).with_suffix(".json")
+def convert_checkpoint(arch: str, src: str | os.PathLike, options: Mapping | None = None,
+                       into: tf.keras.Model | None = None) -> tuple[tf.keras.Model, dict, dict]:
+    """The Keras model of the checkpoint ``src``, what was read (file, size, sha256) and the self-check.
 
-
-def convert_checkpoint(arch: str, src: str | os.PathLike, dst: str | os.PathLike, options: Mapping | None = None,
-                       force: bool = False, into: tf.keras.Model | None = None) -> dict:
-    """Convert the PyTorch checkpoint ``src`` into the Keras HDF5 model ``dst``; return the record.
-
-    The record (also written to ``dst`` with a .json suffix) names the source and its sha256, the
-    architecture and options, the torch and TensorFlow versions and the self-check against the PyTorch
-    reference. A failing self-check is an error. Either both files are written or neither.
+    ``options`` are completed by :func:`resolved_options` (the model is built with them); ``into`` as for
+    :func:`convert_state_dict`.
     """
-    src, dst = Path(src), Path(dst)
-    options = resolved_options(arch, options)
-    record_file = record_path(dst)
-    if record_file == dst:
-        raise BrainzooError(f"{dst}: the converted model needs a suffix other than .json (e.g. .h5)")
-    check_writable(dst, force)
-    check_writable(record_file, force)
+    src = Path(src)
     state = read_checkpoint(src)
+    options = resolved_options(arch, options)
     model = convert_state_dict(arch, state, options, source=str(src), into=into)
-    check = self_check(arch, model, state, options)
-    if check["status"] == "failed":
-        raise BrainzooError(f"{src}: the converted {arch} model disagrees with the PyTorch reference by "
-                            f"{check['max_abs_difference']:.3g} (tolerance {check['tolerance']:.3g}); nothing written")
-    record = {
-        "architecture": arch,
-        "options": options,
-        "input_shape": list(model.input_shape[1:]) if len(model.inputs) == 1 else input_shapes(model),
-        "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),  # as PyTorch counts them
-        "source": str(src),
-        "source_sha256": sha256_of(src),
-        "keras_model": dst.name,
-        "torch_version": check.get("torch"),
-        "tensorflow_version": tf.__version__,
-        "self_check": check,
-    }
-    with atomic_output(dst, force) as model_tmp, atomic_output(record_file, force) as record_tmp:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
-            model.save(model_tmp, save_format="h5")
-        record_tmp.write_text(json.dumps(record, indent=2) + "\n")
-    return record
+    source = {"file": str(src), "size": src.stat().st_size, "sha256": sha256_of(src)}
+    return model, source, self_check(arch, model, state, options)
