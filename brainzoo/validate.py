@@ -122,6 +122,24 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
             yield from (f"{spec_rel}: {p}" for p in weights_problems(entry, f"weights[{i}]", version_folder))
     if isinstance(spec.get("conversion"), dict) and isinstance(spec.get("weights"), list):
         yield from (f"{spec_rel}: {p}" for p in conversion_record_problems(spec, version_folder))
+    if not problems:
+        yield from (f"{spec_rel}: {p}" for p in training_stage_problems(spec, version_folder))
+
+
+def training_stage_problems(spec: dict, version_folder: Path) -> Iterator[str]:
+    """Each stage of ``training.stages`` has a unique name, starts from scratch or an earlier stage, and its
+    metrics file is committed in the version folder."""
+    seen = set()
+    for i, stage in enumerate(spec.get("training", {}).get("stages") or []):
+        where = f"training.stages[{i}]"
+        if stage["name"] in seen:
+            yield f"{where}.name: {stage['name']!r} names an earlier stage too"
+        if stage["init"] != "scratch" and stage["init"] not in seen:
+            yield f"{where}.init: {stage['init']!r} is neither scratch nor an earlier stage"
+        seen.add(stage["name"])
+        metrics = stage["metrics"]
+        if not inside(version_folder, metrics) or not (version_folder / metrics).is_file():
+            yield f"{where}.metrics: {metrics} is not a file in the version folder"
 
 
 def conversion_record_problems(spec: dict, version_folder: Path) -> Iterator[str]:

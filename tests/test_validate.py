@@ -90,6 +90,31 @@ def test_index_must_list_every_version_with_its_task(catalogue):
     assert f"spec.yaml: catalogue: version {TOY} is not listed" in problems(catalogue)
 
 
+STAGE = {"name": "stage1", "init": "scratch", "data": {"records": "records/train", "blocks": "random 16^3 blocks"},
+         "command": ["brainzoo", "train", TOY, "--train", "records/train", "--out", "runs/stage1"],
+         "metrics": "runs/stage1-metrics.json"}
+
+
+def test_each_training_stage_has_its_metrics_file_and_starts_from_an_earlier_stage(catalogue):
+    second = dict(STAGE, name="stage2", init="stage1", metrics="runs/stage2-metrics.json")
+    edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s.update(training={"stages": [STAGE, second]}))
+    (catalogue / TOY / "runs").mkdir()
+    (catalogue / TOY / "runs/stage1-metrics.json").write_text("{}")
+    assert problems(catalogue) == (f"{TOY}/spec.yaml: training.stages[1].metrics: runs/stage2-metrics.json is not a "
+                                   "file in the version folder")
+    assert brainzoo("validate", cwd=catalogue).returncode == 1
+    (catalogue / TOY / "runs/stage2-metrics.json").write_text("{}")
+    assert problems(catalogue) == ""
+    edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["training"]["stages"].reverse())
+    assert (f"{TOY}/spec.yaml: training.stages[0].init: 'stage1' is neither scratch nor an earlier stage"
+            in problems(catalogue))
+    edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["training"]["stages"][0].update(metrics="../../x.json"))
+    assert f"{TOY}/spec.yaml: training.stages[0].metrics: ../../x.json is not a file in the version folder" in problems(
+        catalogue)
+    edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["training"]["stages"][0].pop("command"))
+    assert (f"{TOY}/spec.yaml: training.stages[0]: 'command' is a required property" in problems(catalogue))
+
+
 def test_unpublished_weights_need_upstream_and_recipe(catalogue):
     def to_recipe(spec):
         spec["architecture"] = {"builder": "sfcn", "options": {}}

@@ -287,6 +287,7 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
                         "size": model_file.stat().st_size, "sha256": sha256_of(model_file),
                         "sources": [{"type": "inrepo-store"}]}]
     spec.pop("conversion", None)
+    spec["training"].pop("stages", None)  # the source's run; transferred_from names it
     spec["training"]["transferred_from"] = {"id": source.id, "sha256": source.weights_file().sha256}
     for option in spec["inference"]["entry_point"]["options"].values():
         if option.get("default") == source.id:
