@@ -5,7 +5,7 @@ import pytest
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.blocks import (block_starts, gaussian_weights, head_top_centre, predict_block_below_head_top,
-                                     predict_blocks, predict_brain_block)
+                                     predict_blocks)
 
 
 class Recording:
@@ -100,48 +100,6 @@ def test_model_with_the_wrong_output_shape_is_reported():
         predict_blocks(_volume((8, 8, 8)), lambda batch: batch[:, :4])
 
 
-def _head_with_a_brain():
-    """A 'head' whose bright 'brain' (values 1) sits high and a dimmer 'neck' (values 0.3) pulls the centre
-    of mass down: only a second pass centres the block on the brain."""
-    head = np.zeros((40, 40, 48), np.float32)
-    head[8:32, 8:32, 4:24] = 0.3
-    head[14:26, 12:28, 30:44] = 1.0
-    return head
-
-
-def test_the_brain_block_moves_from_the_centre_of_mass_onto_the_brain():
-    head = _head_with_a_brain()
-    model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
-    output, start, passes = predict_brain_block(head, model, block_shape=(24, 24, 24))
-    assert model.shapes == [(1, 24, 24, 24, 1)] * 2 and passes == 2
-    assert start == (8, 8, 20)  # the first block (z 12-35) saw the brain's lower part; the second holds it all
-    np.testing.assert_array_equal(output[..., 0], head == 1.0)
-
-
-def test_one_pass_stays_at_the_centre_of_mass_and_cuts_the_brain():
-    head = _head_with_a_brain()
-    output, start, _ = predict_brain_block(head, lambda batch: (batch > 0.5).astype(np.float32),
-                                           block_shape=(24, 24, 24), passes=1)
-    assert start[2] < 24 and 0 < output[..., 0].sum() < (head == 1.0).sum()
-
-
-def test_the_brain_block_stops_when_it_stays_put_or_finds_nothing():
-    head = np.zeros((30, 30, 30), np.float32)
-    head[10:20, 10:20, 10:20] = 1.0
-    model = Recording(lambda batch: (batch > 0.5).astype(np.float32))
-    _, _, passes = predict_brain_block(head, model, block_shape=(16, 16, 16), passes=3)
-    assert len(model.shapes) == passes == 1  # already centred: a second pass would see the same block
-    empty = Recording(lambda batch: np.zeros_like(batch))
-    output, _, _ = predict_brain_block(head, empty, block_shape=(16, 16, 16), passes=3)
-    assert len(empty.shapes) == 1 and not output.any()
-
-
-@pytest.mark.parametrize("block, passes", [((24, 24, 50), 2), ((0, 8, 8), 2), ((8, 8), 2), ((8, 8, 8), 0)])
-def test_the_brain_block_must_fit_the_grid(block, passes):
-    with pytest.raises(BrainzooError, match="brain-centred block"):
-        predict_brain_block(_head_with_a_brain(), lambda batch: batch, block_shape=block, passes=passes)
-
-
 def _tall_head(top=50, brain_z=(30, 46)):
     """A dim 'head' (0.3) from z 4 to ``top`` with a bright 'brain' (1) at ``brain_z``, on a 40x40x60 grid."""
     head = np.zeros((40, 40, 60), np.float32)
@@ -182,6 +140,12 @@ def test_the_block_below_the_head_top_stays_inside_the_grid():
                                                  spacing_mm=(2, 2, 2), below_mm=10)
     assert start[2] == 36
     np.testing.assert_array_equal(output[..., 0], head == 1.0)
+
+
+@pytest.mark.parametrize("block", [(24, 24, 70), (0, 8, 8), (8, 8)])
+def test_the_block_must_fit_the_grid(block):
+    with pytest.raises(BrainzooError, match="brain-centred block"):
+        predict_block_below_head_top(_tall_head(), _brain_model, block_shape=block, spacing_mm=(2, 2, 2), below_mm=20)
 
 
 def test_an_empty_volume_places_the_block_in_the_middle():

@@ -32,8 +32,7 @@ import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import brain_age, classification
-from brainzoo.predict.blocks import (Model, predict_block_below_head_top, predict_blocks, predict_brain_block,
-                                     run_model)
+from brainzoo.predict.blocks import Model, predict_block_below_head_top, predict_blocks, run_model
 from brainzoo.predict.postprocess import clean_mask
 from brainzoo.predict.steps import ARRAY_STEPS, apply_array_step, check_step_options
 from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSource, conform, load_mask,
@@ -54,11 +53,10 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
 
     The model runs on the grid the spec's preprocessing makes (in blocks of ``input.block_shape`` blended
     with Gaussian weights, ``overlap`` apart, ``batch_size`` at a time; whole if no block shape; in one block
-    placed on the brain if ``input.block_placement`` is ``brain``, or centred
-    ``input.block_centre_below_head_top_mm`` under the top of the head if it is ``below-head-top``; 0 outside
-    the block); its probability map is resampled back to the native grid, thresholded at ``output.threshold``
-    (0.5 if not given) and cleaned (largest component, holes filled). ``qc_png``, if given, gets a picture of
-    the mask.
+    centred ``input.block_centre_below_head_top_mm`` under the top of the head if ``input.block_placement`` is
+    ``below-head-top``, 0 outside the block); its probability map is resampled back to the native grid,
+    thresholded at ``output.threshold`` (0.5 if not given) and cleaned (largest component, holes filled).
+    ``qc_png``, if given, gets a picture of the mask.
     """
     _check_spec(spec_inference, {"probability-mask"})
     with _Recorder(img, "brain-extraction") as recorder:
@@ -70,14 +68,10 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
         threshold = spec_inference["output"].get("threshold", 0.5)
         block_start = None
         with recorder.timed("predict"):
-            if model_input.get("block_placement") == "brain":
-                probability, block_start, block_passes = predict_brain_block(
-                    volume.data, model, threshold=threshold, block_shape=model_input["block_shape"])
-            elif model_input.get("block_placement") == "below-head-top":
+            if model_input.get("block_placement") == "below-head-top":
                 probability, block_start = predict_block_below_head_top(
                     volume.data, model, block_shape=model_input["block_shape"], spacing_mm=volume.voxel_sizes,
                     below_mm=model_input["block_centre_below_head_top_mm"])
-                block_passes = 1
             else:
                 probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
                                              overlap=overlap, batch_size=batch_size)
@@ -95,7 +89,7 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
         brain_voxels = int(mask.sum())
         voxel_ml = float(abs(np.linalg.det(image.affine[:3, :3]))) / 1000
         placement = ({"overlap": overlap} if block_start is None else
-                     {"brain_block_start": list(block_start), "brain_block_passes": block_passes})
+                     {"brain_block_start": list(block_start)})
         recorder.record["prediction"] = {
             "threshold": threshold, "largest_component": keep_largest, "holes_filled": fill_holes, **placement,
             "brain_voxels": brain_voxels, "brain_volume_ml": round(brain_voxels * voxel_ml, 3),
@@ -221,7 +215,9 @@ def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
     if kind not in allowed:
         raise BrainzooError(f"this model's output type is {kind!r}; expected {' or '.join(sorted(allowed))}")
     model_input = spec_inference["input"]
-    if model_input.get("block_placement") in ("brain", "below-head-top") and "block_shape" not in model_input:
+    if model_input.get("block_placement", "tiled") not in ("tiled", "below-head-top"):
+        raise BrainzooError(f"block_placement {model_input['block_placement']!r} is neither tiled nor below-head-top")
+    if model_input.get("block_placement") == "below-head-top" and "block_shape" not in model_input:
         raise BrainzooError("this model runs in one block placed on the brain, but its spec gives no block_shape")
     if (model_input.get("block_placement") == "below-head-top") != ("block_centre_below_head_top_mm" in model_input):
         raise BrainzooError("block_placement below-head-top and block_centre_below_head_top_mm go together")

@@ -1,5 +1,5 @@
 """Running a model over a volume in overlapping blocks, blended with Gaussian weights so no seams show;
-or in one block placed on the brain (found by a first pass, or a fixed distance below the top of the head).
+or in one block placed on the brain, a fixed distance below the top of the head.
 
 Block predictions are weakest near their borders (the receptive field runs out of context there), so each
 block's output is weighted by a Gaussian centred on the block (sigma = 1/8 of the block size, as nnU-Net) and
@@ -13,7 +13,6 @@ import itertools
 from typing import Callable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
 
@@ -81,37 +80,6 @@ def predict_blocks(volume: np.ndarray, model: Model, *, block_shape: Sequence[in
     blended = output_sum / weight_sum[..., np.newaxis]
     inside = tuple(slice(before, before + n) for (before, _), n in zip(padding, volume.shape))
     return blended[inside].astype(np.float32)
-
-
-def predict_brain_block(volume: np.ndarray, model: Model, *, block_shape: Sequence[int], threshold: float = 0.5,
-                        passes: int = 2) -> tuple[np.ndarray, tuple[int, ...], int]:
-    """The model's output over ``volume`` from one block placed on the brain (0 elsewhere), the block's start
-    and the number of passes run.
-
-    The first pass centres the block on the volume's intensity centre of mass, which in a whole head lies near
-    the brain; each next pass centres it on what the previous one found (output >= ``threshold``), until the
-    block stays put. A model trained on random blocks of whole heads sees what it saw in training, for the
-    cost of one or two blocks instead of a tiling of the whole grid.
-    """
-    block = _check_block(volume, block_shape)
-    if passes < 1:
-        raise BrainzooError(f"a brain-centred block needs at least one pass, not {passes}")
-    volume = np.asarray(volume, dtype=np.float32)
-    weights = np.maximum(volume, 0)
-    centre = (np.array(ndimage.center_of_mass(weights)) if weights.any()
-              else (np.array(volume.shape) - 1) / 2)
-    start, run = None, 0
-    for _ in range(passes):
-        new_start = _block_start(centre, block, volume.shape)
-        if new_start == start:
-            break
-        start, run = new_start, run + 1
-        prediction = _run_block(volume, model, start, block)
-        found = prediction[..., 0] >= threshold
-        if not found.any():
-            break
-        centre = np.array(start) + np.argwhere(found).mean(axis=0)
-    return _in_volume(prediction, start, volume.shape), start, run
 
 
 def head_top_centre(volume: np.ndarray, spacing_mm: Sequence[float], below_mm: float) -> np.ndarray:
