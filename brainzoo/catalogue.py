@@ -172,14 +172,37 @@ def versions(root: Path | None = None) -> list[Version]:
     return load_catalogue(root)[0]
 
 
+def model_and_version(version_id: str) -> tuple[str, str] | None:
+    """The model name and semver of ``neuronets/<model>/<semver>[/<variant>]``; None for any other path."""
+    parts = version_id.strip("/").split("/")
+    return (parts[1], parts[2]) if len(parts) in (3, 4) and parts[0] == CATALOGUE_DIR else None
+
+
+def recommended_ids(root: Path) -> set[str]:
+    """The index entries marked ``recommended`` (none if the index cannot be read; `brainzoo validate` says why)."""
+    try:
+        entries = read_yaml(root / INDEX_FILE).get("catalogue") or []
+    except BrainzooError:
+        return set()
+    return {e["id"] for e in entries if isinstance(e, dict) and e.get("recommended") is True and "id" in e}
+
+
 def find_version(ref: str, root: Path | None = None) -> Version:
-    """Look a version up by id (``neuronets/deepbet/1.0.2``; the ``neuronets/`` may be left out) or folder path."""
+    """Look a version up by id (``neuronets/deepbet/1.0.2``; the ``neuronets/`` may be left out) or folder path;
+    a bare model name (``brainzoo-unet``) means the version the index recommends."""
     root = root or repo_root()
     version_id = ref.strip("/")
     if not version_id.startswith(CATALOGUE_DIR + "/"):
         version_id = f"{CATALOGUE_DIR}/{version_id}"
     if (root / version_id / SPEC_FILE).is_file():
         return load_version(root / version_id, root)
+    if version_id.count("/") == 1 and (root / version_id).is_dir():
+        recommended = sorted(i for i in recommended_ids(root) if i.startswith(version_id + "/"))
+        if len(recommended) == 1:
+            return load_version(root / recommended[0], root)
+        if recommended:
+            raise BrainzooError(f"{version_id}: its recommended version has variants; name one: {', '.join(recommended)}")
+        raise BrainzooError(f"{version_id}: the index marks no recommended version; name one (`brainzoo list`)")
     candidate = Path(ref)
     if candidate.is_dir() and (candidate / SPEC_FILE).is_file():
         return load_version(candidate.resolve(), root)
@@ -188,11 +211,17 @@ def find_version(ref: str, root: Path | None = None) -> Version:
 
 
 def add_to_index(root: Path, version_id: str, task: str) -> None:
-    """List a version in the top-level index (replacing an earlier entry), keeping the index sorted."""
+    """List a version in the top-level index (replacing an earlier entry), keeping the index sorted; the first
+    version of a model is marked recommended."""
     index_file = root / INDEX_FILE
     index = read_yaml(index_file)
     entries = [e for e in index.get("catalogue") or [] if e["path"] != version_id]
-    entries.append({"id": version_id, "path": version_id, "task": task})
+    entry = {"id": version_id, "path": version_id, "task": task}
+    model = model_and_version(version_id)
+    if not any(model_and_version(e["path"]) is not None and model_and_version(e["path"])[0] == model[0]
+               for e in entries):
+        entry["recommended"] = True  # a model's first version is its recommended one until another is marked
+    entries.append(entry)
     index["catalogue"] = sorted(entries, key=lambda e: e["path"])
     write_yaml(index_file, index, header=INDEX_HEADER)
 

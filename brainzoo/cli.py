@@ -41,7 +41,8 @@ def list_text(records: list[dict]) -> str:
         r["weights"] = f"{r['weights_present']}/{r['weights_published']} present" + (
             f", {r['weights_files'] - r['weights_published']} to convert" if r["weights_files"] > r["weights_published"] else "")
         r["size"] = f"{r['weights_bytes'] / 1e6:.1f} MB"
-    return render_table(records, ["id", "task", "contrast", "weights", "size"])
+        r["recommended"] = "yes" if r["recommended"] else ""
+    return render_table(records, ["id", "task", "contrast", "weights", "size", "recommended"])
 
 
 def info_text(records: list[dict]) -> str:
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bootstrap", parents=[common], help="set up git-annex, the in-repo store and sources in this clone")
     sub.add_parser("list", parents=[common], help="the catalogue as a table")
     p = sub.add_parser("info", parents=[common], help="spec and card of one version")
-    p.add_argument("model", help="catalogue id, e.g. neuronets/deepbet/1.0.2")
+    p.add_argument("model", help="catalogue id, e.g. neuronets/deepbet/1.0.2 (a bare model name: its recommended "
+                                 "version)")
     p = sub.add_parser("get", parents=[common], help="fetch a version's weights (datalad get), checksummed")
     p.add_argument("model")
     p.add_argument("--source", help="git-annex remote to fetch from (default: cheapest reachable)")

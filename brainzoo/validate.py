@@ -260,6 +260,28 @@ def index_problems(root: Path) -> Iterator[str]:
         rel = folder.relative_to(root).as_posix()
         if rel not in listed:
             yield f"{catalogue.INDEX_FILE}: catalogue: version {rel} is not listed"
+    yield from recommended_problems(list(listed.values()))
+
+
+def recommended_problems(entries: list[dict]) -> Iterator[str]:
+    """Each model has exactly one recommended version, marked on every variant of it."""
+    models: dict[str, list[tuple[str, str, bool]]] = {}
+    for item in entries:
+        parsed = catalogue.model_and_version(str(item["path"]))
+        if parsed is not None:
+            models.setdefault(parsed[0], []).append((item["path"], parsed[1], item.get("recommended") is True))
+    for model, items in sorted(models.items()):
+        versions = sorted({version for _, version, marked in items if marked})
+        where = f"{catalogue.INDEX_FILE}: catalogue: model {model}"
+        if not versions:
+            yield f"{where}: no version is marked recommended: true (mark the one to use)"
+        elif len(versions) > 1:
+            yield f"{where}: {len(versions)} versions are marked recommended ({', '.join(versions)}); mark one"
+        else:
+            unmarked = [path for path, version, marked in items if version == versions[0] and not marked]
+            if unmarked:
+                yield (f"{where}: version {versions[0]} is recommended, but not on {', '.join(unmarked)} (mark every "
+                       "variant of it)")
 
 
 def validate(root: Path) -> Iterator[dict]:

@@ -50,10 +50,12 @@ def broken_records(action: str, broken: dict[str, str]) -> Iterator[dict]:
 def list_versions(root: Path) -> Iterator[dict]:
     usable, broken = catalogue.load_catalogue(root)
     yield from broken_records("list", broken)
+    recommended = catalogue.recommended_ids(root)
     for version in usable:
         spec = version.spec
         yield {"action": "list", "id": version.id, "status": "ok", "message": "",
                "model": spec.get("model"), "version": spec.get("version"), "variant": spec.get("variant", ""),
+               "recommended": version.id in recommended,
                "task": spec.get("task"), "contrast": ",".join(spec.get("inference", {}).get("input", {}).get("contrast", [])),
                **weights_summary(version)}
 
@@ -62,6 +64,7 @@ def info(ref: str, root: Path) -> Iterator[dict]:
     version = catalogue.find_version(ref, root)
     card = version.card
     yield {"action": "info", "id": version.id, "status": "ok", "message": "",
+           "recommended": version.id in catalogue.recommended_ids(root),
            "task": version.task, "architecture": version.spec["architecture"],
            "input": version.spec["inference"]["input"], "preprocessing": version.spec["inference"]["preprocessing"],
            "output": version.spec["inference"]["output"],

@@ -101,10 +101,17 @@ def write_version(root: Path, spec: dict, card: dict, weights: dict[str, bytes] 
 
 
 def write_index(root: Path) -> None:
+    """The index of every version folder, each model's highest version (all its variants) marked recommended."""
     entries = []
     for spec_file in sorted((root / "neuronets").rglob("spec.yaml")):
         spec = yaml.safe_load(spec_file.read_text())
         entries.append({"id": spec["id"], "path": spec_file.parent.relative_to(root).as_posix(), "task": spec["task"]})
+    newest = {}
+    for entry in entries:
+        model, version = entry["path"].split("/")[1:3]
+        newest[model] = max(newest.get(model, version), version, key=lambda v: tuple(map(int, v.split("."))))
+    for entry in entries:
+        entry["recommended"] = entry["path"].split("/")[2] == newest[entry["path"].split("/")[1]]
     (root / "spec.yaml").write_text(yaml.safe_dump({"schema_version": 1, "catalogue": entries}, sort_keys=False))
 
 

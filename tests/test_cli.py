@@ -42,6 +42,32 @@ def test_list_shows_presence_and_versions_to_convert(toy_dataset, tmp_path):
     assert records["neuronets/toy/0.1.0"]["weights_bytes"] == 4096
 
 
+def test_list_marks_each_models_recommended_version_and_a_bare_model_name_means_it(toy_dataset):
+    spec, card = fixture_spec(), fixture_card()
+    spec.update(id="neuronets/toy/0.2.0", version="0.2.0")
+    card["Model_details"]["Model_version"] = "0.2.0"
+    write_version(toy_dataset, spec, card)
+    write_index(toy_dataset)
+    index = yaml.safe_load((toy_dataset / "spec.yaml").read_text())
+    for entry in index["catalogue"]:
+        entry["recommended"] = entry["id"] == "neuronets/toy/0.1.0"
+    (toy_dataset / "spec.yaml").write_text(yaml.safe_dump(index, sort_keys=False))
+    table = brainzoo("list", cwd=toy_dataset).stdout.splitlines()
+    assert table[0].split()[-1] == "RECOMMENDED"
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["neuronets/toy/0.1.0"][-1] == "yes" and rows["neuronets/toy/0.2.0"][-1] != "yes"
+    records = {r["id"]: r for r in json_records(brainzoo("list", "--json", cwd=toy_dataset))}
+    assert records["neuronets/toy/0.1.0"]["recommended"] is True
+    assert records["neuronets/toy/0.2.0"]["recommended"] is False
+    [record] = json_records(brainzoo("info", "toy", "--json", cwd=toy_dataset))
+    assert record["id"] == "neuronets/toy/0.1.0" and record["recommended"] is True
+    for entry in index["catalogue"]:
+        entry.pop("recommended")
+    (toy_dataset / "spec.yaml").write_text(yaml.safe_dump(index, sort_keys=False))
+    unmarked = brainzoo("info", "toy", cwd=toy_dataset)
+    assert unmarked.returncode == 1 and "neuronets/toy: the index marks no recommended version" in unmarked.stderr
+
+
 def test_info_reports_spec_card_and_presence(toy_dataset):
     [record] = json_records(brainzoo("info", "toy/0.1.0", "--json", cwd=toy_dataset))
     assert record["id"] == "neuronets/toy/0.1.0"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from brainzoo.validate import conversion_record_problems, validate
-from conftest import REPO, brainzoo
+from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
 
 TOY = "neuronets/toy/0.1.0"
 
@@ -113,6 +113,34 @@ def test_each_training_stage_has_its_metrics_file_and_starts_from_an_earlier_sta
         catalogue)
     edit_yaml(catalogue / TOY / "spec.yaml", lambda s: s["training"]["stages"][0].pop("command"))
     assert (f"{TOY}/spec.yaml: training.stages[0]: 'command' is a required property" in problems(catalogue))
+
+
+def test_each_model_has_exactly_one_recommended_version(catalogue):
+    spec, card = fixture_spec(), fixture_card()
+    spec.update(id="neuronets/toy/0.2.0", version="0.2.0")
+    card["Model_details"]["Model_version"] = "0.2.0"
+    write_version(catalogue, spec, card)
+    write_index(catalogue)  # 0.2.0, the newest, is recommended
+    assert "recommended" not in problems(catalogue)
+    edit_yaml(catalogue / "spec.yaml", lambda i: [e.update(recommended=True) for e in i["catalogue"]])
+    assert "spec.yaml: catalogue: model toy: 2 versions are marked recommended (0.1.0, 0.2.0); mark one" in problems(
+        catalogue)
+    assert brainzoo("validate", cwd=catalogue).returncode == 1
+    edit_yaml(catalogue / "spec.yaml", lambda i: [e.pop("recommended") for e in i["catalogue"]])
+    assert "spec.yaml: catalogue: model toy: no version is marked recommended: true" in problems(catalogue)
+
+
+def test_a_recommended_version_is_marked_on_every_variant(catalogue):
+    shutil.move(catalogue / TOY, catalogue / "variant")
+    for variant in ("a", "b"):
+        shutil.copytree(catalogue / "variant", catalogue / TOY / variant, symlinks=True)
+        edit_yaml(catalogue / TOY / variant / "spec.yaml", lambda s: s.update(id=f"{TOY}/{variant}", variant=variant))
+    shutil.rmtree(catalogue / "variant")
+    write_index(catalogue)
+    assert "recommended" not in problems(catalogue)
+    edit_yaml(catalogue / "spec.yaml", lambda i: i["catalogue"][1].pop("recommended"))
+    assert (f"spec.yaml: catalogue: model toy: version 0.1.0 is recommended, but not on {TOY}/b (mark every variant "
+            "of it)") in problems(catalogue)
 
 
 def test_unpublished_weights_need_upstream_and_recipe(catalogue):
