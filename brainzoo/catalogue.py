@@ -201,7 +201,8 @@ def find_version(ref: str, root: Path | None = None) -> Version:
         if len(recommended) == 1:
             return load_version(root / recommended[0], root)
         if recommended:
-            raise BrainzooError(f"{version_id}: its recommended version has variants; name one: {', '.join(recommended)}")
+            raise BrainzooError(f"{version_id}: its recommended version has variants; name one: "
+                                f"{', '.join(recommended)}")
         raise BrainzooError(f"{version_id}: the index marks no recommended version; name one (`brainzoo list`)")
     candidate = Path(ref)
     if candidate.is_dir() and (candidate / SPEC_FILE).is_file():
