@@ -30,7 +30,9 @@ IRV2_FLAIR = "neuronets/flair-brainage-inception-resnet-v2/1.0.0/flair"
 # Converted member by member below (one of five, then refused); its architecture and steps are the FLAIR variant's,
 # which goes the whole way: five 49M-parameter members twice would cost minutes more of the suite.
 IRV2_T1 = "neuronets/flair-brainage-inception-resnet-v2/1.0.0/t1"
-BRAIN_AGE_VERSIONS = [v.id for v in catalogue.versions(REPO) if v.task == "brain-age" and v.id != IRV2_T1]
+# AgeMapper takes UK Biobank-processed maps, not raw scans: tests/test_agemapper_versions.py converts its versions.
+BRAIN_AGE_VERSIONS = [v.id for v in catalogue.versions(REPO)
+                      if v.task == "brain-age" and v.id != IRV2_T1 and v.spec["model"] != "agemapper"]
 UKBIOBANK = "neuronets/sfcn-ukbiobank/1.0.0"
 
 

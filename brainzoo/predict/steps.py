@@ -29,12 +29,22 @@ def _translation(offset: Sequence[float]) -> np.ndarray:
     return new_to_old
 
 
-def centre_crop(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the central ``shape`` voxels; the start on each axis is ``(old - new) // 2`` (as SFCN's crop_center)."""
+def centre_crop(data: np.ndarray, shape: Sequence[int],
+                start: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the central ``shape`` voxels; the start on each axis is ``(old - new) // 2`` (as SFCN's crop_center),
+    or ``start`` where the upstream's window is not centred (AgeMapper keeps [10:170, 12:204, 0:160])."""
     shape = _three_sizes(shape, "crop")
     if any(new > old for new, old in zip(shape, data.shape)):
         raise BrainzooError(f"preprocessing step 'crop': cannot crop {_dims(data.shape)} to the larger {_dims(shape)}")
-    start = [(old - new) // 2 for old, new in zip(data.shape, shape)]
+    if start is None:
+        start = [(old - new) // 2 for old, new in zip(data.shape, shape)]
+    elif (not isinstance(start, (list, tuple)) or len(start) != 3
+          or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in start)):
+        raise BrainzooError(f"preprocessing step 'crop': start must be three non-negative integers, not {start!r}")
+    elif any(s + new > old for s, new, old in zip(start, shape, data.shape)):
+        raise BrainzooError(f"preprocessing step 'crop': a {_dims(shape)} window from {list(start)} does not fit "
+                            f"in {_dims(data.shape)}")
+    start = list(start)
     window = tuple(slice(s, s + n) for s, n in zip(start, shape))
     return data[window], _translation(start)
 
