@@ -26,7 +26,7 @@ annex: env
 	$(BIN)/brainzoo bootstrap
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # CI, after the tests: `pip install '.[all]'` in a clean venv (no editable code, nothing from make setup) gives a
 # package whose every module imports and whose CLI validates the catalogue, so pyproject.toml declares every
