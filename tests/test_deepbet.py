@@ -394,3 +394,16 @@ def test_pipeline_matches_deepbet_on_a_real_scan(converted):
     a, b = np.asanyarray(ours.mask.dataobj).astype(bool), np.asanyarray(reference_mask.dataobj).astype(bool)
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.999
     assert ours.tiv_cm3 == pytest.approx(reference_tiv, rel=1e-3)
+
+
+def test_a_torchscript_file_other_than_the_release_s_is_never_loaded(tmp_path, monkeypatch):
+    """TorchScript deserialises code: a model.pt one byte off deepbet 1.0.2's is refused before torch reads it."""
+    utils = pytest.importorskip("deepbet.utils", reason="needs deepbet (env/requirements-dev.in)")
+    network = deepbet_convert.NETWORKS["segmentation"]
+    (tmp_path / "models").mkdir()
+    original = (Path(utils.DATA_PATH) / "models" / network.torchscript_file).read_bytes()
+    (tmp_path / "models" / network.torchscript_file).write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    monkeypatch.setattr(utils, "DATA_PATH", tmp_path)
+    monkeypatch.setattr(deepbet_convert, "load_torchscript", lambda path: pytest.fail("a foreign file was loaded"))
+    with pytest.raises(BrainzooError, match="model.pt: not deepbet 1.0.2's model.pt .*it is not loaded"):
+        deepbet_convert.keras_from_torchscript(network)

@@ -32,17 +32,22 @@ SELF_CHECK_TOLERANCE = 1e-3
 
 @dataclass(frozen=True)
 class Network:
-    """One of deepbet's networks: its file inside the package and the Keras builder that reproduces it."""
+    """One of deepbet's networks: its file inside the package (with the release's sha256: loading TorchScript
+    deserialises code, so only those exact bytes are read) and the Keras builder that reproduces it."""
 
     name: str
     torchscript_file: str
+    sha256: str
     builder: Callable[..., tf.keras.Model]
     input_shape: tuple[int, int, int, int]
 
 
 NETWORKS = {
-    "bbox": Network("bbox", "bbox_model.pt", deepbet_bbox, BBOX_INPUT_SHAPE),
-    "segmentation": Network("segmentation", "model.pt", deepbet_segmentation, SEGMENTATION_INPUT_SHAPE),
+    "bbox": Network("bbox", "bbox_model.pt", "39a7b2b5f799faa1391ea97bfcdc0b9299f20d84f2316a4ff8918dc4685e40aa",
+                    deepbet_bbox, BBOX_INPUT_SHAPE),
+    "segmentation": Network("segmentation", "model.pt",
+                            "de8ee7c69654d0dd3935dc4a5d84571d8ecf4637a6bfc01df399c4c2bc86e0fd",
+                            deepbet_segmentation, SEGMENTATION_INPUT_SHAPE),
 }
 
 
@@ -56,7 +61,8 @@ def _import_torch():
 
 
 def torchscript_path(network: Network) -> Path:
-    """The network's file in the installed deepbet package, which must be the release this module maps."""
+    """The network's file in the installed deepbet package, which must be the release this module maps, byte for
+    byte."""
     try:
         version = importlib.metadata.version("deepbet")
         from deepbet.utils import DATA_PATH
@@ -68,6 +74,9 @@ def torchscript_path(network: Network) -> Path:
     path = Path(DATA_PATH) / "models" / network.torchscript_file
     if not path.is_file():
         raise BrainzooError(f"{path}: missing from the deepbet {version} installation")
+    if sha256_of(path) != network.sha256:
+        raise BrainzooError(f"{path}: not deepbet {version}'s {network.torchscript_file} (sha256 differs from "
+                            f"{network.sha256}); it is not loaded")
     return path
 
 
@@ -269,7 +278,7 @@ def convert_network(name: str) -> tuple[tf.keras.Model, dict, dict]:
     model, module, source = keras_from_torchscript(NETWORKS[name])
     difference = max_abs_difference(module, model, self_check_input(NETWORKS[name].input_shape))
     read = {"file": f"data/models/{NETWORKS[name].torchscript_file}", "size": source.stat().st_size,
-            "sha256": sha256_of(source), "package": f"deepbet {DEEPBET_VERSION}"}
+            "sha256": NETWORKS[name].sha256, "package": f"deepbet {DEEPBET_VERSION}"}
     check = {"status": "passed" if difference <= SELF_CHECK_TOLERANCE else "failed",
              "reference": "the TorchScript network itself", "torch": str(torch.__version__),
              "input": f"self_check_input(seed={SELF_CHECK_SEED}): a head-like phantom on deepbet's intensity scale",
