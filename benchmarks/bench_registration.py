@@ -125,8 +125,9 @@ def measure_template_affines() -> dict[str, np.ndarray]:
                 "ROBEX_ATLAS_FROM_FSL_MNI152": reg_aladin(FSL_TEMPLATE, atlas)}
 
 
-# Scans that are not independent of the head template: those whose distances chose BEND_SPACING_MM (15 mm: median
-# 1.05 mm over them, against 1.24 mm at 25 mm) and the ROBEX atlas the template is made of. ``report`` gives the
+# Scans that are not independent of the head template: those whose distances chose BEND_SPACING_MM (15 mm over
+# 25 mm: rerun --measure-template-placement with the other spacing, then --only these) and the ROBEX atlas the
+# template is made of. ``report`` gives the
 # distances over the other scans apart.
 NOT_INDEPENDENT = ("ixi533-raw", "IXI012-2mm", "IXI013-2mm", "IXI014-2mm", "IXI015-2mm", "IXI033-2mm", "robex-atlas")
 # The bend's B-spline control points lie about this far apart (12 x 15 x 12 cells over the FSL grid).

@@ -219,8 +219,7 @@ def add_to_index(root: Path, version_id: str, task: str) -> None:
     entries = [e for e in index.get("catalogue") or [] if e["path"] != version_id]
     entry = {"id": version_id, "path": version_id, "task": task}
     model = model_and_version(version_id)
-    if not any(model_and_version(e["path"]) is not None and model_and_version(e["path"])[0] == model[0]
-               for e in entries):
+    if not any((model_and_version(e["path"]) or (None,))[0] == model[0] for e in entries):
         entry["recommended"] = True  # a model's first version is its recommended one until another is marked
     entries.append(entry)
     index["catalogue"] = sorted(entries, key=lambda e: e["path"])

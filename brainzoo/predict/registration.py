@@ -102,8 +102,8 @@ ROBEX_ATLAS_FROM_FSL_MNI152 = np.array([[0.890257, 0.013409, 0.053191, -0.460152
 # The ROBEX atlas bent onto FSL's average head after that affine, at a coarse scale (cubic B-spline, control
 # points about 15 mm apart; Mattes mutual information), written by ``python benchmarks/bench_registration.py
 # --measure-template-placement``. Placed by the affine alone, one subject's scalp, skull and face kept
-# whole-head fits 1.9-2.3 mm from reg_aladin's fit to FSL's template; bent, 0.9-1.3 mm on the six scans that
-# chose the spacing (benchmarks/README.md has the others).
+# whole-head fits on the six scans that chose the spacing 1.1-2.7 mm from reg_aladin's fit to FSL's template;
+# bent, 0.9-1.4 mm (``bench_registration.py`` at 61de314 and now; benchmarks/README.md has the other scans).
 ROBEX_ATLAS_BEND = resources.files("brainzoo.predict") / "templates" / "robex_atlas_bend_to_fsl_mni152.tfm"
 
 # nilearn MNI152 2009a world (RAS mm) at each FSL MNI152 world point: the 12-parameter affine of
@@ -281,9 +281,9 @@ def head_mask(data: np.ndarray, threshold: float) -> np.ndarray:
 
 # Coarse-to-fine levels: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level makes the
 # result sub-millimetre: the template brain registered to a rotated, shifted copy of itself comes back within
-# 0.05 mm, and Colin27's brain rotated 12 degrees in its header lands within 0.5 mm of its unrotated fit (1.05 mm
-# with a third of these samples and steps). A head starts further away (tilts of 20-30 degrees, heads 10-15%
-# smaller).
+# 0.05 mm, and Colin27's brain rotated 12 degrees in its header lands within 1 mm of its unrotated fit
+# (tests/test_predict_brain_age.py; with a third of these samples and steps it missed by 0.05 mm). A head starts
+# further away (tilts of 20-30 degrees, heads 10-15% smaller).
 REGISTRATION_LEVELS = ((4.0, 0.3, 300), (2.0, 0.05, 200), (1.0, 0.01, 50))
 # A head's tilt is searched before the fit, on 8 mm copies: pitch angles about the left-right axis (degrees),
 # each fitted as a similarity transform, the best kept. Gradient descent from no tilt stops in the wrong
