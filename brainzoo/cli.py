@@ -361,13 +361,16 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "tfrecords", "path": args.out, "status": "ok", "message": f"{len(shards)} shard(s)",
                "shards": [str(s) for s in shards]}
     elif args.command == "distill":
-        from brainzoo.training.distill import write_student_set
+        from brainzoo.inference import BrainMasker
+        from brainzoo.training.distill import Teacher, write_student_set
 
         grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")
         if not grid:
             raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
-        table = write_student_set(args.scans, args.out, grid=grid, teacher=args.teacher, contrasts=args.contrasts,
-                                  real_copies=args.real_copies, seed=args.seed, force=args.force)
+        masker = BrainMasker.load(args.teacher)  # its networks load at the first scan without a mask
+        table = write_student_set(args.scans, args.out, grid=grid, teacher=Teacher(masker.version.id, masker.brain),
+                                  contrasts=args.contrasts, real_copies=args.real_copies, seed=args.seed,
+                                  force=args.force)
         with table.open() as handle:
             rows = sum(1 for _ in handle) - 1
         yield {"action": "distill", "path": str(table), "status": "ok",

@@ -187,6 +187,10 @@ class BrainMasker:
                 return predict_brain_mask(scan, network, spec_inference=spec_inference)
         return cls(version, run, networks)
 
+    def brain(self, scan: nib.Nifti1Image | Path) -> np.ndarray:
+        """The scan's brain mask as a boolean array on its own grid."""
+        return np.asarray(self.run(scan)[0].dataobj) > 0
+
     def provenance(self) -> dict:
         """The version, its weights' sha256 and the runtime that ran them (loads the networks if not yet)."""
         return model_provenance(self.version, self.networks().runtime)

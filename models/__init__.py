@@ -1,7 +1,8 @@
 """Keras reimplementations of published 3-D brain-MRI architectures.
 
 Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder, which starts from a
-latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a catalogue id or a file path) and
+latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a file path: builders know no
+catalogue; :func:`brainzoo.model_files.verified_weights_path` turns a version id into its checked file) and
 ``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers; a saved model is
 read back through :func:`brainzoo.model_files.load_keras_model`, which refuses anything not allow-listed first.
 """

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.model_files import verified_weights_path
 from brainzoo.models.layers import check_input_shape, conv3d, finish_model, max_pool_after_relu
 
 layers = tf.keras.layers
@@ -150,19 +149,14 @@ def _linknet3d(input_shape: Sequence[int], name: str, weights: str | os.PathLike
     return finish_model(inputs, outputs, name, weights)
 
 
-def _weights_file(weights: str | os.PathLike | None, entry: str):
-    """A file path as it is; a catalogue id resolved to its weights entry called ``entry``."""
-    return None if weights is None else verified_weights_path(weights, entry)
-
-
 def deepbet_bbox(input_shape: Sequence[int] = BBOX_INPUT_SHAPE,
                  weights: str | os.PathLike | None = None) -> tf.keras.Model:
     """deepbet's bounding-box network: brain probabilities (channel ``BRAIN_CHANNEL``) on a 128^3 copy
     of the scan, from which the pipeline takes the box that the segmentation network sees.
 
-    ``weights``: a ``.h5`` file, or a catalogue version (``deepbet/1.0.2``) whose ``bbox`` entry is used.
+    ``weights``: a ``.h5`` file (a catalogue version's: ``verified_weights_path("deepbet/1.0.2", "bbox")``).
     """
-    return _linknet3d(input_shape, "deepbet_bbox", _weights_file(weights, "bbox"))
+    return _linknet3d(input_shape, "deepbet_bbox", weights)
 
 
 def deepbet_segmentation(input_shape: Sequence[int] = SEGMENTATION_INPUT_SHAPE,
@@ -170,6 +164,6 @@ def deepbet_segmentation(input_shape: Sequence[int] = SEGMENTATION_INPUT_SHAPE,
     """deepbet's segmentation network: brain probabilities (channel ``BRAIN_CHANNEL``) on the 256^3
     resampled bounding-box crop.
 
-    ``weights``: a ``.h5`` file, or a catalogue version (``deepbet/1.0.2``) whose ``segmentation`` entry is used.
+    ``weights``: a ``.h5`` file (a catalogue version's: ``verified_weights_path("deepbet/1.0.2", "segmentation")``).
     """
-    return _linknet3d(input_shape, "deepbet_segmentation", _weights_file(weights, "segmentation"))
+    return _linknet3d(input_shape, "deepbet_segmentation", weights)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.model_files import verified_weights_path
 
 layers = tf.keras.layers
 
@@ -136,15 +136,24 @@ def check_input_shape(input_shape: Sequence[int], minimum: int, architecture: st
 
 
 def finish_model(inputs, outputs, name: str, weights: str | os.PathLike | None) -> tf.keras.Model:
-    """The functional model, with ``weights`` (a catalogue id or a file path) loaded when given."""
+    """The functional model, with the ``weights`` file loaded when given."""
     model = tf.keras.Model(inputs, outputs, name=name)
     if weights is not None:
-        path = verified_weights_path(weights)
-        try:
-            model.load_weights(path)
-        except (ValueError, OSError) as err:
-            raise BrainzooError(f"{path}: cannot load these weights into {name}: {err}") from None
+        load_weights_file(model, weights)
     return model
+
+
+def load_weights_file(model: tf.keras.Model, weights: str | os.PathLike) -> None:
+    """Load a weights file into a built model. Builders take files, never catalogue ids: a version's
+    checked file is :func:`brainzoo.model_files.verified_weights_path` of its id."""
+    path = Path(weights)
+    if not path.is_file():
+        raise BrainzooError(f"{path}: no such weights file (a catalogue version's weights: "
+                            "brainzoo.model_files.verified_weights_path(VERSION_ID))")
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError) as err:
+        raise BrainzooError(f"{path}: cannot load these weights into {model.name}: {err}") from None
 
 
 def pytorch_parameter_count(model: tf.keras.Model) -> int:

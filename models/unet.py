@@ -13,7 +13,7 @@ import os
 import tensorflow as tf
 from tensorflow.keras import layers
 
-from brainzoo.model_files import verified_weights_path
+from brainzoo.models.layers import load_weights_file
 
 
 NORMS = ("batch", "instance", None)
@@ -59,5 +59,5 @@ def unet(input_shape=(128, 128, 128, 1), n_classes: int = 1, base_filters: int =
     outputs = layers.Activation("sigmoid" if n_classes == 1 else "softmax", name="head_probability")(x)
     model = tf.keras.Model(inputs, outputs, name=name)
     if weights is not None:
-        model.load_weights(verified_weights_path(weights))
+        load_weights_file(model, weights)
     return model

@@ -12,7 +12,7 @@ from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
 from brainzoo.inference import BrainMasker
 from brainzoo.metrics import dice
-from brainzoo.training.distill import STUDENT_TABLE, TABLE, write_distillation_set
+from brainzoo.training.distill import STUDENT_TABLE, TABLE, Teacher, write_distillation_set
 from brainzoo.training.synthetic import write_synthetic_dataset
 from brainzoo.training.tfrecords import read_dataset, read_table, write_tfrecords
 
@@ -36,10 +36,12 @@ def heads(tmp_path_factory):
 
 def test_teacher_and_given_masks_land_on_the_student_grid(deepbet_weights, heads, tmp_path):
     (teacher_scan, _), given = heads
-    table = write_distillation_set([teacher_scan, given], tmp_path / "set", grid=GRID, teacher=deepbet_weights)
+    masker = BrainMasker.load(deepbet_weights)
+    table = write_distillation_set([teacher_scan, given], tmp_path / "set", grid=GRID,
+                                   teacher=Teacher(masker.version.id, masker.brain))
     rows = list(csv.DictReader(table.open()))
-    assert [r["mask_from"] for r in rows] == [deepbet_weights, str(given[1])]
-    teacher_mask = BrainMasker.load(deepbet_weights).run(teacher_scan)[0]
+    assert [r["mask_from"] for r in rows] == [masker.version.id, str(given[1])]
+    teacher_mask = masker.run(teacher_scan)[0]
     for row, source in zip(rows, [teacher_mask, nib.load(given[1])]):
         image, label = nib.load(table.parent / row["path"]), nib.load(table.parent / row["label"])
         assert image.shape == label.shape == (48, 48, 48)
@@ -63,6 +65,8 @@ def test_bad_requests_are_refused(heads, tmp_path):
     scan, mask = heads[0]
     with pytest.raises(BrainzooError, match="lacks shape"):
         write_distillation_set([(scan, mask)], tmp_path, grid={"orientation": "RAS", "spacing_mm": [2, 2, 2]})
+    with pytest.raises(BrainzooError, match=f"{scan}: has no mask, and no teacher"):
+        write_distillation_set([(scan, mask), scan], tmp_path, grid=GRID)
     write_distillation_set([(scan, mask)], tmp_path, grid=GRID)
     with pytest.raises(BrainzooError, match=f"{TABLE}: exists"):
         write_distillation_set([(scan, mask)], tmp_path, grid=GRID)

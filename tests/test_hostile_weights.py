@@ -15,7 +15,8 @@ import tensorflow as tf
 
 from brainzoo import catalogue, inference, model_files
 from brainzoo.errors import BrainzooError
-from brainzoo.model_files import BRAINZOO_LAYERS, check_model_config, load_keras_model, verified_sha256
+from brainzoo.model_files import (BRAINZOO_LAYERS, check_model_config, load_keras_model, verified_sha256,
+                                  verified_weights_path)
 from brainzoo.models import agemapper, sfcn, unet
 from brainzoo.models.deepbet import deepbet_bbox
 from conftest import REPO, brainzoo, clone_main, fixture_card, fixture_spec, write_index, write_version
@@ -249,7 +250,7 @@ def test_damaged_weights_are_refused_with_both_checksums_and_the_repair(tmp_path
                                   f"{hashlib.sha256(toy_unet).hexdigest()}")
         assert f"git annex fsck {weights_path}" in message and f"brainzoo get {TOY}" in message
     with pytest.raises(BrainzooError, match="differs from the spec"):
-        unet((32, 32, 32, 1), base_filters=2, weights=TOY)  # a builder given a catalogue id checks it too
+        verified_weights_path(TOY)  # the one way from a catalogue id to a file a builder loads
     out = tmp_path / "mask.nii.gz"
     proc = brainzoo("predict", "brain-mask", str(_scan(tmp_path / "head.nii.gz")), str(out), "--model", TOY,
                     "--contrast", "T1w", cwd=root)

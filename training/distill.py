@@ -1,8 +1,8 @@
 """Distillation sets for a brain-extraction student: scans with a teacher's masks, on the student's grid.
 
 A student U-Net (nobrainer's topology, cheap to run) learns brain extraction from whole-head scans whose
-targets are the masks a teacher draws: by default the catalogue's brain-extraction model, the exact Keras
-port of deepbet.
+targets are the masks a teacher draws (``brainzoo distill`` passes the catalogue's brain-extraction model, the
+exact port of deepbet, as a :class:`Teacher`: training code never loads predictors itself).
 Scans that come with a mask of their own (synthetic heads built from label maps, say) keep it. Every scan
 and its mask are conformed to the student's grid (orientation, spacing and shape, as in a spec's
 ``inference.input``), written as a NIfTI pair, and listed in ``distillation.csv`` (columns ``path``,
@@ -17,12 +17,12 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from brainzoo.catalogue import DEFAULT_BRAIN_MASK_MODEL
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import save_nifti, write_csv
 from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
@@ -32,13 +32,22 @@ TABLE = "distillation.csv"
 STUDENT_TABLE = "student.csv"
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """What draws the masks of scans that come without one: its name (the table's ``mask_from``) and a function
+    from a scan to its brain mask (boolean, on the scan's grid)."""
+
+    name: str
+    mask: Callable[[nib.Nifti1Image], np.ndarray]
+
+
 def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
-                           out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = DEFAULT_BRAIN_MASK_MODEL,
+                           out_dir: str | os.PathLike, *, grid: Mapping, teacher: Teacher | None = None,
                            force: bool = False) -> Path:
     """Conform each scan and its mask to ``grid`` and write them with a table; returns the table's path.
 
-    ``scans``: paths, or ``(scan, mask)`` pairs for scans whose mask is given; the teacher (a catalogue
-    brain-extraction version) draws the mask of every other scan. ``grid``: ``orientation``, ``spacing_mm``
+    ``scans``: paths, or ``(scan, mask)`` pairs for scans whose mask is given; the teacher draws the mask of every
+    other scan. ``grid``: ``orientation``, ``spacing_mm``
     and ``shape``. Output names follow the input order (``scan-001_T1w.nii.gz``, ``scan-001_mask.nii.gz``).
     """
     if not scans:
@@ -50,16 +59,15 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
     if (out_dir / TABLE).exists() and not force:
         raise BrainzooError(f"{out_dir / TABLE}: exists; pass force=True to rewrite the set")
     pairs = [tuple(scan) if isinstance(scan, (tuple, list)) else (scan, None) for scan in scans]
-    masker = None
+    if teacher is None and any(mask is None for _, mask in pairs):
+        raise BrainzooError(f"{next(scan for scan, mask in pairs if mask is None)}: has no mask, and no teacher "
+                            "was given to draw one")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, (scan, mask) in enumerate(pairs, start=1):
         image = load_volume(scan)
         if mask is None:
-            if masker is None:
-                from brainzoo.inference import BrainMasker  # TensorFlow and the teacher only when needed
-                masker = BrainMasker.load(teacher)
-            native_mask = np.asarray(masker.run(image)[0].dataobj) > 0
+            native_mask = teacher.mask(image)
         else:
             native_mask = load_mask(mask, image)
         conformed = conform(GriddedVolume.native(image), grid["orientation"], grid["spacing_mm"], grid["shape"])
@@ -71,12 +79,12 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
         for suffix, data, dtype in (("T1w", conformed.data, np.float32), ("mask", student_mask, np.uint8)):
             save_nifti(nib.Nifti1Image(data.astype(dtype), conformed.affine), out_dir / f"{name}_{suffix}.nii.gz", force)
         rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz", "source": os.fspath(scan),
-                     "mask_from": teacher if mask is None else os.fspath(mask)})
+                     "mask_from": teacher.name if mask is None else os.fspath(mask)})
     return write_csv(out_dir / TABLE, rows, ["path", "label", "source", "mask_from"], force)
 
 
 def write_student_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
-                      out_dir: str | os.PathLike, *, grid: Mapping, teacher: str = DEFAULT_BRAIN_MASK_MODEL,
+                      out_dir: str | os.PathLike, *, grid: Mapping, teacher: Teacher | None = None,
                       contrasts: int = 0, real_copies: int = 1, seed: int = 0, force: bool = False) -> Path:
     """A student's training table: the distillation set in ``teacher/`` and ``contrasts`` synthetic contrasts
     of each head in ``contrasts/``, listed together in ``student.csv`` (``path``, ``label``, ``source``).
