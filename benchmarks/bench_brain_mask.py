@@ -146,7 +146,7 @@ def main() -> None:
                       python_call("bench_brain_mask", "run_unet_blocks", str(scan), str(masks["ours-unet"]),
                                   str(model_file), args.overlap)),
     }
-    measure([sys.executable, "-c", "import tensorflow, torch, deepbet, nobrainer.cli.main, onnx, onnxruntime, brainzoo.inference"],
+    measure([sys.executable, "-c", "import tensorflow, torch, deepbet, nobrainer.cli.main, onnx, onnxruntime, brainzoo.predict.runners"],
             folder / "warm-up.log", env)
 
     print(f"{args.scan.name} conformed to 256^3 1 mm RAS; {args.threads} threads, oneDNN on; TensorFlow "

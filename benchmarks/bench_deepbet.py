@@ -51,7 +51,7 @@ def compare_in_process(args, paths: list[Path]) -> None:
     torch.set_num_threads(args.threads)
     from deepbet import BrainExtraction
 
-    from brainzoo.deepbet_pipeline import DeepbetExtractor
+    from brainzoo.predict.deepbet import DeepbetExtractor
 
     ours = DeepbetExtractor.from_weights(args.bbox_weights, args.segmentation_weights, runtime=args.runtime)
     reference = BrainExtraction(no_gpu=True)

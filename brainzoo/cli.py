@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator
 
 import yaml
 
-from brainzoo import __version__, catalogue, inference, mirror, publish, sources, validate, zoo
+from brainzoo import __version__, catalogue, mirror, publish, sources, validate, zoo
+from brainzoo.predict import runners
 from brainzoo.convert import CONVERTERS
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import REGISTRATIONS
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     scan_options.add_argument("--contrast", help="the scan's contrast (default: from a BIDS suffix such as _T1w)")
     scan_options.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
     runtime_option = argparse.ArgumentParser(add_help=False)
-    runtime_option.add_argument("--runtime", choices=inference.RUNTIMES, default="auto",
+    runtime_option.add_argument("--runtime", choices=runners.RUNTIMES, default="auto",
                                 help="what runs the networks: onnxruntime (no TensorFlow import) or keras; "
                                      "auto: onnxruntime where every layer maps, else keras (default)")
     q = predict_sub.add_parser("brain-mask", parents=[common, scan_options, runtime_option],
@@ -284,25 +285,25 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
         model = args.model or (catalogue.DEFAULT_BRAIN_MASK_MODEL if args.task == "brain-mask" else None)
         if model is None:
             raise BrainzooError(f"predict study {args.task}: --model is required (a catalogue id)")
-        yield from inference.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
+        yield from runners.run_study(args.task, Path(args.source), Path(args.out_dir), model=model, shard=args.shard,
                                        force=args.force, progress=not args.no_progress, runtime=args.runtime,
                                        registration=args.registration)
         return
     if args.predict_command == "brain-mask":
-        masker = inference.BrainMasker.load(args.model, threshold=args.threshold, runtime=args.runtime)
-        record = inference.predict_brain_mask_file(
+        masker = runners.BrainMasker.load(args.model, threshold=args.threshold, runtime=args.runtime)
+        record = runners.predict_brain_mask_file(
             masker, Path(args.infile), Path(args.outfile), brain=optional(args.brain),
             probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
             contrast=args.contrast, force=args.force)
         message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
     elif args.predict_command == "classify":
-        record = inference.predict_classification_file(
+        record = runners.predict_classification_file(
             args.model, Path(args.infile), covariates={"sex": args.sex}, out_json=optional(args.out),
             contrast=args.contrast, mask=optional(args.mask), force=args.force)
         result = record["result"]
         message = f"{result['label']} (probability {result['probability']:.3f})"
     else:
-        record = inference.predict_brain_age_file(
+        record = runners.predict_brain_age_file(
             args.model, Path(args.infile), age=args.age, out_json=optional(args.out),
             flair_outputs=optional(args.flair_outputs), qc_png=optional(args.qc), contrast=args.contrast,
             mask=optional(args.mask), registration=args.registration, force=args.force)
@@ -317,12 +318,12 @@ def preprocess_records(args: argparse.Namespace) -> Iterator[dict]:
     if source.is_dir() or source.suffix in (".csv", ".tsv"):
         if args.record or args.qc or args.mask:
             raise BrainzooError("--record, --qc and --mask are for one scan; a study writes a record per scan")
-        yield from inference.run_study("preprocess", source, Path(args.out), model=args.model, shard=args.shard,
+        yield from runners.run_study("preprocess", source, Path(args.out), model=args.model, shard=args.shard,
                                        force=args.force, progress=not args.no_progress,
                                        registration=args.registration)
         return
     optional = (lambda value: Path(value) if value else None)
-    record = inference.preprocess_file(args.model, source, Path(args.out), record_json=optional(args.record),
+    record = runners.preprocess_file(args.model, source, Path(args.out), record_json=optional(args.record),
                                        qc_png=optional(args.qc), contrast=args.contrast, mask=optional(args.mask),
                                        registration=args.registration, force=args.force)
     shape = "x".join(map(str, record["volume"]["shape"]))
@@ -361,7 +362,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "tfrecords", "path": args.out, "status": "ok", "message": f"{len(shards)} shard(s)",
                "shards": [str(s) for s in shards]}
     elif args.command == "distill":
-        from brainzoo.inference import BrainMasker
+        from brainzoo.predict.runners import BrainMasker
         from brainzoo.training.distill import Teacher, write_student_set
 
         grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")

@@ -32,7 +32,7 @@ import numpy as np
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import all_or_nothing, atomic_output, check_output, output_folder, sha256_of, write_csv
-from brainzoo.inference import BrainMasker, load_networks, model_provenance, predict_brain_age_file, study_scans
+from brainzoo.predict.runners import BrainMasker, load_networks, model_provenance, predict_brain_age_file, study_scans
 from brainzoo.metrics import age_bias, dice, hausdorff95, mean_absolute_error, pearson_r, root_mean_squared_error
 from brainzoo.predict.volumes import load_mask, load_volume
 

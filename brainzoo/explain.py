@@ -200,25 +200,25 @@ def explain_file(ref: str, infile: Path, outfile: Path, *, layer: str | None = N
                  registration: str = "brainzoo", force: bool = False) -> dict:
     """``brainzoo explain``: the map of one scan written on its grid (and on request on the model's grid, with a
     QC picture and the record), all or none; every bad input and output is refused before any work."""
-    from brainzoo import inference
+    from brainzoo.predict import runners
     from brainzoo.predict.classification import covariate_values
 
     version = catalogue.find_version(ref)
     layer, target = explain_settings(version.spec, layer, target)
-    outputs = inference.check_outputs([(outfile, NIFTI_SUFFIXES), (model_grid, NIFTI_SUFFIXES), (qc_png, (".png",)),
+    outputs = runners.check_outputs([(outfile, NIFTI_SUFFIXES), (model_grid, NIFTI_SUFFIXES), (qc_png, (".png",)),
                                        (record_json, (".json",))], [infile, mask], force)
-    inference.check_scan(version, infile, inference.input_contrast(infile, contrast), force)
+    runners.check_scan(version, infile, runners.input_contrast(infile, contrast), force)
     covariates = covariate_values(version.spec["inference"]["input"], {"sex": sex}, version.id)
-    inference.check_converted(version)
-    networks = inference.load_networks(version, "keras")
+    runners.check_converted(version)
+    networks = runners.load_networks(version, "keras")
     models = [keras_model(network) for network in networks.models.values()]
     feature_layer(models[0], layer)
     with all_or_nothing(outputs):
-        brain_mask, mask_record = inference.spec_brain_mask(version, infile, None, mask)
+        brain_mask, mask_record = runners.spec_brain_mask(version, infile, None, mask)
         native_map, model_grid_map, record = explain_scan(
             infile, models, spec_inference=version.spec["inference"], layer=layer, target=target,
             covariates=covariates, brain_mask=brain_mask, registration=registration)
-        record["model"] = inference.model_provenance(version, networks.runtime)
+        record["model"] = runners.model_provenance(version, networks.runtime)
         if mask_record is not None:
             record["brain_extraction"] = mask_record
         record["outputs"] = {"map": str(outfile)}
@@ -232,7 +232,7 @@ def explain_file(ref: str, infile: Path, outfile: Path, *, layer: str | None = N
             if qc.save_saliency_qc(qc_png, nib.load(infile), native_map, force=force):
                 record["outputs"]["qc_png"] = str(qc_png)
         if record_json is not None:
-            inference._save_json(record, record_json, force)
+            runners._save_json(record, record_json, force)
         return record
 
 

@@ -204,16 +204,25 @@ def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:
-    """The steps must be ones brainzoo.predict runs, with the options it takes (deepbet runs its own)."""
+    """The steps must be ones brainzoo.predict runs, with the options it takes; a deepbet spec's numbers must be
+    ones its runner takes, and only a deepbet spec has them."""
     inference = spec.get("inference")
-    if not isinstance(inference, dict) or inference.get("method") == "deepbet":
+    if not isinstance(inference, dict):
         return
     from brainzoo.predict import check_preprocessing
+    from brainzoo.predict.deepbet import DeepbetSettings
 
     try:
         check_preprocessing(inference.get("preprocessing") or [])
     except BrainzooError as err:
         yield f"inference.preprocessing: {err}"
+    if inference.get("method") == "deepbet":
+        try:
+            DeepbetSettings.from_spec(inference.get("deepbet"))
+        except BrainzooError as err:
+            yield str(err)
+    elif "deepbet" in inference:
+        yield "inference.deepbet: only a spec whose inference.method is deepbet takes these numbers"
 
 
 def weights_problems(entry: dict, where: str, version_folder: Path) -> Iterator[str]:

@@ -3,7 +3,7 @@
 deepbet 1.0.2 ships two TorchScript networks with one architecture (fastMRI's LinkNet3d) and different
 weights: a bounding-box network that finds the brain on a 128^3 copy of the scan, and a segmentation
 network that labels brain on a 256^3 crop around it. Both end in a two-channel softmax whose channel
-``BRAIN_CHANNEL`` is the brain probability; :mod:`brainzoo.deepbet_pipeline` runs them the way deepbet does.
+``BRAIN_CHANNEL`` is the brain probability; :mod:`brainzoo.predict.deepbet` runs them the way deepbet does.
 
 Every layer is named after the TorchScript module it reproduces with dots turned into underscores
 (``down1.block1.double_conv.0`` is ``down1_block1_double_conv_0``), so the converter in

@@ -17,15 +17,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainzoo import deepbet_pipeline as pipeline
-from brainzoo.errors import BrainzooError
 from brainzoo.convert import convert, record_problems
 from brainzoo.convert import deepbet as deepbet_convert
+from brainzoo.errors import BrainzooError
 from brainzoo.models.deepbet import InstanceNormalization, conv_transpose3d, deepbet_bbox, deepbet_segmentation
 from brainzoo.models.layers import conv3d, max_pool_after_relu
+from brainzoo.predict import deepbet as pipeline
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SCAN = SHARED_DATA / "ixi" / "t1_2mm" / "IXI012-HH-1211-T1_ds.nii.gz"
+SETTINGS = pipeline.catalogue_settings()  # deepbet/1.0.2's spec
+MEAN_SD = (SETTINGS.standardised_mean, SETTINGS.standardised_sd)
+BOX_NUMBERS = (SETTINGS.bbox_margin, SETTINGS.bbox_slice_fraction)
 
 # Every parameter of deepbet 1.0.2's two TorchScript networks (named_parameters(); they have no buffers).
 DEEPBET_TENSORS = """
@@ -171,6 +174,20 @@ def test_unknown_weights_are_a_clean_error():
         deepbet_segmentation((32, 32, 32, 1), weights="no/such/version")
 
 
+def test_the_pipeline_numbers_are_the_spec_values_and_are_checked():
+    assert SETTINGS == pipeline.DeepbetSettings((128, 128, 128), (256, 256, 256), (0.005, 0.995), 0.449, 0.226, 0.5,
+                                                0.02, 0.1)  # deepbet 1.0.2's BrainExtraction
+    values = {"bbox_grid": [128, 128, 128], "segmentation_grid": [256, 256, 256], "window_quantiles": [0.005, 0.995],
+              "standardised_mean": 0.449, "standardised_sd": 0.226, "bbox_threshold": 0.5,
+              "bbox_slice_fraction": 0.02, "bbox_margin": 0.1}
+    assert pipeline.DeepbetSettings.from_spec(values) == SETTINGS
+    for change, message in [({"window_quantiles": [0.995, 0.005]}, "window_quantiles are two quantiles"),
+                            ({"bbox_grid": [128, 128]}, "bbox_grid and segmentation_grid are three"),
+                            ({"bbox_threshold": 1.5}, "bbox_threshold is in"), ({"extra": 1}, "needs exactly")]:
+        with pytest.raises(BrainzooError, match=f"spec.yaml: inference.deepbet: .*{message}"):
+            pipeline.DeepbetSettings.from_spec({**values, **change}, "spec.yaml: inference.deepbet")
+
+
 def test_nearest_exact_indices():
     np.testing.assert_array_equal(pipeline.nearest_exact_indices(7, 7), np.arange(7))
     np.testing.assert_array_equal(pipeline.nearest_exact_indices(256, 128), 2 * np.arange(128) + 1)
@@ -180,9 +197,9 @@ def test_nearest_exact_indices():
 
 def test_quantile_and_normalize():
     x = np.random.default_rng(6).gamma(2, 100, size=(40, 40, 40)).astype(np.float32)
-    for q in pipeline.WINDOW_QUANTILES:
+    for q in SETTINGS.window_quantiles:
         assert pipeline.quantile(x, q) == pytest.approx(np.quantile(x, q), rel=1e-6)
-    y = pipeline.normalize(x, *(pipeline.quantile(x, q) for q in pipeline.WINDOW_QUANTILES))
+    y = pipeline.normalize(x, *(pipeline.quantile(x, q) for q in SETTINGS.window_quantiles), MEAN_SD)
     assert y.dtype == np.float32
     assert (y.mean(), y.std(ddof=1)) == pytest.approx((0.449, 0.226), abs=1e-5)
 
@@ -191,9 +208,9 @@ def test_bounding_box_of_a_centred_cube():
     mask = np.zeros((128, 128, 128), dtype=bool)
     mask[32:96, 32:96, 32:96] = True
     # Centre 64 -> 128 on the 256 grid; extent 64 -> 128, grown by 20 % to 153.6, rounded to 154.
-    assert pipeline.bounding_box(mask, (256, 256, 256)) == (slice(51, 205, 1),) * 3
+    assert pipeline.bounding_box(mask, (256, 256, 256), *BOX_NUMBERS) == (slice(51, 205, 1),) * 3
     # Clipped at the grid: extent 64 -> 32 -> 38.4 -> 38 around centre 32 of a 64 grid gives 13..51.
-    assert pipeline.bounding_box(mask, (64, 256, 20))[0] == slice(13, 51, 1)
+    assert pipeline.bounding_box(mask, (64, 256, 20), *BOX_NUMBERS)[0] == slice(13, 51, 1)
 
 
 def test_fill_holes_fills_cavities_and_fill_voids_unseeded_border_pockets():
@@ -232,8 +249,8 @@ def brightness_network(input_shape):
 
 @pytest.fixture(scope="module")
 def brightness_extractor():
-    return pipeline.DeepbetExtractor(brightness_network(pipeline.BBOX_GRID + (1,)),
-                                     brightness_network(pipeline.SEGMENTATION_GRID + (1,)))
+    return pipeline.DeepbetExtractor(brightness_network(SETTINGS.bbox_grid + (1,)),
+                                     brightness_network(SETTINGS.segmentation_grid + (1,)), SETTINGS)
 
 
 def phantom_head(affine: np.ndarray) -> nib.Nifti1Image:
@@ -342,10 +359,10 @@ def test_resampling_and_window_match_pytorch(torch):
             expected = F.interpolate(line, size=(b, 1, 1), mode="nearest-exact").flatten().long().numpy()
             np.testing.assert_array_equal(pipeline.nearest_exact_indices(a, b), expected, err_msg=f"{a} -> {b}")
     x = np.random.default_rng(7).gamma(2, 100, size=(128, 128, 128)).astype(np.float32)
-    low, high = (pipeline.quantile(x, q) for q in pipeline.WINDOW_QUANTILES)
-    assert (low, high) == tuple(torch.quantile(torch.from_numpy(x), q).item() for q in pipeline.WINDOW_QUANTILES)
+    low, high = (pipeline.quantile(x, q) for q in SETTINGS.window_quantiles)
+    assert (low, high) == tuple(torch.quantile(torch.from_numpy(x), q).item() for q in SETTINGS.window_quantiles)
     expected = normalize(torch.from_numpy(x), torch.tensor(low), torch.tensor(high)).numpy()
-    np.testing.assert_allclose(pipeline.normalize(x, low, high), expected, atol=1e-6)
+    np.testing.assert_allclose(pipeline.normalize(x, low, high, MEAN_SD), expected, atol=1e-6)
 
 
 def random_masks(count: int, seed: int):
@@ -374,7 +391,7 @@ def test_bounding_box_matches_deepbet(torch):
         if not mask.any():
             continue
         for shape in [(80, 88, 72), (181, 217, 181), (61, 95, 33)]:
-            assert pipeline.bounding_box(mask, shape) == box_of(torch.from_numpy(mask.astype(np.float32)), shape, 0.1)
+            assert pipeline.bounding_box(mask, shape, *BOX_NUMBERS) == box_of(torch.from_numpy(mask.astype(np.float32)), shape, 0.1)
 
 
 @pytest.mark.slow
@@ -387,7 +404,7 @@ def test_pipeline_matches_deepbet_on_a_real_scan(converted):
     reference.run_model = lambda volume: probabilities.append(run_model(volume)) or probabilities[-1]
     _, reference_mask, reference_tiv = reference.run(str(REAL_SCAN))
 
-    ours = pipeline.DeepbetExtractor(converted["bbox"][0], converted["segmentation"][0]).extract(REAL_SCAN)
+    ours = pipeline.DeepbetExtractor(converted["bbox"][0], converted["segmentation"][0], SETTINGS).extract(REAL_SCAN)
     assert ours.box == reference.bbox
     ours_probability = nib.as_closest_canonical(ours.probability).get_fdata(dtype=np.float32)
     assert np.abs(ours_probability - probabilities[0]).max() <= 1e-3

@@ -10,7 +10,7 @@ import yaml
 
 from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
-from brainzoo.inference import BrainMasker
+from brainzoo.predict.runners import BrainMasker
 from brainzoo.metrics import dice
 from brainzoo.training.distill import STUDENT_TABLE, TABLE, Teacher, write_distillation_set
 from brainzoo.training.synthetic import write_synthetic_dataset

@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from brainzoo import catalogue, inference, model_files
+from brainzoo import catalogue, model_files
 from brainzoo.errors import BrainzooError
 from brainzoo.model_files import (BRAINZOO_LAYERS, check_model_config, load_keras_model, verified_sha256,
                                   verified_weights_path)
 from brainzoo.models import agemapper, sfcn, unet
 from brainzoo.models.deepbet import deepbet_bbox
+from brainzoo.predict import runners
 from conftest import REPO, brainzoo, clone_main, fixture_card, fixture_spec, write_index, write_version
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
@@ -100,11 +101,11 @@ def test_the_library_loaders_refuse_it_too(tmp_path, marker, monkeypatch):
     root = _catalogue_root(tmp_path, _hostile_model(tmp_path / "hostile.h5", marker, "functional").read_bytes())
     monkeypatch.setenv("BRAINZOO_ROOT", str(root))
     version = catalogue.find_version(TOY)
-    for runtime in inference.RUNTIMES:
+    for runtime in runners.RUNTIMES:
         with pytest.raises(BrainzooError, match="layer 'payload': Lambda"):
-            inference.load_networks(version, runtime)
+            runners.load_networks(version, runtime)
     with pytest.raises(BrainzooError, match="layer 'payload': Lambda"):
-        inference.BrainMasker.load(TOY, runtime="keras").run(_scan(tmp_path / "head.nii.gz"))
+        runners.BrainMasker.load(TOY, runtime="keras").run(_scan(tmp_path / "head.nii.gz"))
     assert not marker.exists()
 
 
@@ -238,13 +239,13 @@ def test_damaged_weights_are_refused_with_both_checksums_and_the_repair(tmp_path
     root = _catalogue_root(tmp_path, toy_unet)
     monkeypatch.setenv("BRAINZOO_ROOT", str(root))
     version = catalogue.find_version(TOY)
-    assert inference.model_provenance(version, "any")["weights"] == {"model": hashlib.sha256(toy_unet).hexdigest()}
+    assert runners.model_provenance(version, "any")["weights"] == {"model": hashlib.sha256(toy_unet).hexdigest()}
     weights_path = root / TOY / TOY_WEIGHTS
     _flip_last_bit(weights_path)  # after a verdict was cached: the file's change time still tells
     damaged = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-    for runtime in inference.RUNTIMES:
+    for runtime in runners.RUNTIMES:
         with pytest.raises(BrainzooError) as error:
-            inference.load_networks(version, runtime)
+            runners.load_networks(version, runtime)
         message = str(error.value)
         assert message.startswith(f"{weights_path}: sha256 {damaged} differs from the spec's "
                                   f"{hashlib.sha256(toy_unet).hexdigest()}")
@@ -258,7 +259,7 @@ def test_damaged_weights_are_refused_with_both_checksums_and_the_repair(tmp_path
     weights_path.write_bytes(toy_unet + b"\0")
     with pytest.raises(BrainzooError, match=rf"{weights_path}: {len(toy_unet) + 1} bytes, but the spec .* says "
                                             rf"{len(toy_unet)}"):
-        inference.load_networks(version, "auto")
+        runners.load_networks(version, "auto")
 
 
 def test_a_warm_run_does_not_hash_again(tmp_path, toy_unet, monkeypatch):
@@ -291,7 +292,7 @@ def test_the_deepbet_ports_networks_are_checked_too(tmp_path, monkeypatch):
     write_index(root)
     (root / TOY / "weights" / "bbox.h5").write_bytes(b"stand-in weightz")
     monkeypatch.setenv("BRAINZOO_ROOT", str(root))
-    masker = inference.BrainMasker.load(TOY)
+    masker = runners.BrainMasker.load(TOY)
     with pytest.raises(BrainzooError, match=r"bbox\.h5: sha256 \w+ differs from the spec's"):
         masker.networks()
 

@@ -22,9 +22,11 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, SHARED_DATA, needs_shared_data, write_index, write_version
-from brainzoo import catalogue, deepbet_pipeline, inference, sources
+from brainzoo import catalogue, sources
+from brainzoo.predict import deepbet as deepbet_runner
+from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
-from brainzoo.inference import BrainMasker
+from brainzoo.predict.runners import BrainMasker
 from brainzoo.metrics import dice
 from brainzoo.models import (agemapper, densenet169_3d, inception_resnet_v2_3d, s500mri_classifier, sfcn,
                              vae_c_encoder)
@@ -120,7 +122,7 @@ def test_every_architecture_matches_keras(architecture, tmp_path):
 
 
 def test_the_pipeline_reads_the_brain_channel_the_networks_write():
-    assert deepbet_pipeline.BRAIN_CHANNEL == BRAIN_CHANNEL
+    assert deepbet_runner.BRAIN_CHANNEL == BRAIN_CHANNEL
 
 
 def _unmapped(kind: str, marker):
@@ -161,9 +163,9 @@ def test_auto_falls_back_to_keras_only_for_a_network_that_does_not_map(tmp_path,
     write_index(tmp_path / "root")
     monkeypatch.setenv("BRAINZOO_ROOT", str(tmp_path / "root"))
     version = catalogue.find_version("neuronets/unmapped/1.0.0")
-    assert inference.load_networks(version).runtime.startswith("tensorflow ")
+    assert runners.load_networks(version).runtime.startswith("tensorflow ")
     with pytest.raises(UnsupportedModel, match="layer 'UpSampling3D'"):
-        inference.load_networks(version, "onnxruntime")
+        runners.load_networks(version, "onnxruntime")
 
 
 def test_a_file_that_is_not_a_keras_model_is_named(tmp_path):

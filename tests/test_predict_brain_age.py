@@ -205,3 +205,15 @@ def test_registration_of_a_real_brain_to_the_template():
     # The same brain gives the same alignment however its header places it (within a millimetre).
     assert _mean_distance_mm(np.linalg.inv(_rigid(2, 12, [10, -5, 8])) @ template_to_input, unmoved,
                              _brain_points()) < 1.0
+
+
+def test_container_result_files_are_written_only_for_specs_that_declare_them(tmp_path):
+    from brainzoo import catalogue
+    from brainzoo.predict.runners import _container_files
+
+    flair = catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair")
+    assert _container_files(flair, tmp_path) == [tmp_path / "brainAge.txt", tmp_path / "results.json"]
+    assert _container_files(flair, None) == [None, None]
+    ukbiobank = catalogue.find_version("neuronets/sfcn-ukbiobank/1.0.0")
+    with pytest.raises(BrainzooError, match=f"{ukbiobank.id}: its spec declares no container result files"):
+        _container_files(ukbiobank, tmp_path)

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, brainzoo
 from test_upstream import whole_head_scan
 
-from brainzoo import catalogue, inference
+from brainzoo import catalogue
+from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.predict.brain_age import bin_centres
@@ -68,13 +69,13 @@ def test_preprocess_cli_writes_volume_record_and_qc_and_keeps_existing_outputs(r
 
 def test_preprocess_refuses_a_mask_for_a_model_that_takes_the_whole_head(raw_scan, tmp_path):
     with pytest.raises(BrainzooError, match="does not skull-strip"):
-        inference.preprocess_file(FLAIR_SFCN, raw_scan, tmp_path / "out.nii.gz", mask=raw_scan)
+        runners.preprocess_file(FLAIR_SFCN, raw_scan, tmp_path / "out.nii.gz", mask=raw_scan)
     assert not (tmp_path / "out.nii.gz").exists()
 
 
 def test_preprocess_refuses_an_unknown_registration(raw_scan, tmp_path):
     with pytest.raises(BrainzooError, match="registration must be one of brainzoo, niftyreg"):
-        inference.preprocess_file(FLAIR_SFCN, raw_scan, tmp_path / "out.nii.gz", registration="ants")
+        runners.preprocess_file(FLAIR_SFCN, raw_scan, tmp_path / "out.nii.gz", registration="ants")
 
 
 @pytest.mark.slow

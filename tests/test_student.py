@@ -9,7 +9,7 @@ import pytest
 
 from conftest import REPO, SHARED_DATA, needs_shared_data
 from brainzoo import catalogue, sources
-from brainzoo.inference import BrainMasker
+from brainzoo.predict.runners import BrainMasker
 from brainzoo.metrics import dice
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
 from brainzoo.training.synthetic import synthetic_head

@@ -63,6 +63,10 @@ def test_toy_catalogue_is_valid(catalogue):
      f"{TOY}/spec.yaml: inference.preprocessing: preprocessing step 'zscore': unknown option(s) over"),
     ("spec.yaml", lambda s: s["inference"]["entry_point"]["options"]["threshold"].update(default="half"),
      f"{TOY}/spec.yaml: inference.entry_point.options.threshold.default: 'half' is not of type float"),
+    ("spec.yaml", lambda s: s["inference"].update(method="deepbet"),
+     f"{TOY}/spec.yaml: inference.deepbet: a deepbet spec needs this block"),
+    ("spec.yaml", lambda s: s["inference"].update(deepbet={"bbox_margin": 0.1}),
+     f"{TOY}/spec.yaml: inference.deepbet: only a spec whose inference.method is deepbet"),
 ])
 def test_each_problem_names_file_and_field(catalogue, file, change, expected):
     edit_yaml(catalogue / TOY / file, change)

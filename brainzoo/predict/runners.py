@@ -1,8 +1,8 @@
 """`brainzoo predict`: catalogue versions run on scans, one at a time or a whole study.
 
 The version's spec decides everything: which networks to load (every weights entry; several make an
-ensemble), how its brain-extraction model runs (``inference.method``: ``blocks`` for U-Nets,
-``deepbet`` for the deepbet port), preprocessing and output decoding. Every record names the model
+ensemble), how its brain-extraction model runs (``inference.method``, a key of ``BRAIN_EXTRACTION_RUNNERS``:
+``blocks`` for U-Nets, ``deepbet`` for the deepbet port), preprocessing and output decoding. Every record names the model
 versions, the sha256 of each weights file used and the runtime that ran them, so a result can be traced to
 exact bytes.
 
@@ -144,18 +144,57 @@ def load_networks(version: Version, runtime: str = "auto") -> Networks:
     return Networks(load_keras_models(paths), f"tensorflow {tf.__version__}")
 
 
+MaskRun = Callable[[nib.Nifti1Image | Path], tuple[nib.Nifti1Image, nib.Nifti1Image, dict]]
+
+
+def _blocks_runner(version: Version, networks: Callable[[], Networks], threshold: float) -> MaskRun:
+    """A U-Net run on the grid its spec's preprocessing makes, whole or in blocks (:func:`predict_brain_mask`)."""
+    from brainzoo.predict import predict_brain_mask
+
+    inference = version.spec["inference"]
+    spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
+
+    def run(scan):
+        [network] = networks().models.values()
+        return predict_brain_mask(scan, network, spec_inference=spec_inference)
+    return run
+
+
+def _deepbet_runner(version: Version, networks: Callable[[], Networks], threshold: float) -> MaskRun:
+    """deepbet's two stages (:mod:`brainzoo.predict.deepbet`) with the numbers of the spec's ``inference.deepbet``."""
+    from brainzoo.predict.deepbet import DeepbetExtractor, DeepbetSettings
+
+    settings = DeepbetSettings.from_spec(version.spec["inference"].get("deepbet"), f"{version.id}: inference.deepbet")
+    extractor = functools.cache(lambda: DeepbetExtractor(networks().models["bbox"], networks().models["segmentation"],
+                                                         settings))
+
+    def run(scan):
+        started = time.perf_counter()
+        image = load_volume(scan)  # the same input checks as every other model
+        result = extractor().extract(image, threshold=threshold)
+        record = {"task": "brain-extraction", "input": {"shape": list(image.shape)},
+                  "prediction": {"threshold": threshold, "brain_voxels": int(result.mask.get_fdata().sum()),
+                                 "brain_volume_ml": round(result.tiv_cm3, 3)},
+                  "timings_s": {"total": round(time.perf_counter() - started, 3)}}
+        return result.mask, result.probability, record
+    return run
+
+
+# How a brain-extraction version runs, by its spec's ``inference.method`` (``blocks`` when not given).
+BRAIN_EXTRACTION_RUNNERS: dict[str, Callable[[Version, Callable[[], Networks], float], MaskRun]] = {
+    "blocks": _blocks_runner, "deepbet": _deepbet_runner}
+
+
 @dataclass
 class BrainMasker:
     """A brain-extraction version loaded once, for many scans."""
 
     version: Version
-    run: Callable[[nib.Nifti1Image | Path], tuple[nib.Nifti1Image, nib.Nifti1Image, dict]]
+    run: MaskRun
     networks: Callable[[], Networks]  # loads at the first call, then cached
 
     @classmethod
     def load(cls, ref: str, threshold: float | None = None, runtime: str = "auto") -> BrainMasker:
-        from brainzoo.predict import predict_brain_mask
-
         version = catalogue.find_version(ref)
         if version.task != "brain-extraction":
             raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-extraction model")
@@ -164,28 +203,8 @@ class BrainMasker:
         threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
         # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
         networks = functools.cache(lambda: load_networks(version, runtime))
-        if inference.get("method", "blocks") == "deepbet":
-            from brainzoo.deepbet_pipeline import DeepbetExtractor
-
-            extractor = functools.cache(lambda: DeepbetExtractor(networks().models["bbox"],
-                                                                 networks().models["segmentation"]))
-
-            def run(scan):
-                started = time.perf_counter()
-                image = load_volume(scan)  # the same input checks as every other model
-                result = extractor().extract(image, threshold=threshold)
-                record = {"task": "brain-extraction", "input": {"shape": list(image.shape)},
-                          "prediction": {"threshold": threshold, "brain_voxels": int(result.mask.get_fdata().sum()),
-                                         "brain_volume_ml": round(result.tiv_cm3, 3)},
-                          "timings_s": {"total": round(time.perf_counter() - started, 3)}}
-                return result.mask, result.probability, record
-        else:
-            spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
-
-            def run(scan):
-                [network] = networks().models.values()
-                return predict_brain_mask(scan, network, spec_inference=spec_inference)
-        return cls(version, run, networks)
+        runner = BRAIN_EXTRACTION_RUNNERS[inference.get("method", "blocks")]
+        return cls(version, runner(version, networks, threshold), networks)
 
     def brain(self, scan: nib.Nifti1Image | Path) -> np.ndarray:
         """The scan's brain mask as a boolean array on its own grid."""
@@ -286,18 +305,35 @@ def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path 
         return record
 
 
+# Result files an upstream's container writes, by the name a spec's ``output.container_files`` gives: the file
+# names and what each holds. FLAIR-Brain-Age's container writes these two, with these fields.
+CONTAINER_FILES = {"flair-brain-age": ("brainAge.txt", "results.json")}
+
+
+def _container_files(version: Version, folder: Path | None) -> list[Path | None]:
+    """The container result files asked for (``--flair-outputs``), if the spec declares them."""
+    if folder is None:
+        return [None, None]
+    declared = version.spec["inference"]["output"].get("container_files")
+    if declared is None:
+        raise BrainzooError(f"{version.id}: its spec declares no container result files, so --flair-outputs "
+                            f"{folder} has nothing to write")
+    return [folder / name for name in CONTAINER_FILES[declared]]
+
+
 def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, masker: BrainMasker | None = None,
                            out_json: Path | None = None, flair_outputs: Path | None = None, qc_png: Path | None = None,
                            contrast: str | None = None, mask: Path | None = None, registration: str = "brainzoo",
                            force: bool = False, networks: Networks | None = None) -> dict:
-    """Brain age of one raw scan: brain extraction (if the spec needs one), then the predictor; outputs all or none."""
+    """Brain age of one raw scan: brain extraction (if the spec needs one), then the predictor; outputs all or none.
+    ``flair_outputs``: a folder for the container result files the spec declares."""
     from brainzoo.predict import predict_brain_age
 
     version = brain_age_version(ref)
     check_converted(version)
-    flair_files = [flair_outputs / "brainAge.txt", flair_outputs / "results.json"] if flair_outputs else [None, None]
-    outputs = check_outputs([(out_json, (".json",)), (qc_png, (".png",)), (flair_files[0], (".txt",)),
-                             (flair_files[1], (".json",))], [infile, mask], force)
+    age_file, results_file = _container_files(version, flair_outputs)
+    outputs = check_outputs([(out_json, (".json",)), (qc_png, (".png",)), (age_file, (".txt",)),
+                             (results_file, (".json",))], [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     networks = networks or load_networks(version)
     with all_or_nothing(outputs):
@@ -310,12 +346,11 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
             record["brain_extraction"] = mask_record
         if out_json is not None:
             _save_json(record, out_json, force)
-        if flair_outputs is not None:
-            # The FLAIR brain-age container writes these two files; same names and fields.
+        if age_file is not None:
             brain_age = record["result"]["brain_age"]
-            with atomic_output(flair_files[0], force) as tmp:
+            with atomic_output(age_file, force) as tmp:
                 tmp.write_text(f"{brain_age}\n")
-            _save_json({"brainAge": brain_age, "biologicalAge": age}, flair_files[1], force)
+            _save_json({"brainAge": brain_age, "biologicalAge": age}, results_file, force)
         return record
 
 

@@ -1,15 +1,20 @@
 """deepbet's brain extraction (Fisch et al. 2024) around the networks of :mod:`brainzoo.models.deepbet`, run by
-ONNX Runtime or Keras.
+ONNX Runtime or Keras: the runner of specs whose ``inference.method`` is ``deepbet``.
 
 The steps and their arithmetic are those of deepbet 1.0.2's ``BrainExtraction.run``, so that the masks
-agree voxel for voxel:
+agree voxel for voxel. The numbers are the spec's ``inference.deepbet`` values (:class:`DeepbetSettings`, which
+``brainzoo validate`` checks); deepbet 1.0.2's are given in brackets:
 
 1. closest-canonical (RAS) orientation; the first volume of a 4-D image; NaN and infinities replaced;
-2. a nearest-exact resize to 128^3, whose 0.5 and 99.5 percentiles set the intensity window;
-3. windowing to [0, 1], standardising, and rescaling to mean 0.449 and sd 0.226 (ImageNet's statistics);
-4. the bounding-box network, > 0.5, largest 26-connected component; the box spans the slices whose
-   mean is above 0.02, scaled to the scan's grid and grown by 10 % of its size on each side;
-5. the box cropped and resized nearest-exact to 256^3, windowed like step 3, the segmentation network;
+2. a nearest-exact resize to ``bbox_grid`` (128^3), whose ``window_quantiles`` (0.005, 0.995) set the
+   intensity window;
+3. windowing to [0, 1], standardising, and rescaling to ``standardised_mean`` and ``standardised_sd`` (0.449,
+   0.226: ImageNet's statistics);
+4. the bounding-box network, > ``bbox_threshold`` (0.5), largest 26-connected component; the box spans the
+   slices whose mean is above ``bbox_slice_fraction`` (0.02), scaled to the scan's grid and grown by
+   ``bbox_margin`` (10 %) of its size on each side;
+5. the box cropped and resized nearest-exact to ``segmentation_grid`` (256^3), windowed like step 3, the
+   segmentation network;
 6. its probabilities resized nearest-exact back onto the box (zero outside); > threshold; inside the
    box the largest component is kept and its holes are filled; optional dilation or erosion;
 7. back to the scan's own orientation, on its own grid and affine.
@@ -21,7 +26,7 @@ purpose, because float64 would move some resampled voxels and box edges by one.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import nibabel as nib
 import numpy as np
@@ -33,13 +38,45 @@ CATALOGUE_VERSION = "deepbet/1.0.2"
 # The brain channel of both networks' two-channel softmax: brainzoo.models.deepbet.BRAIN_CHANNEL, which imports
 # TensorFlow (tests/test_onnx_runtime.py holds the two equal).
 BRAIN_CHANNEL = 1
-BBOX_GRID = (128, 128, 128)
-SEGMENTATION_GRID = (256, 256, 256)
-WINDOW_QUANTILES = (0.005, 0.995)
-NETWORK_MEAN, NETWORK_SD = 0.449, 0.226
-BBOX_THRESHOLD = 0.5
-BBOX_SLICE_FRACTION = 0.02
-BBOX_MARGIN = 0.1
+
+
+@dataclass(frozen=True)
+class DeepbetSettings:
+    """The numbers of deepbet's pipeline, as a spec's ``inference.deepbet`` gives them (see the module's steps)."""
+
+    bbox_grid: tuple[int, int, int]
+    segmentation_grid: tuple[int, int, int]
+    window_quantiles: tuple[float, float]
+    standardised_mean: float
+    standardised_sd: float
+    bbox_threshold: float
+    bbox_slice_fraction: float
+    bbox_margin: float
+
+    @classmethod
+    def from_spec(cls, values: dict | None, where: str = "inference.deepbet") -> DeepbetSettings:
+        """The settings of a spec's ``inference.deepbet``; an error naming the value that is wrong or missing."""
+        if not isinstance(values, dict):
+            raise BrainzooError(f"{where}: a deepbet spec needs this block ({', '.join(f.name for f in fields(cls))})")
+        names = [f.name for f in fields(cls)]
+        if set(values) != set(names):
+            raise BrainzooError(f"{where}: needs exactly {', '.join(names)}; got {', '.join(sorted(values))}")
+        settings = cls(**{name: tuple(values[name]) if isinstance(values[name], list) else values[name]
+                          for name in names})
+        grids_ok = all(len(grid) == 3 and all(isinstance(n, int) and n >= 8 for n in grid)
+                       for grid in (settings.bbox_grid, settings.segmentation_grid))
+        low, high = settings.window_quantiles if len(settings.window_quantiles) == 2 else (1, 0)
+        problems = [(not grids_ok, "bbox_grid and segmentation_grid are three whole numbers of at least 8"),
+                    (not 0 <= low < high <= 1, "window_quantiles are two quantiles, low < high, in [0, 1]"),
+                    (not settings.standardised_sd > 0, "standardised_sd is positive"),
+                    (not 0 < settings.bbox_threshold < 1, "bbox_threshold is in (0, 1)"),
+                    (not 0 <= settings.bbox_slice_fraction < 1, "bbox_slice_fraction is in [0, 1)"),
+                    (not 0 <= settings.bbox_margin < 1, "bbox_margin is in [0, 1)")]
+        wrong = [rule for failed, rule in problems if failed]
+        if wrong:
+            raise BrainzooError(f"{where}: {'; '.join(wrong)} (got {values})")
+        return settings
+
 
 # Neighbourhoods: components are 26-connected (cc3d's default); holes and dilation are 6-connected.
 FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -80,9 +117,9 @@ def quantile(volume: np.ndarray, q: float) -> np.float32:
     return np.float32(high - (high - low) * (np.float32(1) - weight))
 
 
-def normalize(volume: np.ndarray, low: np.float32, high: np.float32) -> np.ndarray:
+def normalize(volume: np.ndarray, low: np.float32, high: np.float32, mean_sd: tuple[float, float]) -> np.ndarray:
     """deepbet's network input: window ``[low, high]`` to [0, 1], standardise (sample sd), then move to
-    mean 0.449 and sd 0.226.
+    the mean and sd ``mean_sd``.
 
     The arithmetic is float32 in place; the mean and the sum of squared deviations accumulate in float64,
     one slab at a time, so that no 256^3 float64 copy is made (a third of a second per scan).
@@ -94,8 +131,8 @@ def normalize(volume: np.ndarray, low: np.float32, high: np.float32) -> np.ndarr
     squares = sum(np.dot(d, d) for d in (slab.ravel().astype(np.float64) - mean for slab in x))
     x -= np.float32(mean)
     x /= np.float32(np.sqrt(squares / (x.size - 1)))
-    x *= np.float32(NETWORK_SD)
-    x += np.float32(NETWORK_MEAN)
+    x *= np.float32(mean_sd[1])
+    x += np.float32(mean_sd[0])
     return x
 
 
@@ -146,12 +183,12 @@ def dilate(mask: np.ndarray, layers: int) -> np.ndarray:
     return mask
 
 
-def bounding_box(bbox_mask: np.ndarray, shape: tuple[int, ...],
-                 margin: float = BBOX_MARGIN) -> tuple[slice, slice, slice]:
+def bounding_box(bbox_mask: np.ndarray, shape: tuple[int, ...], margin: float,
+                 slice_fraction: float) -> tuple[slice, slice, slice]:
     """deepbet's box on the scan grid ``shape`` from the bounding-box network's mask.
 
-    On each axis the box spans the slices whose mean is above 0.02; its centre and size are scaled to
-    ``shape``, the size grown by ``2 * margin``, both rounded half to even, and the ends truncated
+    On each axis the box spans the slices whose mean is above ``slice_fraction``; its centre and size are scaled
+    to ``shape``, the size grown by ``2 * margin``, both rounded half to even, and the ends truncated
     toward zero and clipped to the grid, all in float32.
     """
     grow = np.float32(1) + np.float32(2) * np.float32(margin)
@@ -159,7 +196,7 @@ def bounding_box(bbox_mask: np.ndarray, shape: tuple[int, ...],
     for axis, (size_small, size_full) in enumerate(zip(bbox_mask.shape, shape)):
         others = tuple(a for a in range(3) if a != axis)
         fraction = bbox_mask.sum(axis=others).astype(np.float32) / np.float32(bbox_mask.size // size_small)
-        selected = np.flatnonzero(fraction > np.float32(BBOX_SLICE_FRACTION))
+        selected = np.flatnonzero(fraction > np.float32(slice_fraction))
         if selected.size == 0:
             raise ValueError("not enough foreground to place a bounding box")
         first, end = selected.min(), selected.max() + 1
@@ -202,32 +239,43 @@ def _native(array: np.ndarray, image: Image, dtype) -> nib.Nifti1Image:
     return result
 
 
+def catalogue_settings(ref: str = CATALOGUE_VERSION) -> DeepbetSettings:
+    """The settings a catalogue version's spec gives (deepbet 1.0.2's by default)."""
+    from brainzoo import catalogue
+
+    version = catalogue.find_version(ref)
+    return DeepbetSettings.from_spec(version.spec["inference"].get("deepbet"), f"{version.id}: inference.deepbet")
+
+
 class DeepbetExtractor:
     """deepbet's brain extraction with both networks loaded once, for many scans. A network is anything called on a
     float32 batch (1, D, H, W, 1) that returns the softmax (1, D, H, W, 2): an :class:`OnnxModel` or a Keras model."""
 
-    def __init__(self, bbox_model, segmentation_model):
+    def __init__(self, bbox_model, segmentation_model, settings: DeepbetSettings):
         self.bbox_model = bbox_model
         self.segmentation_model = segmentation_model
+        self.settings = settings
 
     @classmethod
     def from_weights(cls, bbox: str | os.PathLike = CATALOGUE_VERSION,
                      segmentation: str | os.PathLike = CATALOGUE_VERSION,
                      runtime: str = "onnxruntime") -> DeepbetExtractor:
         """Networks from whole-model ``.h5`` files or a catalogue version (default ``deepbet/1.0.2``), run by
-        ONNX Runtime (no TensorFlow import) or, with ``runtime="keras"``, as Keras models."""
+        ONNX Runtime (no TensorFlow import) or, with ``runtime="keras"``, as Keras models; the settings of
+        ``deepbet/1.0.2``'s spec."""
         from brainzoo.model_files import load_keras_model, open_model_file, verified_weights_path
 
         paths = [verified_weights_path(bbox, "bbox"), verified_weights_path(segmentation, "segmentation")]
+        settings = catalogue_settings()
         if runtime == "keras":
-            return cls(*map(load_keras_model, paths))
+            return cls(*map(load_keras_model, paths), settings)
         if runtime != "onnxruntime":
             raise BrainzooError(f"runtime must be onnxruntime or keras, not {runtime!r}")
         from brainzoo.predict.onnx_runtime import OnnxModel
 
         for path in paths:
             open_model_file(path).close()  # the same allow-list of layers as a Keras load
-        return cls(*map(OnnxModel, paths))
+        return cls(*map(OnnxModel, paths), settings)
 
     @staticmethod
     def _brain_probability(model, volume: np.ndarray) -> np.ndarray:
@@ -235,16 +283,19 @@ class DeepbetExtractor:
 
     def probability(self, volume: np.ndarray, source: str = "the input volume") -> tuple[np.ndarray, tuple[slice, ...]]:
         """Brain probability on a RAS-oriented float32 volume's own grid (zero outside the box), and the box."""
+        settings = self.settings
         volume = np.nan_to_num(volume.astype(np.float32, copy=False))
-        small = resize_nearest_exact(volume, BBOX_GRID)
-        low, high = (quantile(small, q) for q in WINDOW_QUANTILES)
-        bbox_probability = self._brain_probability(self.bbox_model, normalize(small, low, high))
+        small = resize_nearest_exact(volume, settings.bbox_grid)
+        low, high = (quantile(small, q) for q in settings.window_quantiles)
+        mean_sd = (settings.standardised_mean, settings.standardised_sd)
+        bbox_probability = self._brain_probability(self.bbox_model, normalize(small, low, high, mean_sd))
         try:
-            box = bounding_box(largest_component(bbox_probability > BBOX_THRESHOLD), volume.shape)
+            box = bounding_box(largest_component(bbox_probability > settings.bbox_threshold), volume.shape,
+                               settings.bbox_margin, settings.bbox_slice_fraction)
         except ValueError as err:
             raise BrainzooError(f"{source}: deepbet's bounding-box network found no head ({err})") from None
-        crop = resize_nearest_exact(volume[box], SEGMENTATION_GRID)
-        crop_probability = self._brain_probability(self.segmentation_model, normalize(crop, low, high))
+        crop = resize_nearest_exact(volume[box], settings.segmentation_grid)
+        crop_probability = self._brain_probability(self.segmentation_model, normalize(crop, low, high, mean_sd))
         probability = np.zeros_like(volume)
         probability[box] = resize_nearest_exact(crop_probability, probability[box].shape)
         return probability, box

