@@ -1,13 +1,15 @@
 """Keras reimplementations of published 3-D brain-MRI architectures.
 
-Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder, which starts from a
-latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a catalogue id or a file path) and
-``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers; a saved model is
-read back through :func:`brainzoo.model_files.load_keras_model`, which refuses anything not allow-listed first.
+Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder and the GAN generator,
+which start from a latent vector, its size and, for the generator, its ``output_shape``), its architecture's
+options, ``weights`` (a catalogue id or a file path) and ``name``, and returns a ``tf.keras.Model``. Importing this
+package registers the custom layers; a saved model is read back through
+:func:`brainzoo.model_files.load_keras_model`, which refuses anything not allow-listed first.
 """
 
 from brainzoo.models.agemapper import agemapper
 from brainzoo.models.densenet3d import densenet169_3d
+from brainzoo.models.gan3d import gan3d_classifier, gan3d_discriminator, gan3d_encoder, gan3d_generator
 from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
 from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
 from brainzoo.models.ml_mri import s500mri_classifier, vae_c_decoder, vae_c_encoder
@@ -23,6 +25,10 @@ BUILDERS = {
     "s500mri_classifier": s500mri_classifier,
     "vae_c_encoder": vae_c_encoder,
     "vae_c_decoder": vae_c_decoder,
+    "gan3d_generator": gan3d_generator,
+    "gan3d_discriminator": gan3d_discriminator,
+    "gan3d_encoder": gan3d_encoder,
+    "gan3d_classifier": gan3d_classifier,
 }
 
 __all__ = [
@@ -33,6 +39,10 @@ __all__ = [
     "bin_centres",
     "decode_age",
     "densenet169_3d",
+    "gan3d_classifier",
+    "gan3d_discriminator",
+    "gan3d_encoder",
+    "gan3d_generator",
     "inception_resnet_v2_3d",
     "kl_divergence_loss",
     "pytorch_parameter_count",
