@@ -115,18 +115,18 @@ def _check_pooled_size(input_shape, architecture: str) -> tuple[int, ...]:
     return input_shape
 
 
-def gan3d_encoder(input_shape=VOLUME_SHAPE, latent_size: int = LATENT_SIZE, weights=None,
+def gan3d_encoder(input_shape=VOLUME_SHAPE, latent_size: int = LATENT_SIZE, base_channels: int = 16, weights=None,
                   name: str = "gan3d_encoder") -> tf.keras.Model:
     """GenModels ``Encoder``: a volume -> the generator latent that made it.
 
-    A 1^3 conv to 16 channels -> ReLU, three residual blocks (16 -> 32 -> 64 -> 128 channels) each followed by 2x
-    max pooling, then Linear to ``latent_size`` (no activation: the latents it learns are U(0, 1) draws).
+    A 1^3 conv to ``base_channels`` (the original's 16) -> ReLU, three residual blocks each doubling the channels
+    and followed by 2x max pooling, then Linear to ``latent_size`` (no activation: the latents are U(0, 1) draws).
     """
     volume = tf.keras.Input(_check_pooled_size(input_shape, "gan3d_encoder"), name="volume")
-    x = conv3d(volume, 16, 1, name="conv1")
+    x = conv3d(volume, base_channels, 1, name="conv1")
     x = layers.ReLU(name="conv1_relu")(x)
-    for index, channels in enumerate((32, 64, 128), start=1):
-        x = _res_block(x, channels, f"resblock{index}")
+    for index in range(1, 4):
+        x = _res_block(x, base_channels * 2**index, f"resblock{index}")
         x = layers.MaxPool3D(2, name=f"resblock{index}_pool")(x)
     x = _flattened_channels_first(x)
     latent = layers.Dense(latent_size, name="fc")(x)

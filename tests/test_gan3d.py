@@ -1,0 +1,122 @@
+"""The 3-D GAN end to end at a small size: adversarial training from real TFRecords of synthetic heads, sampling
+(`brainzoo generate`), an encoder trained on the generator's own pairs and scans mapped back to latents
+(`brainzoo encode`).
+
+Sizes are the architectures' smallest (16^3 volumes, 4 generator features, 8 latent values) so that each step
+takes milliseconds; the full-size networks are checked against the original code in test_convert_gan3d.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from brainzoo.cli import main
+from brainzoo.generative import LATENTS_NAME, SHEET_NAME, encode, generate, read_latents
+from brainzoo.training.run import train
+
+SHAPE = [16, 16, 16]
+LATENT_SIZE = 8
+ADAM = {"name": "adam", "learning_rate": 0.002, "beta_1": 0.5, "beta_2": 0.999}
+
+
+def write_spec(path, builder: str, options: dict, training: dict):
+    """A spec holding what `brainzoo train` reads: the architecture and the training section."""
+    path.write_text(yaml.safe_dump({"architecture": {"builder": builder, "options": options}, "training": training}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_gan(tmp_path_factory):
+    """A tiny GAN trained for two epochs on TFRecords of twelve synthetic 16^3 heads; its run folder and metrics."""
+    from brainzoo.training.synthetic import write_synthetic_dataset
+    from brainzoo.training.tfrecords import read_table, write_tfrecords
+
+    root = tmp_path_factory.mktemp("gan")
+    table = write_synthetic_dataset(root / "heads", 12, shape=SHAPE, seed=3)
+    write_tfrecords(read_table(table, kind="regression"), root / "records", kind="regression", progress=False)
+    spec = write_spec(root / "gan.yaml", "gan3d_generator",
+                      {"latent_size": LATENT_SIZE, "n_features": 4, "output_shape": SHAPE},
+                      {"data": {"kind": "regression", "input_shape": SHAPE, "normalization": "minmax"},
+                       "discriminator": {"n_features": 4}, "loss": {"name": "adversarial-bce"}, "optimizer": ADAM,
+                       "epochs": 2, "steps_per_epoch": 6, "batch_size": 2, "seed": 0})
+    result = train(str(spec), root / "records", None, root / "run", progress=False)
+    return root / "run", result
+
+
+def test_adversarial_training_moves_both_losses(trained_gan):
+    run, result = trained_gan
+    first, second = result["history"]
+    assert (first["generator_steps"], second["generator_steps"]) == (6, 6)
+    assert second["discriminator_loss"] < first["discriminator_loss"]
+    assert abs(second["generator_loss"] - first["generator_loss"]) > 0.01
+    assert json.loads((run / "metrics.json").read_text())["history"] == result["history"]
+    assert (run / "discriminator.h5").is_file()
+
+
+def test_generated_samples_have_the_declared_shape_and_range_and_follow_the_seed(trained_gan, tmp_path):
+    run, _ = trained_gan
+    record = generate(run / "model.h5", tmp_path / "a", n=3, seed=5)
+    again = generate(run / "model.h5", tmp_path / "b", n=3, seed=5)
+
+    assert record["shape"] == SHAPE and record["latent_size"] == LATENT_SIZE
+    samples = [nib.load(tmp_path / "a" / name) for name in record["samples"]]
+    volumes = np.stack([np.asarray(s.dataobj) for s in samples])
+    assert volumes.shape == (3, *SHAPE) and 0 < volumes.min() and volumes.max() < 1
+    assert np.abs(volumes[0] - volumes[1]).max() > 1e-3  # different latents, different volumes
+    np.testing.assert_array_equal(volumes[2], np.asarray(nib.load(tmp_path / "b" / record["samples"][2]).dataobj))
+    latents = read_latents(tmp_path / "a" / LATENTS_NAME)
+    assert latents.shape == (3, LATENT_SIZE) and 0 <= latents.min() and latents.max() <= 1
+    assert (tmp_path / "a" / SHEET_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_refuses_to_overwrite_samples_without_force(trained_gan, tmp_path, capsys):
+    run, _ = trained_gan
+    (tmp_path / "sample-001.nii.gz").write_bytes(b"earlier")
+
+    assert main(["generate", str(run / "model.h5"), str(tmp_path), "--n", "2"]) == 1
+
+    assert f"{tmp_path / 'sample-001.nii.gz'}: already exists" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sample-001.nii.gz"]
+    assert (tmp_path / "sample-001.nii.gz").read_bytes() == b"earlier"
+
+
+@pytest.fixture
+def generator_of_two_latents(tmp_path):
+    """A small generator whose output visibly depends on its two latent values: freshly initialised, its batch
+    norms' statistics taken from its own outputs (as they stand once it has trained); saved as .h5."""
+    import tensorflow as tf
+
+    from brainzoo.models.gan3d import gan3d_generator
+
+    tf.keras.utils.set_random_seed(0)
+    generator = gan3d_generator(latent_size=2, n_features=4, output_shape=SHAPE)
+    latents = np.random.default_rng(5).uniform(0, 1, (64, 2)).astype(np.float32)
+    for _ in range(40):  # moving statistics converge at Keras' momentum 0.9
+        generator(latents, training=True)
+    generator.save(tmp_path / "generator.h5")
+    return tmp_path / "generator.h5"
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+def test_the_encoder_recovers_latents_of_generated_volumes_better_than_chance(generator_of_two_latents, tmp_path):
+    """Trained on the generator's own (G(z), z) pairs, then run through `encode` on samples `generate` wrote: the
+    mean squared error beats predicting the prior's mean (1/12 for U(0, 1) latents)."""
+    spec = write_spec(tmp_path / "encoder.yaml", "gan3d_encoder", {"latent_size": 2, "base_channels": 4},
+                      {"data": {"kind": "generated-pairs", "input_shape": SHAPE, "pairs": 840,
+                                "validation_fraction": 0.05},
+                       "loss": {"name": "mse"}, "optimizer": {"name": "adam", "learning_rate": 0.003},
+                       "epochs": 1, "steps_per_epoch": 100, "batch_size": 8, "seed": 0})
+    result = train(str(spec), str(generator_of_two_latents), None, tmp_path / "run", progress=False)
+    generate(generator_of_two_latents, tmp_path / "samples", n=16, seed=11)
+    record = encode(tmp_path / "run" / "model.h5", sorted((tmp_path / "samples").glob("sample-*.nii.gz")),
+                    tmp_path / "latents.csv", preprocessed=True)
+
+    assert record["scans"] == 16
+    error = np.mean((read_latents(tmp_path / "latents.csv") - read_latents(tmp_path / "samples" / LATENTS_NAME))**2)
+    assert error < 1 / 12
+    assert result["val_mae"] < 0.25  # 1/4 for the prior's mean
