@@ -12,13 +12,14 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 
 from brainzoo.convert import convert
 from brainzoo.convert.names import ARCHITECTURES
 from brainzoo.convert.state_dict import convert_state_dict
 from brainzoo.errors import BrainzooError
 from brainzoo.models import pytorch_parameter_count
-from conftest import seeded_state_dict
+from conftest import REPO, seeded_state_dict
 from test_convert import fixture_input
 from test_convert_ml_mri import keras_outputs, largest_difference, load_seed_fixture
 
@@ -110,3 +111,25 @@ def test_a_discriminator_checkpoint_converts_with_a_passing_self_check(tmp_path)
     assert record["self_check"]["status"] == "passed"
     assert record["self_check"]["reference"].endswith("GAN3DDiscriminator")
     assert record["keras_model"]["parameters"] == fixture["parameters"]
+
+
+CATALOGUE_VERSIONS = {"neuronets/brain-aging-gan3d/1.0.0/generator": "gan3d_generator",
+                      "neuronets/brain-aging-gan3d/1.0.0/encoder": "gan3d_encoder",
+                      "neuronets/brain-aging-gan3d/1.0.0/sex-classifier": "gan3d_fc_classifier"}
+
+
+@pytest.mark.parametrize("version_id", CATALOGUE_VERSIONS)
+def test_catalogue_versions_convert_with_the_options_and_grid_their_specs_give(version_id):
+    """The recipe's --arch and --option agree with the spec's builder options, parameters and input grid (the
+    generator's: the grid of what it makes)."""
+    spec = yaml.safe_load((REPO / version_id / "spec.yaml").read_text())
+    argv = spec["weights"][0]["recipe"]["argv"]
+    options = {key: yaml.safe_load(value)
+               for key, value in (argv[i + 1].split("=", 1) for i, word in enumerate(argv) if word == "--option")}
+    arch = argv[argv.index("--arch") + 1]
+    assert options.items() <= spec["architecture"]["options"].items()
+    model = convert_state_dict(arch, seeded_state_dict(load_seed_fixture(CATALOGUE_VERSIONS[version_id])["state_dict"]),
+                               spec["architecture"]["options"])
+    assert pytorch_parameter_count(model) == spec["architecture"]["parameters"]
+    grid = model.output_shape if arch == "gan3d-generator" else model.input_shape
+    assert list(grid[1:]) == [*spec["inference"]["input"]["shape"], 1]
