@@ -27,6 +27,7 @@ RECORD_NAME = "generate.json"
 SHEET_ROWS = 16  # samples drawn on the picture sheet at most
 BATCH_SIZE = 4
 DEFAULT_SPACING_MM = (1.0, 1.0, 1.0)
+CODE_LAYER = "bottleneck"  # an autoencoder's code (brainzoo.models.gan3d.mri_autoencoder)
 
 
 def latent_prior(n: int, latent_size: int, seed: int) -> np.ndarray:
@@ -124,7 +125,8 @@ def _network_input(scan: Path, spec: dict | None, input_shape: Sequence[int], pr
 
 def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *,
            preprocessed: bool = False, force: bool = False) -> dict:
-    """The encoder's latent vector of each scan, one CSV row each (``scan``, ``z_000``...).
+    """The encoder's latent vector of each scan, one CSV row each (``scan``, ``z_000``...); of an autoencoder, its
+    bottleneck code.
 
     ``preprocessed``: the scans are already the network's input (``brainzoo preprocess`` output, or generated
     samples); otherwise a catalogue version's preprocessing runs first.
@@ -135,6 +137,10 @@ def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: 
         if not scan.is_file():
             raise BrainzooError(f"{scan}: no such scan")
     encoder, spec = _load(ref)
+    if any(layer.name == CODE_LAYER for layer in encoder.layers):  # an autoencoder: its code, not its reconstruction
+        import tensorflow as tf
+
+        encoder = tf.keras.Model(encoder.input, encoder.get_layer(CODE_LAYER).output)
     volumes = np.stack([_network_input(scan, spec, encoder.input_shape[1:4], preprocessed) for scan in scans])
     latents = _run_batches(encoder, volumes[..., None])
     columns = [f"z_{j:03d}" for j in range(latents.shape[1])]

@@ -9,7 +9,8 @@ package registers the custom layers; a saved model is read back through
 
 from brainzoo.models.agemapper import agemapper
 from brainzoo.models.densenet3d import densenet169_3d
-from brainzoo.models.gan3d import gan3d_classifier, gan3d_discriminator, gan3d_encoder, gan3d_generator
+from brainzoo.models.gan3d import (gan3d_classifier, gan3d_discriminator, gan3d_encoder, gan3d_generator,
+                                   mri_autoencoder)
 from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
 from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
 from brainzoo.models.ml_mri import s500mri_classifier, vae_c_decoder, vae_c_encoder
@@ -29,6 +30,7 @@ BUILDERS = {
     "gan3d_discriminator": gan3d_discriminator,
     "gan3d_encoder": gan3d_encoder,
     "gan3d_classifier": gan3d_classifier,
+    "mri_autoencoder": mri_autoencoder,
 }
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "gan3d_generator",
     "inception_resnet_v2_3d",
     "kl_divergence_loss",
+    "mri_autoencoder",
     "pytorch_parameter_count",
     "s500mri_classifier",
     "sfcn",

@@ -1,5 +1,6 @@
 """The networks of Generative-models-for-brain-aging (HCP): a 3-D DCGAN (generator and discriminator) at 64^3 with
-a 100-dimensional latent, a ResNet-like encoder trained to invert the generator, and a ResNet-like sex classifier.
+a 100-dimensional latent, a ResNet-like encoder trained to invert the generator, a ResNet-like sex classifier, and
+the autoencoder of 58x70x58 MRI volumes with a 1000-value bottleneck.
 
 Quirks of the originals are kept, because converted weights only give the original's numbers with them:
 
@@ -29,6 +30,8 @@ VOLUME_SHAPE = (64, 64, 64, 1)
 # Four stride-2 (transposed) convolutions separate the generator's first feature map and the image.
 GAN_SCALE = 16
 DISCRIMINATOR_SLOPE = 0.2
+# The upstream's MRI volumes (tensors.npy): HCP's 0.7 mm MNI-space grid at about 1/4.5.
+AUTOENCODER_INPUT_SHAPE = (58, 70, 58, 1)
 # The encoder's and classifier's three 2x max poolings before their dense layers.
 ENCODER_POOLS = 3
 
@@ -76,15 +79,58 @@ def gan3d_discriminator(input_shape=VOLUME_SHAPE, n_features: int = 32, weights=
     """
     _gan_initial_shape(input_shape, "gan3d_discriminator")
     volume = tf.keras.Input(tuple(input_shape), name="volume")
-    x = volume
+    x = layers.Dense(1, name="logit")(_flattened_channels_first(_down_stages(volume, n_features)))
+    probability = layers.Activation("sigmoid", name="probability")(x)
+    return finish_model(volume, probability, name, weights)
+
+
+def _down_stages(x, n_features: int):
+    """Four [conv 4^3, stride 2, padding 1, no bias -> BN (not the first) -> LeakyReLU 0.2], doubling the channels
+    from ``n_features`` and halving the grid (rounding down): the discriminator's, and the MRI autoencoder's."""
     for index in range(4):
         x = conv3d(x, n_features * 2**index, 4, strides=2, padding=1, use_bias=False, name=f"down_{index}_conv")
         if index:
             x = batch_norm(x, name=f"down_{index}_bn")
         x = layers.LeakyReLU(DISCRIMINATOR_SLOPE, name=f"down_{index}_relu")(x)
-    x = layers.Dense(1, name="logit")(_flattened_channels_first(x))
-    probability = layers.Activation("sigmoid", name="probability")(x)
-    return finish_model(volume, probability, name, weights)
+    return x
+
+
+def mri_autoencoder(input_shape=AUTOENCODER_INPUT_SHAPE, n_features: int = 16, bottleneck: int = 1000, weights=None,
+                    name: str = "mri_autoencoder") -> tf.keras.Model:
+    """The MRI autoencoder (Autoencoder_mri.ipynb's ``MyFirstAE``): a volume -> its reconstruction, through a
+    ``bottleneck``-value code (the Dense layer ``bottleneck``, which ``brainzoo encode`` reads).
+
+    Encoder: the discriminator's four down stages from ``n_features``, flattened channel-first, Linear to the code.
+    Decoder: Linear back, reshaped to the last feature map, three [transposed conv 4^3, stride 2, padding 1, no bias
+    -> BN -> ReLU] and a last one to one channel, no activation. Each transposed conv's output padding (the
+    original's (1, 0, 1), (0, 1, 0), (1, 1, 1), 0 at 58x70x58) restores the odd size its down stage rounded away; a
+    valid transposed conv cropped by 1 at the start and 1 - output padding at the end is PyTorch's.
+    """
+    input_shape = tuple(input_shape)
+    sizes = [input_shape[:3]]
+    for _ in range(4):
+        sizes.append(tuple(size // 2 for size in sizes[-1]))
+    if min(sizes[-1]) < 1:
+        raise BrainzooError(f"mri_autoencoder: input_shape {input_shape} is too small for four halvings")
+    volume = tf.keras.Input(input_shape, name="volume")
+    features = _down_stages(volume, n_features)
+    code = layers.Dense(bottleneck, name="bottleneck")(_flattened_channels_first(features))
+    channels = features.shape[-1]
+    x = layers.Dense(channels * int(np.prod(sizes[-1])), name="expand")(code)
+    x = layers.Reshape((channels, *sizes[-1]), name="unflatten")(x)
+    x = layers.Permute((2, 3, 4, 1), name="to_channels_last")(x)
+    for index in range(4):
+        larger = sizes[3 - index]
+        cropping = tuple((1, 1 - size % 2) for size in larger)
+        last = index == 3
+        channels = 1 if last else channels // 2
+        conv = "reconstruction_conv" if last else f"up_{index}_conv"
+        x = layers.Conv3DTranspose(channels, 4, strides=2, padding="valid", use_bias=False, name=conv)(x)
+        x = layers.Cropping3D(cropping, name="reconstruction" if last else f"up_{index}_crop")(x)
+        if not last:
+            x = batch_norm(x, name=f"up_{index}_bn")
+            x = layers.ReLU(name=f"up_{index}_relu")(x)
+    return finish_model(volume, x, name, weights)
 
 
 def _res_block(x, out_channels: int, name: str):

@@ -431,6 +431,44 @@ class GAN3DClassifier(nn.Module):
         return self.linear2(functional.relu(self.bn3(self.linear1(self.dropout(x.flatten(1))))))
 
 
+class MRIAutoencoder(nn.Module):
+    """Autoencoder_mri.ipynb's ``MyFirstAE``: (N, 1, D, H, W) -> its reconstruction through a ``bottleneck``-value
+    code; the decoder's output paddings restore the sizes the encoder's stride-2 convolutions rounded down."""
+
+    def __init__(self, input_shape: Sequence[int] = (58, 70, 58, 1), n_features: int = 16, bottleneck: int = 1000):
+        super().__init__()
+        sizes = [tuple(input_shape[:3])]
+        for _ in range(4):
+            sizes.append(tuple(size // 2 for size in sizes[-1]))
+        self.feature_shape = (8 * n_features, *sizes[-1])
+        features = 8 * n_features * sizes[-1][0] * sizes[-1][1] * sizes[-1][2]
+        down = [nn.Conv3d(1, n_features, 4, stride=2, padding=1, bias=False), nn.LeakyReLU(0.2)]
+        for index in range(1, 3):
+            channels = n_features * 2**index
+            down += _gan_stage(nn.Conv3d(channels // 2, channels, 4, stride=2, padding=1, bias=False), channels,
+                               nn.LeakyReLU(0.2))
+        self.encoder = nn.Module()
+        self.encoder.main = nn.Sequential(*down, nn.Conv3d(4 * n_features, 8 * n_features, 4, stride=2, padding=1,
+                                                           bias=False))
+        self.encoder.main2 = nn.Sequential(nn.BatchNorm3d(8 * n_features), nn.LeakyReLU(0.2), nn.Flatten(),
+                                           nn.Linear(features, bottleneck))
+        self.fc = nn.Linear(bottleneck, features)
+        up, channels = [], 8 * n_features
+        for index in range(4):
+            padding = tuple(size % 2 for size in sizes[3 - index])
+            out = 1 if index == 3 else channels // 2
+            up.append(nn.ConvTranspose3d(channels, out, 4, stride=2, padding=1, output_padding=padding, bias=False))
+            if index < 3:
+                up += [nn.BatchNorm3d(out), nn.ReLU()]
+            channels = out
+        self.decoder = nn.Module()
+        self.decoder.main = nn.Sequential(*up)
+
+    def forward(self, volume):
+        code = self.encoder.main2(self.encoder.main(volume))
+        return self.decoder.main(self.fc(code).reshape(-1, *self.feature_shape))
+
+
 # Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs).
 REFERENCES = {
     "sfcn": SFCN,
@@ -444,4 +482,5 @@ REFERENCES = {
     "gan3d_discriminator": GAN3DDiscriminator,
     "gan3d_encoder": GAN3DEncoder,
     "gan3d_classifier": GAN3DClassifier,
+    "mri_autoencoder": MRIAutoencoder,
 }

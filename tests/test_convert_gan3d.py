@@ -129,3 +129,26 @@ def test_catalogue_versions_convert_with_the_options_and_grid_their_specs_give(v
     assert pytorch_parameter_count(model) == spec["architecture"]["parameters"]
     grid = model.output_shape if arch == "gan3d-generator" else model.input_shape
     assert list(grid[1:]) == [*spec["inference"]["input"]["shape"], 1]
+
+
+@pytest.mark.parametrize("input_shape", [(58, 70, 58, 1), (17, 20, 18, 1)])
+def test_the_mri_autoencoder_is_pytorchs_with_its_output_paddings(input_shape):
+    """At the published 58x70x58 (output paddings (1, 0, 1), (0, 1, 0), (1, 1, 1), 0) and at other odd sizes, the
+    Keras autoencoder holding the reference's tensors gives what PyTorch's ConvTranspose3d gives; flipped kernels
+    do not. (No output of the original's own code is published for it.)"""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    from brainzoo.models.torch_reference import MRIAutoencoder
+
+    options = {"input_shape": input_shape, "n_features": 2, "bottleneck": 8}
+    reference = MRIAutoencoder(**options).eval()
+    state = seeded_state_dict({key: list(value.shape) for key, value in reference.state_dict().items()})
+    reference.load_state_dict({key: torch.from_numpy(value) for key, value in state.items()})
+    volume = np.random.default_rng(0).standard_normal((1, 1, *input_shape[:3])).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(volume)).numpy()
+    (output,) = keras_outputs(convert_state_dict("mri-autoencoder", state, options), [volume.transpose(0, 2, 3, 4, 1)])
+    (flipped,) = keras_outputs(convert_state_dict("mri-autoencoder", spatially_flipped_kernels(state), options),
+                               [volume.transpose(0, 2, 3, 4, 1)])
+    tolerance = 1e-4 * max(1.0, float(np.abs(expected).max()))
+    assert output.shape == expected.shape == (1, 1, *input_shape[:3])
+    assert np.abs(output - expected).max() <= tolerance < np.abs(flipped - expected).max() / 100

@@ -29,8 +29,10 @@ from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
 from brainzoo.training.tfrecords import check_records, read_dataset
 
-# training.data.kind of an encoder trained on its generator's own (G(z), z) pairs.
+# training.data.kind of an encoder trained on its generator's own (G(z), z) pairs, and of an autoencoder (each
+# volume its own target).
 GENERATED_PAIRS = "generated-pairs"
+RECONSTRUCTION = "reconstruction"
 
 
 def model_input_shape(data: dict) -> tuple[int, int, int, int]:
@@ -69,10 +71,17 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
                                       augmentation=augmentation if training else None,
                                       shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
                                       seed=seed, drop_remainder=training, **common)
+    elif kind == RECONSTRUCTION:
+        def pipeline(records, seed, training):
+            volumes = regression_volumes(read_dataset(records), data["input_shape"], targets=["label"],
+                                         shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
+                                         seed=seed, drop_remainder=training, **common)
+            return volumes.map(lambda volume, _: (volume, volume))
     elif kind == GENERATED_PAIRS:
         return generated_pair_datasets(data, plan, train_records)
     else:
-        raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation, regression or {GENERATED_PAIRS}")
+        raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation, regression, {RECONSTRUCTION} or "
+                            f"{GENERATED_PAIRS}")
 
     def train(epoch: int) -> tf.data.Dataset:
         return pipeline(train_records, plan.seed + epoch, True).repeat()

@@ -91,6 +91,16 @@ GAN3D_RESNET_RULES: tuple[Rule, ...] = (
     (r"((?:resblock|conv)\d)_(conv\d|bn2)", r"\1.\2"),
     (r"(conv1|fc|linear1|bn3|linear2)", r"\1"),
 )
+# Autoencoder_mri.ipynb's MyFirstAE: encoder.main [Conv, LeakyReLU, then (Conv, BN, LeakyReLU) x 2, Conv],
+# encoder.main2 [BN, LeakyReLU, Flatten, Linear], fc, decoder.main [(ConvTranspose, BN, ReLU) x 3, ConvTranspose].
+MRI_AUTOENCODER_RULES: tuple[Rule, ...] = (
+    (r"down_3_bn", "encoder.main2.0"),
+    (r"down_(\d)_(conv|bn)", lambda m: f"encoder.main.{max(3 * int(m[1]) - (m[2] == 'conv'), 0)}"),
+    (r"bottleneck", "encoder.main2.3"),
+    (r"expand", "fc"),
+    (r"up_(\d)_(conv|bn)", lambda m: f"decoder.main.{3 * int(m[1]) + (m[2] == 'bn')}"),
+    (r"reconstruction_conv", "decoder.main.9"),
+)
 # Modules the originals build but never call: ResBlock.bn1 (its result is overwritten), FC_Classifier's bn1 and bn2.
 GAN3D_RESBLOCK_UNUSED = r"(resblock\d|conv\d)\.bn1\.\w+"
 GAN3D_CLASSIFIER_UNUSED = rf"{GAN3D_RESBLOCK_UNUSED}|bn[12]\.\w+"
@@ -129,6 +139,7 @@ ARCHITECTURES = {
     "gan3d-discriminator": Architecture("gan3d_discriminator", GAN3D_DISCRIMINATOR_RULES),
     "gan3d-encoder": Architecture("gan3d_encoder", GAN3D_RESNET_RULES, unused=GAN3D_RESBLOCK_UNUSED),
     "gan3d-classifier": Architecture("gan3d_classifier", GAN3D_RESNET_RULES, unused=GAN3D_CLASSIFIER_UNUSED),
+    "mri-autoencoder": Architecture("mri_autoencoder", MRI_AUTOENCODER_RULES),
 }
 
 
