@@ -148,3 +148,21 @@ def test_the_mri_autoencoder_trains_on_reconstruction_and_encodes_to_its_bottlen
     assert record == {"model": str(tmp_path / "run" / "model.h5"), "scans": 1, "latent_size": 8,
                       "out": str(tmp_path / "codes.csv")}
     assert np.isfinite(read_latents(tmp_path / "codes.csv")).all()
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
+def test_the_sex_classifier_trains_on_the_records_sex_with_a_binary_logit(heads, tmp_path):
+    """The sex-classifier version's training section at a small size: bce-logits on the records' sex (F 0, M 1),
+    validation accuracy reported as a fraction of the scans."""
+    _, records = heads
+    spec = write_spec(tmp_path / "classifier.yaml", "gan3d_classifier", {"n_classes": 1},
+                      {"data": {"kind": "regression", "input_shape": SHAPE, "targets": ["sex"],
+                                "normalization": "minmax"},
+                       "loss": {"name": "bce-logits"}, "optimizer": {"name": "adam", "learning_rate": 0.005},
+                       "epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "seed": 0})
+    result = train(str(spec), records, records, tmp_path / "run", progress=False)
+
+    assert [epoch["val_n"] for epoch in result["history"]] == [12, 12]
+    for epoch in result["history"]:  # a whole number of the 12 scans right
+        assert epoch["val_accuracy"] * 12 == pytest.approx(round(epoch["val_accuracy"] * 12), abs=1e-5)
+    assert result["history"][1]["val_loss"] != result["history"][0]["val_loss"]
