@@ -65,6 +65,39 @@ def test_adversarial_training_moves_both_losses(trained_gan):
     assert (run / "discriminator.h5").is_file()
 
 
+def test_an_interrupted_gan_run_resumes_to_the_weights_of_an_uninterrupted_one(trained_gan, heads, tmp_path,
+                                                                               monkeypatch):
+    """Stopped (as by Ctrl-C) two steps into the second epoch, the run restarts from the first epoch's checkpoint
+    and ends with the fixture's uninterrupted run's weights, to the bit."""
+    from brainzoo.model_files import load_keras_model
+    from brainzoo.training import adversarial
+
+    run, _ = trained_gan
+
+    class StopAfterEightSteps(adversarial.tqdm):
+        """The progress bar the loop advances after each step (a disabled tqdm does not count, so this does)."""
+
+        steps = 0
+
+        def update(self, n=1):
+            super().update(n)
+            StopAfterEightSteps.steps += n
+            if StopAfterEightSteps.steps == 8:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(adversarial, "tqdm", StopAfterEightSteps)
+    with pytest.raises(KeyboardInterrupt):
+        train(str(run.parent / "gan.yaml"), heads[1], None, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.h5").exists()
+    monkeypatch.undo()
+    result = train(str(run.parent / "gan.yaml"), heads[1], None, tmp_path / "run", progress=False)
+
+    assert result["steps"] == 12 and result["seconds_this_run"] > 0
+    for name in ("model.h5", "discriminator.h5"):
+        resumed, straight = (load_keras_model(folder / name).get_weights() for folder in (tmp_path / "run", run))
+        assert all(np.array_equal(a, b) for a, b in zip(resumed, straight, strict=True)), name
+
+
 def test_generated_samples_have_the_declared_shape_and_range_and_follow_the_seed(trained_gan, tmp_path):
     run, _ = trained_gan
     record = generate(run / "model.h5", tmp_path / "a", n=3, seed=5)
