@@ -35,13 +35,13 @@ def latent_prior(n: int, latent_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, latent_size)).astype(np.float32)
 
 
-def _load(ref: str | os.PathLike) -> tuple[object, dict | None]:
-    """The Keras model of a catalogue id or a model file, and the version's spec (None for a file)."""
+def _load(ref: str | os.PathLike) -> tuple[object, catalogue.Version | None]:
+    """The Keras model of a catalogue id or a model file, and the catalogue version (None for a file)."""
     from brainzoo.model_files import load_keras_model, verified_weights_path
 
     if Path(ref).is_file():
         return load_keras_model(ref), None
-    return load_keras_model(verified_weights_path(str(ref))), catalogue.find_version(str(ref)).spec
+    return load_keras_model(verified_weights_path(str(ref))), catalogue.find_version(str(ref))
 
 
 def _centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -64,7 +64,7 @@ def sample_sheet(volumes: Sequence[np.ndarray], path: Path, *, title: str, force
     shown = volumes[:SHEET_ROWS]
     figure = Figure(figsize=(6, 2 * len(shown) + 0.4), facecolor="black")
     FigureCanvasAgg(figure)
-    for row, volume in zip(np.atleast_2d(figure.subplots(len(shown), 3, squeeze=False)), shown):
+    for row, volume in zip(figure.subplots(len(shown), 3, squeeze=False), shown):
         centre = np.array(volume.shape) // 2
         for axes, section in zip(row, (volume[centre[0]], volume[:, centre[1]], volume[:, :, centre[2]])):
             axes.imshow(section.T, cmap="gray", vmin=0, vmax=1, origin="lower")
@@ -86,13 +86,13 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
         existing = [name for name in names if (out_dir / name).exists()]
         if existing:
             raise BrainzooError(f"{out_dir / existing[0]}: already exists; pass --force to overwrite it")
-    generator, spec = _load(ref)
+    generator, version = _load(ref)
     latents = latent_prior(n, generator.input_shape[-1], seed)
     images = _run_batches(generator, latents)[..., 0]
-    spacing = spec["inference"]["input"]["spacing_mm"] if spec else DEFAULT_SPACING_MM
+    spacing = version.spec["inference"]["input"]["spacing_mm"] if version else DEFAULT_SPACING_MM
     affine = _centred_affine(images.shape[1:], spacing)
     with output_folder(out_dir), all_or_nothing([out_dir / name for name in names]):
-        for name, image in zip(names, images):
+        for name, image in zip(names[:n], images):
             save_nifti(nib.Nifti1Image(image.astype(np.float32), affine), out_dir / name, force=True)
         rows = [{"sample": name, **{f"z_{j:03d}": f"{value:.9g}" for j, value in enumerate(z)}}
                 for name, z in zip(names, latents)]
@@ -107,20 +107,31 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
     return record
 
 
-def _network_input(scan: Path, spec: dict | None, input_shape: Sequence[int], preprocessed: bool) -> np.ndarray:
-    """The volume the encoder sees: the spec's preprocessing of the scan, or (``preprocessed``, or a model file
-    without a spec) the scan as it is, which must then be on the network's grid."""
+def _network_inputs(scans: Sequence[Path], version: catalogue.Version | None, input_shape: Sequence[int],
+                    preprocessed: bool) -> np.ndarray:
+    """The volumes the encoder sees: each scan through the version's preprocessing (its brain mask drawn by the
+    default brain-extraction model where a step needs one), or (``preprocessed``, or a model file without a
+    spec) the scans as they are, which must then be on the network's grid."""
     from brainzoo.predict import preprocess_scan
     from brainzoo.predict.volumes import load_volume
 
-    if spec is not None and not preprocessed:
-        image, _ = preprocess_scan(scan, spec_inference=spec["inference"])
-        return np.asarray(image.dataobj, dtype=np.float32)
-    data = np.asarray(load_volume(scan).dataobj, dtype=np.float32)
-    if tuple(data.shape) != tuple(input_shape):
-        raise BrainzooError(f"{scan}: is {'x'.join(map(str, data.shape))}; without a catalogue version's "
-                            f"preprocessing the encoder takes {'x'.join(map(str, input_shape))} volumes")
-    return data
+    if version is not None and not preprocessed:
+        from brainzoo.inference import BrainMasker, spec_brain_mask
+
+        steps = [step["step"] for step in version.spec["inference"]["preprocessing"]]
+        masker = BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL) if "brain-extraction" in steps else None
+        volumes = []
+        for scan in scans:
+            brain_mask, _ = spec_brain_mask(version, scan, masker, None)
+            image, _ = preprocess_scan(scan, spec_inference=version.spec["inference"], brain_mask=brain_mask)
+            volumes.append(np.asarray(image.dataobj, dtype=np.float32))
+        return np.stack(volumes)
+    volumes = [np.asarray(load_volume(scan).dataobj, dtype=np.float32) for scan in scans]
+    for scan, data in zip(scans, volumes):
+        if tuple(data.shape) != tuple(input_shape):
+            raise BrainzooError(f"{scan}: is {'x'.join(map(str, data.shape))}; without a catalogue version's "
+                                f"preprocessing the encoder takes {'x'.join(map(str, input_shape))} volumes")
+    return np.stack(volumes)
 
 
 def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: str | os.PathLike, *,
@@ -136,12 +147,12 @@ def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: 
     for scan in scans:
         if not scan.is_file():
             raise BrainzooError(f"{scan}: no such scan")
-    encoder, spec = _load(ref)
+    encoder, version = _load(ref)
     if any(layer.name == CODE_LAYER for layer in encoder.layers):  # an autoencoder: its code, not its reconstruction
         import tensorflow as tf
 
         encoder = tf.keras.Model(encoder.input, encoder.get_layer(CODE_LAYER).output)
-    volumes = np.stack([_network_input(scan, spec, encoder.input_shape[1:4], preprocessed) for scan in scans])
+    volumes = _network_inputs(scans, version, encoder.input_shape[1:4], preprocessed)
     latents = _run_batches(encoder, volumes[..., None])
     columns = [f"z_{j:03d}" for j in range(latents.shape[1])]
     rows = [{"scan": str(scan), **{c: f"{v:.9g}" for c, v in zip(columns, z)}} for scan, z in zip(scans, latents)]

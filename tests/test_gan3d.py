@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from brainzoo.cli import main
+from brainzoo.errors import BrainzooError
 from brainzoo.generative import LATENTS_NAME, SHEET_NAME, encode, generate, read_latents
 from brainzoo.training.run import train
 
@@ -147,10 +148,10 @@ def test_the_encoder_recovers_latents_of_generated_volumes_better_than_chance(ge
     """Trained on the generator's own (G(z), z) pairs, then run through `encode` on samples `generate` wrote: the
     mean squared error beats predicting the prior's mean (1/12 for U(0, 1) latents)."""
     spec = write_spec(tmp_path / "encoder.yaml", "gan3d_encoder", {"latent_size": 2, "base_channels": 4},
-                      {"data": {"kind": "generated-pairs", "input_shape": SHAPE, "pairs": 840,
+                      {"data": {"kind": "generated-pairs", "input_shape": SHAPE, "pairs": 440,
                                 "validation_fraction": 0.05},
                        "loss": {"name": "mse"}, "optimizer": {"name": "adam", "learning_rate": 0.003},
-                       "epochs": 1, "steps_per_epoch": 100, "batch_size": 8, "seed": 0})
+                       "epochs": 1, "steps_per_epoch": 100, "batch_size": 4, "seed": 0})
     result = train(str(spec), str(generator_of_two_latents), None, tmp_path / "run", progress=False)
     generate(generator_of_two_latents, tmp_path / "samples", n=16, seed=11)
     record = encode(tmp_path / "run" / "model.h5", sorted((tmp_path / "samples").glob("sample-*.nii.gz")),
@@ -181,6 +182,13 @@ def test_the_mri_autoencoder_trains_on_reconstruction_and_encodes_to_its_bottlen
     assert record == {"model": str(tmp_path / "run" / "model.h5"), "scans": 1, "latent_size": 8,
                       "out": str(tmp_path / "codes.csv")}
     assert np.isfinite(read_latents(tmp_path / "codes.csv")).all()
+    nib.Nifti1Image(np.ones((16, 16, 15), np.float32) + np.eye(16)[:, :, None][:, :, :15], np.eye(4)).to_filename(
+        tmp_path / "other-grid.nii.gz")
+    with pytest.raises(BrainzooError, match=f"{tmp_path / 'other-grid.nii.gz'}: is 16x16x15; without a catalogue "
+                                            "version's preprocessing the encoder takes 16x16x16 volumes"):
+        encode(tmp_path / "run" / "model.h5", [tmp_path / "other-grid.nii.gz"], tmp_path / "more.csv",
+               preprocessed=True)
+    assert not (tmp_path / "more.csv").exists()
 
 
 @pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
