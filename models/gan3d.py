@@ -44,6 +44,13 @@ def _gan_initial_shape(volume_shape, architecture: str) -> tuple[int, int, int]:
     return tuple(size // GAN_SCALE for size in spatial)
 
 
+def _doubling_transposed_conv(x, filters: int, name: str, crop_name: str, output_padding=(0, 0, 0)):
+    """PyTorch's ``ConvTranspose3d(kernel 4, stride 2, padding 1, output_padding, bias=False)``: the valid
+    transposed convolution (2 n + 2 voxels an axis) less 1 voxel at the start and 1 - output_padding at the end."""
+    x = layers.Conv3DTranspose(filters, 4, strides=2, padding="valid", use_bias=False, name=name)(x)
+    return layers.Cropping3D(tuple((1, 1 - extra) for extra in output_padding), name=crop_name)(x)
+
+
 def gan3d_generator(latent_size: int = LATENT_SIZE, n_features: int = 32, output_shape=VOLUME_SHAPE[:3],
                     weights=None, name: str = "gan3d_generator") -> tf.keras.Model:
     """``Generator3D_Adaptive``: a latent vector (drawn from U(0, 1)) -> a volume in (0, 1), channels-last.
@@ -62,10 +69,10 @@ def gan3d_generator(latent_size: int = LATENT_SIZE, n_features: int = 32, output
     x = layers.ReLU(name="project_relu")(x)
     for index in range(3):
         channels //= 2
-        x = layers.Conv3DTranspose(channels, 4, strides=2, padding="same", use_bias=False, name=f"up_{index}_conv")(x)
+        x = _doubling_transposed_conv(x, channels, f"up_{index}_conv", f"up_{index}_crop")
         x = batch_norm(x, name=f"up_{index}_bn")
         x = layers.ReLU(name=f"up_{index}_relu")(x)
-    x = layers.Conv3DTranspose(1, 4, strides=2, padding="same", use_bias=False, name="image_conv")(x)
+    x = _doubling_transposed_conv(x, 1, "image_conv", "image_crop")
     image = layers.Activation("sigmoid", name="image")(x)
     return finish_model(z, image, name, weights)
 
@@ -103,8 +110,7 @@ def mri_autoencoder(input_shape=AUTOENCODER_INPUT_SHAPE, n_features: int = 16, b
     Encoder: the discriminator's four down stages from ``n_features``, flattened channel-first, Linear to the code.
     Decoder: Linear back, reshaped to the last feature map, three [transposed conv 4^3, stride 2, padding 1, no bias
     -> BN -> ReLU] and a last one to one channel, no activation. Each transposed conv's output padding (the
-    original's (1, 0, 1), (0, 1, 0), (1, 1, 1), 0 at 58x70x58) restores the odd size its down stage rounded away; a
-    valid transposed conv cropped by 1 at the start and 1 - output padding at the end is PyTorch's.
+    original's (1, 0, 1), (0, 1, 0), (1, 1, 1), 0 at 58x70x58) restores the odd size its down stage rounded away.
     """
     input_shape = tuple(input_shape)
     sizes = [input_shape[:3]]
@@ -120,13 +126,11 @@ def mri_autoencoder(input_shape=AUTOENCODER_INPUT_SHAPE, n_features: int = 16, b
     x = layers.Reshape((channels, *sizes[-1]), name="unflatten")(x)
     x = layers.Permute((2, 3, 4, 1), name="to_channels_last")(x)
     for index in range(4):
-        larger = sizes[3 - index]
-        cropping = tuple((1, 1 - size % 2) for size in larger)
         last = index == 3
         channels = 1 if last else channels // 2
-        conv = "reconstruction_conv" if last else f"up_{index}_conv"
-        x = layers.Conv3DTranspose(channels, 4, strides=2, padding="valid", use_bias=False, name=conv)(x)
-        x = layers.Cropping3D(cropping, name="reconstruction" if last else f"up_{index}_crop")(x)
+        x = _doubling_transposed_conv(x, channels, "reconstruction_conv" if last else f"up_{index}_conv",
+                                      "reconstruction" if last else f"up_{index}_crop",
+                                      output_padding=[size % 2 for size in sizes[3 - index]])
         if not last:
             x = batch_norm(x, name=f"up_{index}_bn")
             x = layers.ReLU(name=f"up_{index}_relu")(x)
