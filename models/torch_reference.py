@@ -1,4 +1,4 @@
-"""PyTorch implementations of the brain-age architectures, written from docs/architectures.md.
+"""PyTorch implementations of the catalogue's architectures, written from docs/architectures.md and the seed fixtures.
 
 They exist to check the Keras ports and the converter against something independent of both:
 their module trees reproduce the original ``state_dict`` keys exactly, so an original checkpoint
