@@ -160,7 +160,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     out_dir = Path(out_dir)
     run = {"spec": ref, "train": str(train_records), "validation": str(validation_records),
            "overrides": {k: v for k, v in overrides.items() if v is not None}}
-    adversarial = spec["training"]["loss"]["name"] == ADVERSARIAL_LOSS
+    adversarial = (spec["training"].get("loss") or {}).get("name") == ADVERSARIAL_LOSS
     if init_weights is not None and adversarial:
         raise BrainzooError(f"{ref}: --init-weights does not apply to adversarial training (two networks)")
     if init_weights is not None:
@@ -168,7 +168,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             raise BrainzooError(f"{init_weights}: no such model file to start from")
         open_model_file(init_weights).close()  # a file that could run code is refused before any work starts
         run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
-    if spec["training"]["data"].get("kind") == GENERATED_PAIRS:
+    if (spec["training"].get("data") or {}).get("kind") == GENERATED_PAIRS:
         if validation_records:
             raise BrainzooError(f"{ref}: trains on pairs its generator makes (--train names the generator) and "
                                 "validates on held-out ones; --validation does not apply")
