@@ -168,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="also write the JSON record")
     p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
 
+    p = sub.add_parser("generate", parents=[common],
+                       help="volumes from a GAN generator: NIfTI samples, their latents and a picture sheet")
+    p.add_argument("model", help="catalogue id of a generator, or a saved generator model (.h5)")
+    p.add_argument("out_dir", help="folder for sample-NNN.nii.gz, latents.csv, samples.png and generate.json")
+    p.add_argument("--n", type=int, default=8, help="how many samples (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default 0)")
+    p.add_argument("--force", action="store_true", help="overwrite earlier samples")
+    p = sub.add_parser("encode", parents=[common], help="latent vectors of scans from a GAN encoder")
+    p.add_argument("model", help="catalogue id of an encoder, or a saved encoder model (.h5)")
+    p.add_argument("scans", nargs="+", metavar="SCAN", help="NIfTI scans")
+    p.add_argument("--out", required=True, help="CSV: one row per scan (scan, z_000, ...)")
+    p.add_argument("--preprocessed", action="store_true",
+                   help="the scans are already the network's input (generated samples, brainzoo preprocess output)")
+    p.add_argument("--force", action="store_true", help="overwrite the CSV")
+
     p = sub.add_parser("evaluate", parents=[common], help="measure a model on a table of scans (card metrics)")
     evaluate_sub = p.add_subparsers(dest="evaluate_command", required=True)
     evaluation_options = argparse.ArgumentParser(add_help=False)
@@ -345,6 +360,22 @@ def explain_records(args: argparse.Namespace) -> Iterator[dict]:
            "message": f"Grad-CAM of the {explained['target']['score']} on layer {explained['layer']}", "record": record}
 
 
+def generative_records(args: argparse.Namespace) -> Iterator[dict]:
+    """`brainzoo generate` and `brainzoo encode`."""
+    from brainzoo.predict import generative
+
+    if args.command == "generate":
+        record = generative.generate(args.model, args.out_dir, n=args.n, seed=args.seed, force=args.force)
+        yield {"action": "generate", "path": args.out_dir, "status": "ok", "record": record,
+               "message": f"{args.n} samples of {'x'.join(map(str, record['shape']))}, values in "
+                          f"[{record['range'][0]:.3f}, {record['range'][1]:.3f}]"}
+    else:
+        record = generative.encode(args.model, args.scans, args.out, preprocessed=args.preprocessed,
+                                   force=args.force)
+        yield {"action": "encode", "path": args.out, "status": "ok", "record": record,
+               "message": f"{record['scans']} scan(s), {record['latent_size']} latent values each"}
+
+
 def training_overrides(args: argparse.Namespace) -> dict:
     return {"epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "batch_size": args.batch_size,
             "seed": args.seed, "checkpoint_every_steps": args.checkpoint_every_steps}
@@ -395,6 +426,8 @@ def run_command(args: argparse.Namespace) -> int:
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)
+    if args.command in ("generate", "encode"):
+        return emit(generative_records(args), args.json)
     if args.command == "predict":
         return emit(predict_records(args), args.json)
     if args.command == "preprocess":

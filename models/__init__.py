@@ -1,14 +1,17 @@
 """Keras reimplementations of published 3-D brain-MRI architectures.
 
-Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder, which starts from a
-latent vector, its ``latent_dim``), its architecture's options, ``weights`` (a file path: builders know no
-catalogue; :func:`brainzoo.model_files.verified_weights_path` turns a version id into its checked file) and
-``name``, and returns a ``tf.keras.Model``. Importing this package registers the custom layers; a saved model is
-read back through :func:`brainzoo.model_files.load_keras_model`, which refuses anything not allow-listed first.
+Every builder takes ``input_shape`` (depth, height, width, channels; the VAE-C decoder and the GAN generator,
+which start from a latent vector, its size and, for the generator, its ``output_shape``), its architecture's
+options, ``weights`` (a file path: builders know no catalogue; :func:`brainzoo.model_files.verified_weights_path`
+turns a version id into its checked file) and ``name``, and returns a ``tf.keras.Model``. Importing this package
+registers the custom layers; a saved model is read back through :func:`brainzoo.model_files.load_keras_model`,
+which refuses anything not allow-listed first.
 """
 
 from brainzoo.models.agemapper import agemapper
 from brainzoo.models.densenet3d import densenet169_3d
+from brainzoo.models.gan3d import (gan3d_classifier, gan3d_discriminator, gan3d_encoder, gan3d_generator,
+                                   mri_autoencoder)
 from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
 from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
 from brainzoo.models.ml_mri import s500mri_classifier, vae_c_decoder, vae_c_encoder
@@ -24,6 +27,11 @@ BUILDERS = {
     "s500mri_classifier": s500mri_classifier,
     "vae_c_encoder": vae_c_encoder,
     "vae_c_decoder": vae_c_decoder,
+    "gan3d_generator": gan3d_generator,
+    "gan3d_discriminator": gan3d_discriminator,
+    "gan3d_encoder": gan3d_encoder,
+    "gan3d_classifier": gan3d_classifier,
+    "mri_autoencoder": mri_autoencoder,
 }
 
 __all__ = [
@@ -34,8 +42,13 @@ __all__ = [
     "bin_centres",
     "decode_age",
     "densenet169_3d",
+    "gan3d_classifier",
+    "gan3d_discriminator",
+    "gan3d_encoder",
+    "gan3d_generator",
     "inception_resnet_v2_3d",
     "kl_divergence_loss",
+    "mri_autoencoder",
     "pytorch_parameter_count",
     "s500mri_classifier",
     "sfcn",

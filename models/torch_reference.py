@@ -1,4 +1,4 @@
-"""PyTorch implementations of the brain-age architectures, written from docs/architectures.md.
+"""PyTorch implementations of the catalogue's architectures, written from docs/architectures.md and the seed fixtures.
 
 They exist to check the Keras ports and the converter against something independent of both:
 their module trees reproduce the original ``state_dict`` keys exactly, so an original checkpoint
@@ -323,6 +323,152 @@ class VAECDecoder(nn.Module):
         return self.decoder(z)
 
 
+def _gan_stage(layer: nn.Module, channels: int, activation: nn.Module) -> list[nn.Module]:
+    """A GAN stage as the originals list it: the (transposed) convolution, BN, the activation."""
+    return [layer, nn.BatchNorm3d(channels), activation]
+
+
+class GAN3DGenerator(nn.Module):
+    """Generative-models-for-brain-aging's ``Generator3D_Adaptive``: z (N, latent_size) -> (N, 1, *output_shape) in
+    (0, 1). ``main`` is one Sequential: Linear, unflatten, BN, ReLU, then [ConvTranspose, BN, ReLU] x 3, ConvTranspose,
+    Sigmoid."""
+
+    def __init__(self, latent_size: int = 100, n_features: int = 32, output_shape: Sequence[int] = (64, 64, 64)):
+        super().__init__()
+        initial = tuple(size // 16 for size in output_shape)
+        channels = 8 * n_features
+        stages = [nn.Linear(latent_size, channels * initial[0] * initial[1] * initial[2]),
+                  nn.Unflatten(1, (channels, *initial)), nn.BatchNorm3d(channels), nn.ReLU()]
+        for _ in range(3):
+            stages += _gan_stage(nn.ConvTranspose3d(channels, channels // 2, 4, stride=2, padding=1, bias=False),
+                                 channels // 2, nn.ReLU())
+            channels //= 2
+        self.main = nn.Sequential(*stages, nn.ConvTranspose3d(channels, 1, 4, stride=2, padding=1, bias=False),
+                                  nn.Sigmoid())
+
+    def forward(self, z):
+        return self.main(z)
+
+
+class GAN3DDiscriminator(nn.Module):
+    """``Discriminator3D_Adaptive``: (N, 1, D, H, W) -> (N, 1) probabilities. ``main``: Conv, LeakyReLU(0.2), then
+    [Conv, BN, LeakyReLU] x 3, Flatten, Linear, Sigmoid; every conv 4^3, stride 2, padding 1, no bias."""
+
+    def __init__(self, input_shape: Sequence[int] = (64, 64, 64, 1), n_features: int = 32):
+        super().__init__()
+        stages = [nn.Conv3d(1, n_features, 4, stride=2, padding=1, bias=False), nn.LeakyReLU(0.2)]
+        for index in range(1, 4):
+            channels = n_features * 2**index
+            stages += _gan_stage(nn.Conv3d(channels // 2, channels, 4, stride=2, padding=1, bias=False), channels,
+                                 nn.LeakyReLU(0.2))
+        final = 8 * n_features * (input_shape[0] // 16) * (input_shape[1] // 16) * (input_shape[2] // 16)
+        self.main = nn.Sequential(*stages, nn.Flatten(), nn.Linear(final, 1), nn.Sigmoid())
+
+    def forward(self, volume):
+        return self.main(volume)
+
+
+class _GenModelsResBlock(nn.Module):
+    """The GenModels residual block as it runs: ``bn1`` is built, but its result (and the ReLU of the input) is
+    discarded, so conv1 takes the input itself."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm3d(in_channels)
+        self.bn2 = nn.BatchNorm3d(in_channels // 2)
+        self.conv0 = nn.Conv3d(in_channels, out_channels, 1)
+        self.conv1 = nn.Conv3d(in_channels, in_channels // 2, 3, padding=1)
+        self.conv2 = nn.Conv3d(in_channels // 2, out_channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(functional.relu(self.bn2(self.conv1(x)))) + self.conv0(x)
+
+
+def _pooled_volume_size(input_shape: Sequence[int]) -> int:
+    """Voxels left after three 2x max poolings."""
+    return (input_shape[0] // 8) * (input_shape[1] // 8) * (input_shape[2] // 8)
+
+
+class GAN3DEncoder(nn.Module):
+    """GenModels ``Encoder``: (N, 1, D, H, W) -> (N, latent_size); conv1 (1^3) + ReLU, three residual blocks each
+    followed by 2x max pooling, Linear."""
+
+    def __init__(self, input_shape: Sequence[int] = (64, 64, 64, 1), latent_size: int = 100):
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, 16, 1)
+        self.resblock1 = _GenModelsResBlock(16, 32)
+        self.resblock2 = _GenModelsResBlock(32, 64)
+        self.resblock3 = _GenModelsResBlock(64, 128)
+        self.fc = nn.Linear(128 * _pooled_volume_size(input_shape), latent_size)
+
+    def forward(self, volume):
+        x = functional.relu(self.conv1(volume))
+        for block in (self.resblock1, self.resblock2, self.resblock3):
+            x = functional.max_pool3d(block(x), 2)
+        return self.fc(x.flatten(1))
+
+
+class GAN3DClassifier(nn.Module):
+    """GAN_experiment_part2's ``FC_Classifier(1, n_classes)``: (N, 1, D, H, W) -> (N, n_classes) logits. ``bn1`` and
+    ``bn2`` are built but never called; conv1 has no activation; dropout is a no-op in eval mode."""
+
+    def __init__(self, input_shape: Sequence[int] = (64, 64, 64, 1), n_classes: int = 1, dropout: float = 0.5):
+        super().__init__()
+        self.conv1 = nn.Conv3d(1, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm3d(16)
+        self.conv2 = _GenModelsResBlock(16, 32)
+        self.bn2 = nn.BatchNorm3d(32)
+        self.conv3 = _GenModelsResBlock(32, 64)
+        self.dropout = nn.Dropout(dropout)
+        self.linear1 = nn.Linear(64 * _pooled_volume_size(input_shape), 200)
+        self.bn3 = nn.BatchNorm1d(200)
+        self.linear2 = nn.Linear(200, n_classes)
+
+    def forward(self, volume):
+        x = volume
+        for layer in (self.conv1, self.conv2, self.conv3):
+            x = functional.max_pool3d(layer(x), 2)
+        return self.linear2(functional.relu(self.bn3(self.linear1(self.dropout(x.flatten(1))))))
+
+
+class MRIAutoencoder(nn.Module):
+    """Autoencoder_mri.ipynb's ``MyFirstAE``: (N, 1, D, H, W) -> its reconstruction through a ``bottleneck``-value
+    code; the decoder's output paddings restore the sizes the encoder's stride-2 convolutions rounded down."""
+
+    def __init__(self, input_shape: Sequence[int] = (58, 70, 58, 1), n_features: int = 16, bottleneck: int = 1000):
+        super().__init__()
+        sizes = [tuple(input_shape[:3])]
+        for _ in range(4):
+            sizes.append(tuple(size // 2 for size in sizes[-1]))
+        self.feature_shape = (8 * n_features, *sizes[-1])
+        features = 8 * n_features * sizes[-1][0] * sizes[-1][1] * sizes[-1][2]
+        down = [nn.Conv3d(1, n_features, 4, stride=2, padding=1, bias=False), nn.LeakyReLU(0.2)]
+        for index in range(1, 3):
+            channels = n_features * 2**index
+            down += _gan_stage(nn.Conv3d(channels // 2, channels, 4, stride=2, padding=1, bias=False), channels,
+                               nn.LeakyReLU(0.2))
+        self.encoder = nn.Module()
+        self.encoder.main = nn.Sequential(*down, nn.Conv3d(4 * n_features, 8 * n_features, 4, stride=2, padding=1,
+                                                           bias=False))
+        self.encoder.main2 = nn.Sequential(nn.BatchNorm3d(8 * n_features), nn.LeakyReLU(0.2), nn.Flatten(),
+                                           nn.Linear(features, bottleneck))
+        self.fc = nn.Linear(bottleneck, features)
+        up, channels = [], 8 * n_features
+        for index in range(4):
+            padding = tuple(size % 2 for size in sizes[3 - index])
+            out = 1 if index == 3 else channels // 2
+            up.append(nn.ConvTranspose3d(channels, out, 4, stride=2, padding=1, output_padding=padding, bias=False))
+            if index < 3:
+                up += [nn.BatchNorm3d(out), nn.ReLU()]
+            channels = out
+        self.decoder = nn.Module()
+        self.decoder.main = nn.Sequential(*up)
+
+    def forward(self, volume):
+        code = self.encoder.main2(self.encoder.main(volume))
+        return self.decoder.main(self.fc(code).reshape(-1, *self.feature_shape))
+
+
 # Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs).
 REFERENCES = {
     "sfcn": SFCN,
@@ -332,4 +478,9 @@ REFERENCES = {
     "s500mri_classifier": S500MRIClassifier,
     "vae_c_encoder": VAECEncoder,
     "vae_c_decoder": VAECDecoder,
+    "gan3d_generator": GAN3DGenerator,
+    "gan3d_discriminator": GAN3DDiscriminator,
+    "gan3d_encoder": GAN3DEncoder,
+    "gan3d_classifier": GAN3DClassifier,
+    "mri_autoencoder": MRIAutoencoder,
 }

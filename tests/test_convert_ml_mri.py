@@ -106,10 +106,20 @@ def test_the_keras_networks_have_the_original_parameter_counts():
 def test_spatially_flipped_kernels_fail_the_comparison(fixture_name):
     """The fixtures' discrimination check: the comparison above can fail, and by about as much as the fixture says."""
     fixture = load_seed_fixture(fixture_name)
-    state = seeded_state_dict(fixture["state_dict"])
-    flipped = {key: value[:, :, ::-1, ::-1, ::-1].copy() if value.ndim == 5 else value for key, value in state.items()}
+    flipped = spatially_flipped_kernels(seeded_state_dict(fixture["state_dict"]))
     output = keras_outputs(converted(fixture_name, flipped), fixture_inputs(fixture))[0]
-    expected = fixture["expected_outputs"][CONVERSIONS[fixture_name][2][0]]
+    assert_fails_by_the_published_change(output, fixture, CONVERSIONS[fixture_name][2][0])
+
+
+def spatially_flipped_kernels(state: dict) -> dict:
+    """Every convolution kernel reversed along its three spatial axes: the fixtures' discrimination check."""
+    return {key: value[:, :, ::-1, ::-1, ::-1].copy() if value.ndim == 5 else value for key, value in state.items()}
+
+
+def assert_fails_by_the_published_change(output: np.ndarray, fixture: dict, output_name: str) -> None:
+    """The output is far outside the tolerance, and as far from the original's as the fixture says flipping moves
+    it (at least half of that, at most 1% more)."""
+    expected = fixture["expected_outputs"][output_name]
     change = np.abs(output.ravel()[::expected["stride"]] - np.array(expected["values"])).max()
     published = float(re.search(r"changes the outputs by ([\d.]+)", fixture["discrimination_check"])[1])
     assert largest_difference(output, expected) > 100

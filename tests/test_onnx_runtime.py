@@ -28,7 +28,8 @@ from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.runners import BrainMasker
 from brainzoo.metrics import dice
-from brainzoo.models import (agemapper, densenet169_3d, inception_resnet_v2_3d, s500mri_classifier, sfcn,
+from brainzoo.models import (agemapper, densenet169_3d, gan3d_classifier, gan3d_discriminator, gan3d_encoder,
+                             gan3d_generator, inception_resnet_v2_3d, mri_autoencoder, s500mri_classifier, sfcn,
                              vae_c_encoder)
 from brainzoo.models.deepbet import BRAIN_CHANNEL, deepbet_bbox
 from brainzoo.models.unet import unet
@@ -54,6 +55,11 @@ ARCHITECTURES = {
     "deepbet": (lambda: deepbet_bbox((32, 32, 64, 1)), 2, DEEPBET_TOLERANCE),
     "s500mri_classifier": (lambda: s500mri_classifier(num_classes=4), 1, None),  # 128^3 only
     "vae_c_encoder": (lambda: vae_c_encoder(), 1, None),  # 128^3 only; five outputs
+    "gan3d_generator": (lambda: gan3d_generator(latent_size=4, n_features=2, output_shape=(16, 16, 16)), 2, None),
+    "gan3d_discriminator": (lambda: gan3d_discriminator((16, 16, 16, 1), n_features=2), 2, None),
+    "gan3d_encoder": (lambda: gan3d_encoder((16, 16, 16, 1), latent_size=4, base_channels=2), 2, None),
+    "gan3d_classifier": (lambda: gan3d_classifier((16, 16, 16, 1)), 2, None),
+    "mri_autoencoder": (lambda: mri_autoencoder((17, 20, 18, 1), n_features=2, bottleneck=4), 2, None),
 }
 
 

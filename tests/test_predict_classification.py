@@ -29,6 +29,7 @@ from brainzoo.validate import version_problems
 
 TWO_CLASS = "neuronets/ml-mri-age-group-cnn/1.0.0/2class"
 FOUR_CLASS = "neuronets/ml-mri-age-group-cnn/1.0.0/4class"
+SEX_CLASSIFIER = "neuronets/brain-aging-gan3d/1.0.0/sex-classifier"
 SHARED_SEEDS = SHARED / "fixtures" / "seeds"
 
 
@@ -187,6 +188,14 @@ def test_logits_decode_to_probabilities_and_the_age_group():
     assert decode_class_logits(np.array([1000.0, 0, 0, 0]), classes)["probabilities"]["22-25"] == 1.0  # no overflow
     with pytest.raises(BrainzooError, match="returned 2 values but output.classes lists 4"):
         decode_class_logits(np.zeros(2), classes)
+
+
+def test_a_single_logit_is_the_second_class_against_the_first():
+    """The GAN project's sex classifier (output binary-logit): sigmoid(logit) is the probability of M."""
+    classes = catalogue.read_yaml(REPO / SEX_CLASSIFIER / "spec.yaml")["inference"]["output"]["classes"]
+    decoded = decode_class_logits(np.array([[np.log(3)]]), classes)
+    assert decoded == {"logits": [pytest.approx(np.log(3))], "probabilities": pytest.approx({"F": 0.25, "M": 0.75})}
+    assert class_result([decoded["probabilities"]], classes)["label"] == "M"
 
 
 @pytest.mark.parametrize("given, message", [

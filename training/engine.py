@@ -192,7 +192,7 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
 
     writer = tf.summary.create_file_writer(str(scratch / "tensorboard"))
     monitor = (plan.early_stopping or {}).get("monitor", f"val_{objective.metric}")
-    higher_is_better = monitor.endswith("dice")
+    higher_is_better = monitor.endswith(("dice", "accuracy"))
     step = int(state["step"].numpy())
     stopped_early = False
     bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")

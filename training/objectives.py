@@ -37,11 +37,14 @@ class Objective:
             self.step = float(bins["step"])
             self.centres = bin_centres(bins["start"], bins["stop"], bins["step"])
             self.sigma = float(config.get("sigma", 1.0))
-        elif self.name not in ("mse", "mae", "dice", "jaccard"):
-            raise BrainzooError(f"training.loss.name: unknown loss {self.name!r} (sfcn-kl, mse, mae, dice, jaccard)")
+        elif self.name not in ("mse", "mae", "dice", "jaccard", "bce-logits"):
+            raise BrainzooError(f"training.loss.name: unknown loss {self.name!r} "
+                                "(sfcn-kl, mse, mae, dice, jaccard, bce-logits)")
 
     @property
     def metric(self) -> str:
+        if self.name == "bce-logits":
+            return "accuracy"
         return "dice" if self.name in ("dice", "jaccard") else "mae"
 
     def per_example_loss(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
@@ -49,6 +52,9 @@ class Objective:
         if self.name == "sfcn-kl":
             target = gaussian_soft_labels(y_true, self.centres, self.step, self.sigma) + TARGET_EPSILON
             return tf.reduce_sum(target * (tf.math.log(target) - y_pred), axis=-1)
+        if self.name == "bce-logits":  # binary labels (0 or 1) against one logit per label
+            labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred))
+            return tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=y_pred), axis=-1)
         if self.name in ("mse", "mae"):
             error = tf.reshape(y_pred, (tf.shape(y_pred)[0], -1)) - tf.reshape(tf.cast(y_true, tf.float32), (tf.shape(y_pred)[0], -1))
             return tf.reduce_mean(tf.square(error) if self.name == "mse" else tf.abs(error), axis=-1)
@@ -65,8 +71,11 @@ class Objective:
         return tf.reduce_sum(t * p, axis=-1), tf.reduce_sum(t, axis=-1) + tf.reduce_sum(p, axis=-1)
 
     def per_example_metric(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        """Absolute age error (years) or hard Dice at 0.5, per example."""
+        """Absolute age error (years), hard Dice at 0.5, or (binary logits) whether the label is right, per example."""
         y_pred = tf.cast(y_pred, tf.float32)
+        if self.metric == "accuracy":
+            labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred)) > 0.5
+            return tf.reduce_mean(tf.cast(tf.equal(y_pred > 0, labels), tf.float32), axis=-1)
         if self.metric == "dice":
             overlap, total = self._overlap(y_true, tf.cast(y_pred > 0.5, tf.float32))
             return (2.0 * overlap + SMOOTH) / (total + SMOOTH)
@@ -115,5 +124,6 @@ def optimizer(config: dict, epochs: int, steps_per_epoch: int) -> tf.keras.optim
     if config["name"] == "sgd":
         return tf.keras.optimizers.SGD(lr, momentum=config.get("momentum", 0.0), weight_decay=decay)
     if config["name"] == "adam":
-        return tf.keras.optimizers.Adam(lr, weight_decay=decay)
+        return tf.keras.optimizers.Adam(lr, beta_1=config.get("beta_1", 0.9), beta_2=config.get("beta_2", 0.999),
+                                        weight_decay=decay)
     raise BrainzooError(f"training.optimizer.name: unknown optimizer {config['name']!r} (sgd, adam)")

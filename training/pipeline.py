@@ -19,7 +19,7 @@ import tensorflow as tf
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.steps import PERCENTILE_WINDOW
 
-NORMALIZATIONS = ("zscore", "mean", "percentile", None)
+NORMALIZATIONS = ("zscore", "mean", "percentile", "minmax", None)
 SAMPLINGS = ("random", "grid", "brain")
 _EPSILON = 1e-6
 
@@ -47,7 +47,11 @@ class Augmentation:
 
 def normalize(volume: tf.Tensor, method: str | None) -> tf.Tensor:
     """Per-volume intensity normalisation: ``zscore`` (mean 0, sd 1), ``mean`` (divide by the mean),
-    ``percentile`` (the 0.5-99.5 percentile window scaled to [0, 1], as the inference step) or ``None``."""
+    ``percentile`` (the 0.5-99.5 percentile window scaled to [0, 1], as the inference step), ``minmax`` (the
+    volume's range scaled to [0, 1], as the ``minmax`` step) or ``None``."""
+    if method == "minmax":
+        floor, ceiling = tf.reduce_min(volume), tf.reduce_max(volume)
+        return (volume - floor) / tf.maximum(ceiling - floor, _EPSILON)
     if method == "percentile":
         floor, ceiling = (_percentile(volume, q) for q in PERCENTILE_WINDOW)
         return (tf.clip_by_value(volume, floor, ceiling) - floor) / tf.maximum(ceiling - floor, _EPSILON)

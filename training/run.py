@@ -24,9 +24,15 @@ from brainzoo.fileio import atomic_output, sha256_of
 from brainzoo.model_files import load_keras_model, open_model_file, verified_weights_path
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
+from brainzoo.training.adversarial import ADVERSARIAL_LOSS, generated_pairs, train_gan
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
 from brainzoo.training.tfrecords import check_records, read_dataset
+
+# training.data.kind of an encoder trained on its generator's own (G(z), z) pairs, and of an autoencoder (each
+# volume its own target).
+GENERATED_PAIRS = "generated-pairs"
+RECONSTRUCTION = "reconstruction"
 
 
 def model_input_shape(data: dict) -> tuple[int, int, int, int]:
@@ -65,8 +71,17 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
                                       augmentation=augmentation if training else None,
                                       shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
                                       seed=seed, drop_remainder=training, **common)
+    elif kind == RECONSTRUCTION:
+        def pipeline(records, seed, training):
+            volumes = regression_volumes(read_dataset(records), data["input_shape"], targets=["label"],
+                                         shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
+                                         seed=seed, drop_remainder=training, **common)
+            return volumes.map(lambda volume, _: (volume, volume))
+    elif kind == GENERATED_PAIRS:
+        return generated_pair_datasets(data, plan, train_records)
     else:
-        raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation or regression")
+        raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation, regression, {RECONSTRUCTION} or "
+                            f"{GENERATED_PAIRS}")
 
     def train(epoch: int) -> tf.data.Dataset:
         return pipeline(train_records, plan.seed + epoch, True).repeat()
@@ -75,6 +90,26 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
         return pipeline(validation_records, plan.seed, False)
 
     return train, (validation if validation_records else None)
+
+
+def generated_pair_datasets(data: dict, plan: TrainingPlan, generator_ref):
+    """The encoder's data: ``data.pairs`` fixed (G(z), z) pairs of the generator ``generator_ref`` (a catalogue id
+    or a model file), the last ``validation_fraction`` of them held out."""
+    generator = load_keras_model(verified_weights_path(generator_ref))
+    validation_count = int(round(data["pairs"] * data.get("validation_fraction", 0.2)))
+    train_count = data["pairs"] - validation_count
+    if train_count < plan.batch_size or validation_count < 1:
+        raise BrainzooError(f"training.data: {data['pairs']} pairs leave {train_count} for training and "
+                            f"{validation_count} for validation; need a batch ({plan.batch_size}) and one")
+
+    def train(epoch: int) -> tf.data.Dataset:
+        return generated_pairs(generator, 0, train_count, batch_size=plan.batch_size, seed=plan.seed,
+                               shuffle_seed=plan.seed + epoch).repeat()
+
+    def validation() -> tf.data.Dataset:
+        return generated_pairs(generator, train_count, validation_count, batch_size=plan.batch_size, seed=plan.seed)
+
+    return train, validation
 
 
 def check_training_records(train_records, validation_records) -> None:
@@ -125,15 +160,26 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     out_dir = Path(out_dir)
     run = {"spec": ref, "train": str(train_records), "validation": str(validation_records),
            "overrides": {k: v for k, v in overrides.items() if v is not None}}
+    adversarial = (spec["training"].get("loss") or {}).get("name") == ADVERSARIAL_LOSS
+    if init_weights is not None and adversarial:
+        raise BrainzooError(f"{ref}: --init-weights does not apply to adversarial training (two networks)")
     if init_weights is not None:
         if not Path(init_weights).is_file():
             raise BrainzooError(f"{init_weights}: no such model file to start from")
         open_model_file(init_weights).close()  # a file that could run code is refused before any work starts
         run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
-    check_training_records(train_records, validation_records)
+    if (spec["training"].get("data") or {}).get("kind") == GENERATED_PAIRS:
+        if validation_records:
+            raise BrainzooError(f"{ref}: trains on pairs its generator makes (--train names the generator) and "
+                                "validates on held-out ones; --validation does not apply")
+        run["train"] = {"generator": str(train_records), "sha256": sha256_of(verified_weights_path(train_records))}
+    else:
+        check_training_records(train_records, validation_records)
     claim_run_folder(out_dir, run, force)
     training = spec["training"]
     plan = TrainingPlan.from_spec(training, **overrides)
+    if adversarial:
+        return train_gan(spec, train_records, out_dir, plan, progress=progress)
     train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
     builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
     if init_weights is not None:

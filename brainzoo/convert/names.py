@@ -73,6 +73,37 @@ VAE_C_DECODER_RULES: tuple[Rule, ...] = (
     (r"up_(\d)_(conv|bn)", lambda m: f"decoder.{4 * int(m[1]) + 1 + (m[2] == 'bn')}"),
     (r"reconstruction", "decoder.20"),
 )
+# Generative-models-for-brain-aging: the Keras names are the originals' module names (see brainzoo.models.gan3d).
+# The GAN's Sequential-like ModuleLists interleave activations: the generator's [Linear, Reshape, BN, ReLU] then
+# [ConvTranspose, BN, ReLU] x 4; the discriminator's [Conv, LeakyReLU] then [Conv, BN, LeakyReLU] x 3, Flatten, Linear.
+GAN3D_GENERATOR_RULES: tuple[Rule, ...] = (
+    (r"project", "main.0"),
+    (r"project_bn", "main.2"),
+    (r"up_(\d)_(conv|bn)", lambda m: f"main.{4 + 3 * int(m[1]) + (m[2] == 'bn')}"),
+    (r"image_conv", "main.13"),
+)
+GAN3D_DISCRIMINATOR_RULES: tuple[Rule, ...] = (
+    (r"down_0_conv", "main.0"),
+    (r"down_(\d)_(conv|bn)", lambda m: f"main.{3 * int(m[1]) - (m[2] == 'conv')}"),
+    (r"logit", "main.12"),
+)
+GAN3D_RESNET_RULES: tuple[Rule, ...] = (
+    (r"((?:resblock|conv)\d)_(conv\d|bn2)", r"\1.\2"),
+    (r"(conv1|fc|linear1|bn3|linear2)", r"\1"),
+)
+# Autoencoder_mri.ipynb's MyFirstAE: encoder.main [Conv, LeakyReLU, then (Conv, BN, LeakyReLU) x 2, Conv],
+# encoder.main2 [BN, LeakyReLU, Flatten, Linear], fc, decoder.main [(ConvTranspose, BN, ReLU) x 3, ConvTranspose].
+MRI_AUTOENCODER_RULES: tuple[Rule, ...] = (
+    (r"down_3_bn", "encoder.main2.0"),
+    (r"down_(\d)_(conv|bn)", lambda m: f"encoder.main.{max(3 * int(m[1]) - (m[2] == 'conv'), 0)}"),
+    (r"bottleneck", "encoder.main2.3"),
+    (r"expand", "fc"),
+    (r"up_(\d)_(conv|bn)", lambda m: f"decoder.main.{3 * int(m[1]) + (m[2] == 'bn')}"),
+    (r"reconstruction_conv", "decoder.main.9"),
+)
+# Modules the originals build but never call: ResBlock.bn1 (its result is overwritten), FC_Classifier's bn1 and bn2.
+GAN3D_RESBLOCK_UNUSED = r"(resblock\d|conv\d)\.bn1\.\w+"
+GAN3D_CLASSIFIER_UNUSED = rf"{GAN3D_RESBLOCK_UNUSED}|bn[12]\.\w+"
 # The children of ml_MRI's whole VAE_age, which its checkpoints hold: the encoder and decoder converters each take one.
 VAE_AGE_PARTS = ("encoder", "decoder")
 
@@ -83,6 +114,8 @@ class Architecture:
 
     ``part``: the child of a larger upstream model (one of ``whole_model``'s children) that this network is; the
     rules name its own state_dict keys, and a checkpoint of the whole model gives the tensors under ``part.``.
+    ``unused``: a regular expression of state_dict keys of modules the original builds but never calls; they are
+    accepted and dropped.
     """
 
     builder: str
@@ -90,6 +123,7 @@ class Architecture:
     fixed_options: dict = field(default_factory=dict)
     part: str = ""
     whole_model: tuple[str, ...] = ()
+    unused: str = ""
 
 
 ARCHITECTURES = {
@@ -101,6 +135,11 @@ ARCHITECTURES = {
     "s500mri": Architecture("s500mri_classifier", S500MRI_RULES),
     "vae-c-encoder": Architecture("vae_c_encoder", VAE_C_ENCODER_RULES, part="encoder", whole_model=VAE_AGE_PARTS),
     "vae-c-decoder": Architecture("vae_c_decoder", VAE_C_DECODER_RULES, part="decoder", whole_model=VAE_AGE_PARTS),
+    "gan3d-generator": Architecture("gan3d_generator", GAN3D_GENERATOR_RULES),
+    "gan3d-discriminator": Architecture("gan3d_discriminator", GAN3D_DISCRIMINATOR_RULES),
+    "gan3d-encoder": Architecture("gan3d_encoder", GAN3D_RESNET_RULES, unused=GAN3D_RESBLOCK_UNUSED),
+    "gan3d-classifier": Architecture("gan3d_classifier", GAN3D_RESNET_RULES, unused=GAN3D_CLASSIFIER_UNUSED),
+    "mri-autoencoder": Architecture("mri_autoencoder", MRI_AUTOENCODER_RULES),
 }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -116,8 +117,10 @@ def load_state_dict(model: tf.keras.Model, arch: str, state: Mapping[str, np.nda
             plan.append((layer, [(f"{prefix}.{tensor}", axes) for tensor, axes in _tensor_plan(layer)]))
     expected = {key for _, tensors in plan for key, _ in tensors}
     optional = {f"{key.rsplit('.', 1)[0]}.{OPTIONAL_SUFFIX}" for key in expected if key.endswith(".running_var")}
+    unused_pattern = architecture(arch).unused
+    unused = {key for key in state if unused_pattern and re.fullmatch(unused_pattern, key)}
     missing = expected - set(state)
-    unexpected = set(state) - expected - optional
+    unexpected = set(state) - expected - optional - unused
     if missing or unexpected:
         problems = [f"{_counted(len(keys), kind)}: {_listing(keys)}"
                     for kind, keys in (("missing key", missing), ("unexpected key", unexpected)) if keys]

@@ -11,7 +11,8 @@ import numpy as np
 
 from brainzoo.errors import BrainzooError
 
-CLASS_OUTPUTS = {"age-group-logits"}
+# age-group-logits: one logit per class; binary-logit: one logit, of the second of two classes against the first.
+CLASS_OUTPUTS = {"age-group-logits", "binary-logit"}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -22,13 +23,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def decode_class_logits(output: np.ndarray, classes: list[dict]) -> dict:
-    """Each class's probability (by label) and the most probable class, from one sample's logits."""
+    """Each class's probability (by label) and the most probable class, from one sample's logits.
+
+    A single logit for two classes is the second's against the first (a sigmoid), that is the logits (0, logit).
+    """
     logits = np.asarray(output, dtype=np.float64).reshape(-1)
-    if logits.size != len(classes):
+    per_class = np.array([0.0, logits[0]]) if logits.size == 1 and len(classes) == 2 else logits
+    if per_class.size != len(classes):
         raise BrainzooError(f"the model returned {logits.size} values but output.classes lists {len(classes)} classes")
     if not np.all(np.isfinite(logits)):
         raise BrainzooError("the model returned logits that are not finite numbers")
-    probabilities = softmax(logits)
+    probabilities = softmax(per_class)
     return {"logits": logits.tolist(),
             "probabilities": {c["label"]: float(p) for c, p in zip(classes, probabilities)}}
 
