@@ -91,8 +91,11 @@ class WeightsFile:
         """How a user makes weights that come by conversion from an upstream checkpoint."""
         upstream = self.entry["upstream"]
         name = Path(upstream["file"]).name if upstream.get("file") else None
-        return (f"download {name or 'the checkpoint'} from {upstream['url']}, then run: "
-                f"brainzoo get {self.version_id} --upstream {name or 'CHECKPOINT'}")
+        where = upstream.get("obtain") or f"download {name or 'the checkpoint'} from {upstream['url']}"
+        # A file the spec cannot name goes to its entry by ENTRY=FILE; one whose bytes it does not know, unverified.
+        argument = name or f"{self.name}=CHECKPOINT"
+        unverified = "" if {"sha256", "git_blob"} & set(upstream) else " --allow-unverified"
+        return f"{where}, then run: brainzoo get {self.version_id}{unverified} --upstream {argument}"
 
     @property
     def present(self) -> bool:

@@ -124,3 +124,13 @@ def test_get_upstream_converts_the_shared_upstream_format_checkpoint(clone, tmp_
     records = convert_member(clone, "female-2", Path(checkpoint))
     assert {r["path"].split("/")[-1]: r["status"] for r in records}["female-2.h5"] == "ok"
     assert_converted_member_reproduces_the_reference(clone, "female-2")
+
+
+def test_get_says_the_networks_are_unpublished_and_names_each_member():
+    """The upstream never published its networks: `get` must not send users to download them, and must say how a
+    checkpoint from the authors goes to each of the three members."""
+    version = catalogue.find_version(T1_FEMALE)
+    hints = [w.conversion_hint for w in version.weights]
+    assert all(hint.startswith("the upstream has not published its trained networks") for hint in hints)
+    assert [hint.rsplit(" ", 1)[1] for hint in hints] == [f"female-{n}=CHECKPOINT" for n in (1, 2, 3)]
+    assert all("--allow-unverified" in hint for hint in hints)

@@ -21,6 +21,9 @@ from brainzoo.catalogue import write_yaml  # noqa: E402
 
 VERSION = "1.0.0"
 UPSTREAM_URL = "https://github.com/AndreiRoibu/AgeMapper#network-architecture--pre-trained-networks"
+# What `brainzoo get` tells a user: the README's link to the trained networks is empty ("not yet added").
+UNPUBLISHED = ("the upstream has not published its trained networks (its README's link is empty): ask the "
+               "authors (andrei-claudiu.roibu@dtc.ox.ac.uk) for the checkpoint")
 GRID = {"1mm": {"spacing": 1, "shape": [160, 192, 160], "start": [10, 12, 0], "full": "182x218x182"},
         "2mm": {"spacing": 2, "shape": [80, 96, 80], "start": [5, 6, 0], "full": "91x109x91"}}
 SEXES = ("female", "male")
@@ -61,7 +64,7 @@ def spec(contrast: dict, sex: str) -> dict:
         "name": f"{sex}-{run}",
         "path": f"weights/{sex}-{run}.h5",
         "format": "keras-h5",
-        "upstream": {"url": UPSTREAM_URL, "license": "BSD-3-Clause"},
+        "upstream": {"url": UPSTREAM_URL, "license": "BSD-3-Clause", "obtain": UNPUBLISHED},
         "recipe": {
             "argv": ["brainzoo", "convert", "--arch", f"agemapper-{res}", "{checkpoint}", f"weights/{sex}-{run}.h5"],
             "options": {"checkpoint": {
