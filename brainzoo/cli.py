@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="one scan: also write the JSON record (registration map, steps, timings)")
     p.add_argument("--qc", help="one scan: also write a QC picture (PNG) of the registration")
     p.add_argument("--shard", help="a study: K/N, only every N-th scan from the K-th")
+    p.add_argument("--training", action="store_true",
+                   help="the volume a training record holds: the steps up to the spec's "
+                        "training.data.preprocessed_until (then brainzoo tfrecords)")
     p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
     p.add_argument("--no-progress", action="store_true")
 
@@ -319,12 +322,12 @@ def preprocess_records(args: argparse.Namespace) -> Iterator[dict]:
             raise BrainzooError("--record, --qc and --mask are for one scan; a study writes a record per scan")
         yield from inference.run_study("preprocess", source, Path(args.out), model=args.model, shard=args.shard,
                                        force=args.force, progress=not args.no_progress,
-                                       registration=args.registration)
+                                       registration=args.registration, training=args.training)
         return
     optional = (lambda value: Path(value) if value else None)
     record = inference.preprocess_file(args.model, source, Path(args.out), record_json=optional(args.record),
                                        qc_png=optional(args.qc), contrast=args.contrast, mask=optional(args.mask),
-                                       registration=args.registration, force=args.force)
+                                       registration=args.registration, training=args.training, force=args.force)
     shape = "x".join(map(str, record["volume"]["shape"]))
     yield {"action": "preprocess", "path": args.out, "status": "ok", "message": f"{shape} volume for {args.model}",
            "record": record}

@@ -257,20 +257,38 @@ def spec_brain_mask(version: Version, infile: Path, masker: BrainMasker | None,
     return brain_mask, {"model": masker.provenance(), **mask_record}
 
 
+def training_record_inference(spec: dict) -> dict:
+    """The inference section whose preprocessing makes a training record: its steps up to and including
+    ``training.data.preprocessed_until``; the training pipeline runs the rest (a random crop where inference
+    crops the centre, say). Without that field, every step."""
+    inference = spec["inference"]
+    until = spec.get("training", {}).get("data", {}).get("preprocessed_until")
+    if until is None:
+        return inference
+    names = [step["step"] for step in inference["preprocessing"]]
+    if until not in names:
+        raise BrainzooError(f"{spec['id']}: training.data.preprocessed_until {until!r} is not a step of its "
+                            f"inference.preprocessing ({', '.join(names)})")
+    return {**inference, "preprocessing": inference["preprocessing"][:names.index(until) + 1]}
+
+
 def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
                     qc_png: Path | None = None, contrast: str | None = None, mask: Path | None = None,
-                    registration: str = "brainzoo", masker: BrainMasker | None = None, force: bool = False) -> dict:
-    """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed;
-    the volume and its record and picture are written all or none."""
+                    registration: str = "brainzoo", masker: BrainMasker | None = None, training: bool = False,
+                    force: bool = False) -> dict:
+    """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed,
+    or with ``training`` the volume a training record holds (:func:`training_record_inference`); the volume and its
+    record and picture are written all or none."""
     from brainzoo.predict import preprocess_scan
 
     version = catalogue.find_version(ref)
+    spec_inference = training_record_inference(version.spec) if training else version.spec["inference"]
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
                             [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
-        image, record = preprocess_scan(infile, spec_inference=version.spec["inference"], brain_mask=brain_mask,
+        image, record = preprocess_scan(infile, spec_inference=spec_inference, brain_mask=brain_mask,
                                         registration=registration, qc_png=qc_png, force=force)
         record |= {"model": {"id": version.id, "brainzoo": brainzoo.__version__}, "outputs": {"volume": str(outfile)},
                    "volume": {"shape": list(image.shape), "affine": np.round(image.affine, 6).tolist()}}
@@ -416,11 +434,13 @@ STUDY_TASKS = ("brain-mask", "brain-age", "classify", "preprocess")
 
 
 def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
-              progress: bool = True, runtime: str = "auto", registration: str = "brainzoo") -> Iterator[dict]:
+              progress: bool = True, runtime: str = "auto", registration: str = "brainzoo",
+              training: bool = False) -> Iterator[dict]:
     """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error.
 
-    ``preprocess`` writes each scan's model-ready volume; its table keeps the study table's columns (age,
-    sex...) with ``path`` naming that volume, so it feeds ``brainzoo tfrecords`` as it is. ``classify`` takes
+    ``preprocess`` writes each scan's model-ready volume (with ``training``, its training record's volume); its
+    table keeps the study table's columns (age, sex...) with ``path`` naming that volume, so it feeds
+    ``brainzoo tfrecords`` as it is. ``classify`` takes
     each covariate the classifier's spec declares from the column of that name (``sex``).
     """
     if task not in STUDY_TASKS:
@@ -465,7 +485,8 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
                 row = {**scan, **row, "path": "", "input": str(path)}
                 output = f"{scan['id']}.nii.gz"
                 preprocess_file(model, path, out_dir / output, record_json=out_dir / f"{scan['id']}.json",
-                                contrast=scan.get("contrast"), registration=registration, masker=masker, force=force)
+                                contrast=scan.get("contrast"), registration=registration, masker=masker,
+                                training=training, force=force)
                 row["path"] = output
         except BrainzooError as err:
             row |= {"status": "error", "error": str(err)}

@@ -110,6 +110,8 @@ def learning_rate(config: dict, epochs: int, steps_per_epoch: int):
 
 
 def optimizer(config: dict, epochs: int, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    """SGD or Adam; ``weight_decay`` is Keras's decoupled decay, while ``l2`` (torch.optim's ``weight_decay``, which
+    the upstream recipes use) is added to the gradients by the engine."""
     lr = learning_rate(config, epochs, steps_per_epoch)
     decay = config.get("weight_decay")
     if config["name"] == "sgd":

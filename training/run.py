@@ -25,7 +25,7 @@ from brainzoo.model_files import load_keras_model, open_model_file, verified_wei
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
-from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
+from brainzoo.training.pipeline import augmentation_from_spec, regression_volumes, segmentation_blocks
 from brainzoo.training.tfrecords import check_records, read_dataset
 
 
@@ -44,27 +44,36 @@ def model_builder(architecture: dict, input_shape) -> Callable[[], tf.keras.Mode
 
 
 def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
-    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch."""
+    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch.
+
+    ``validation_normalization`` serves a recipe whose validation (and inference) normalised otherwise than its
+    training did (the FLAIR SFCN: min-max when training, non-zero z-score then min-max when validating).
+    """
     kind = data.get("kind")
-    augmentation = Augmentation(**data["augmentation"]) if data.get("augmentation") else None
-    common = {"batch_size": plan.batch_size, "normalization": data.get("normalization", "zscore")}
+    augmentation = augmentation_from_spec(data.get("augmentation"))
+    training_normalization = data.get("normalization", "zscore")
+    validation_normalization = data.get("validation_normalization", training_normalization)
+
+    def common(training: bool) -> dict:
+        return {"batch_size": plan.batch_size, "drop_remainder": training,
+                "normalization": training_normalization if training else validation_normalization,
+                "augmentation": augmentation if training else None,
+                "shuffle_buffer": data.get("shuffle_buffer", 0) if training else 0}
+
     if kind == "segmentation":
         def pipeline(records, seed, training):
             return segmentation_blocks(read_dataset(records), data["block_shape"],
                                        sampling=data.get("sampling", "random") if training else "grid",
                                        jitter=data.get("jitter", 0.0),
                                        blocks_per_volume=data.get("blocks_per_volume", 8),
-                                       overlap=0 if training else data.get("overlap", 0),
-                                       augmentation=augmentation if training else None,
-                                       shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
-                                       seed=seed, drop_remainder=training, **common)
+                                       overlap=0 if training else data.get("overlap", 0), seed=seed,
+                                       **common(training))
     elif kind == "regression":
         def pipeline(records, seed, training):
             return regression_volumes(read_dataset(records), data["input_shape"], targets=data.get("targets", ["age"]),
                                       random_crop=training and data.get("random_crop", False),
-                                      augmentation=augmentation if training else None,
-                                      shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
-                                      seed=seed, drop_remainder=training, **common)
+                                      random_crop_within=data.get("random_crop_within"), seed=seed,
+                                      **common(training))
     else:
         raise BrainzooError(f"training.data.kind: {kind!r} is not segmentation or regression")
 
