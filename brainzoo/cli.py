@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     brain_age_options.add_argument("--registration", choices=REGISTRATIONS, default="brainzoo",
                                    help="what fits the register step: brainzoo (default) or niftyreg (reg_aladin, "
                                         "the upstream's tool; pip install 'brainzoo[niftyreg]')")
+    q = predict_sub.add_parser("segment", parents=[common, scan_options, runtime_option],
+                               help="label map of one scan from a segmentation model (brainzoo transfer --classes)")
+    q.add_argument("infile")
+    q.add_argument("outfile", help="uint8 label map (0 the background) with the input's affine")
+    q.add_argument("--model", required=True, help="segmentation catalogue id")
+    q.add_argument("--record", help="also write the JSON record here")
     q = predict_sub.add_parser("brain-age", parents=[common, scan_options, brain_age_options],
                                help="brain age of one raw scan")
     q.add_argument("infile")
@@ -253,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="catalogue id to start from")
     p.add_argument("dest", help="new version id, e.g. neuronets/sfcn-flair-ft/1.0.0")
     p.add_argument("--bins", nargs=3, type=float, metavar=("START", "STOP", "STEP"), help="new age bins (SFCN)")
+    p.add_argument("--classes", type=int, help="a U-Net's new number of output classes (1: a mask; 2 or more: "
+                                               "softmax classes, 0 the background); the head is re-initialised")
+    p.add_argument("--labels", help="a U-Net's new label set: CSV/TSV with value (0, 1, ...) and label columns")
     p.add_argument("--replace", action="append", default=[], help="layer name pattern to re-initialise (the head)")
     p.add_argument("--freeze-epochs", type=int, default=0, help="epochs during which only --trainable layers learn")
     p.add_argument("--trainable", action="append", default=[], help="layer name pattern trainable while frozen")
@@ -298,6 +307,11 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
             probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
             contrast=args.contrast, force=args.force)
         message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
+    elif args.predict_command == "segment":
+        record = inference.predict_label_map_file(args.model, Path(args.infile), Path(args.outfile),
+                                                  record_json=optional(args.record), contrast=args.contrast,
+                                                  runtime=args.runtime, force=args.force)
+        message = ", ".join(f"{name} {count} voxels" for name, count in record["prediction"]["voxels"].items())
     elif args.predict_command == "classify":
         record = inference.predict_classification_file(
             args.model, Path(args.infile), covariates={"sex": args.sex}, out_json=optional(args.out),
@@ -383,8 +397,11 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),
                **{k: v for k, v in result.items() if k != "history"}}
     else:
+        options = {"bins": args.bins} if args.bins else {}
+        if args.classes is not None or args.labels:
+            options |= {"labels": training_run.label_names(args.classes, args.labels), "label_table": args.labels}
         yield training_run.transfer(args.source, args.train, args.validation, args.dest,
-                                    options={"bins": args.bins} if args.bins else None, replace=args.replace,
+                                    options=options or None, replace=args.replace,
                                     freeze_epochs=args.freeze_epochs, trainable=args.trainable, force=args.force,
                                     progress=not args.no_progress, **training_overrides(args))
 

@@ -222,6 +222,29 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
         return record
 
 
+def predict_label_map_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
+                           contrast: str | None = None, runtime: str = "auto", force: bool = False) -> dict:
+    """``brainzoo predict segment``: a segmentation version's label map of one scan (and its record), all or none."""
+    from brainzoo.predict import predict_label_map
+
+    version = catalogue.find_version(ref)
+    if version.spec["inference"]["output"]["type"] != "label-map":
+        raise BrainzooError(f"{version.id}: its output is {version.spec['inference']['output']['type']}, not a "
+                            "label map")
+    outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",))], [infile], force)
+    scan = check_scan(version, infile, input_contrast(infile, contrast), force)
+    with all_or_nothing(outputs):
+        networks = load_networks(version, runtime)
+        [network] = networks.models.values()
+        labels, record = predict_label_map(scan, network, spec_inference=version.spec["inference"])
+        record["input"]["path"] = str(infile)
+        record |= {"model": model_provenance(version, networks.runtime), "outputs": {"labels": str(outfile)}}
+        save_nifti(labels, outfile, force)
+        if record_json is not None:
+            _save_json(record, record_json, force)
+        return record
+
+
 def brain_age_version(ref: str) -> Version:
     version = catalogue.find_version(ref)
     if version.task != "brain-age":

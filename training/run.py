@@ -8,6 +8,7 @@ override it for one run and are written into the run's own record.
 from __future__ import annotations
 
 import copy
+import csv
 import datetime
 import fnmatch
 import json
@@ -204,7 +205,8 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     """Fine-tune a catalogue version on the user's TFRecords and write a new version folder ``dest``.
 
     ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
-    follows a ``bins`` option. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
+    follows a ``bins`` option, and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
+    new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
     replaced ones) learn; then everything does. The new folder gets a spec (source recorded), a card with
     the measured validation metric and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
     """
@@ -230,6 +232,10 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         architecture["options"]["n_bins"] = int(round((stop - start) / step))
         training["loss"]["bins"] = {"start": start, "stop": stop, "step": step}
         spec["inference"]["output"]["bins"] = {"start": start, "stop": stop, "step": step}
+    labels = architecture["options"].pop("labels", None)
+    architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
+    if labels:
+        replace = [*replace, *_relabel(spec, labels)]
     plan = TrainingPlan.from_spec(training, **overrides)
     input_shape = model_input_shape(training["data"])
     build = model_builder(architecture, input_shape)
@@ -278,6 +284,52 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     return record
 
 
+def label_names(classes: int | None = None, table: str | None = None) -> list[str]:
+    """The class names of a new label set: from a CSV/TSV table with ``value`` and ``label`` columns (values
+    0..N-1, 0 the background), or ``classes`` generic names (one class: a foreground mask)."""
+    if table is not None:
+        path = Path(table)
+        try:
+            rows = list(csv.DictReader(path.open(newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
+        except OSError as err:
+            raise BrainzooError(f"{table}: cannot read the label table ({err.strerror})") from err
+        if not rows or not {"value", "label"} <= set(rows[0]):
+            raise BrainzooError(f"{table}: a label table needs value and label columns")
+        values = [row["value"].strip() for row in rows]
+        if values != [str(i) for i in range(len(rows))]:
+            raise BrainzooError(f"{table}: values must be 0, 1, ... in order (background 0), got {', '.join(values)}")
+        names = [row["label"].strip() for row in rows]
+    elif classes is not None and classes >= 1:
+        names = ["foreground"] if classes == 1 else ["background", *(f"class-{i}" for i in range(1, classes))]
+    else:
+        raise BrainzooError(f"--classes must be at least 1, got {classes}")
+    if classes is not None and len(names) != classes:
+        raise BrainzooError(f"{table}: names {len(names)} classes, but --classes says {classes}")
+    return names
+
+
+def _relabel(spec: dict, labels: list[str]) -> list[str]:
+    """Move a U-Net spec to the classes ``labels``; returns the layers to re-initialise (the head)."""
+    if spec["architecture"]["builder"] != "unet":
+        raise BrainzooError(f"transfer: a new label set is for a U-Net, not {spec['architecture']['builder']!r}")
+    loss = spec["training"]["loss"]
+    if loss["name"] not in ("dice", "jaccard"):
+        raise BrainzooError(f"transfer: a new label set needs a dice or jaccard loss, not {loss['name']!r}")
+    spec["architecture"]["options"]["n_classes"] = len(labels)
+    loss.pop("classes", None)
+    if len(labels) > 1:
+        loss["classes"] = len(labels)
+    spec["task"] = "segmentation"
+    spec["inference"]["output"] = ({"type": "probability-mask", "threshold": 0.5} if len(labels) == 1 else
+                                   {"type": "label-map", "classes": [{"label": name} for name in labels]})
+    spec["inference"]["entry_point"] = {
+        "argv": ["brainzoo", "predict", "segment", "{infile}", "{outfile}", "--model", "{model}"],
+        "options": {"infile": {"type": "path", "required": True, "help": "scan (NIfTI)"},
+                    "outfile": {"type": "path", "required": True, "help": "uint8 label map on the input grid"},
+                    "model": {"type": "str", "default": spec["id"], "help": "catalogue id"}}}
+    return ["head_conv"]
+
+
 def _source_model(source: catalogue.Version, weights: Path, input_shape) -> tf.keras.Model:
     model = model_builder(source.spec["architecture"], input_shape)()
     model.load_weights(weights)
@@ -305,6 +357,10 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
                "--validation", str(validation_records)]
     if options and options.get("bins"):
         command += ["--bins", *map(str, options["bins"])]
+    if options and options.get("label_table"):
+        command += ["--labels", str(options["label_table"])]
+    elif options and options.get("labels"):
+        command += ["--classes", str(len(options["labels"]))]
     command += [a for pattern in replace for a in ("--replace", pattern)]
     if freeze_epochs:
         command += ["--freeze-epochs", str(freeze_epochs)] + [a for p in trainable for a in ("--trainable", p)]
@@ -319,6 +375,12 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
                         "value": round(float(result[metric]), 4), "unit": "years" if metric == "val_mae" else "",
                         "statistic": "mean", "dataset": str(validation_records), "split": "validation",
                         "n": int(result["val_n"]), "source": "measured", "command": shlex.join(command)}]
+    if spec["task"] != source.spec["task"]:
+        output = spec["inference"]["output"]
+        classes = [c["label"] for c in output.get("classes", [])] or ["foreground"]
+        card["Intended_use"]["Primary_intended_uses"] = (
+            f"Research segmentation of {', '.join(classes)} ({output['type']}), as trained on the records named "
+            f"under Training_data; the network started from {source.id} ({source.spec['task']}) with a new head.")
     card["Training_data"] = {"Datasets": str(train_records), "Motivation": "fine-tuning on the user's data",
                              "Preprocessing": f"as in {source.id}'s spec (training.data)"}
     card["Evaluation_data"] = {"Datasets": str(validation_records), "Motivation": "held-out validation records",

@@ -45,6 +45,43 @@ from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSo
 REGISTRATIONS = ("brainzoo", "niftyreg")
 
 
+def _voxelwise_output(volume: GriddedVolume, model: Model, model_input: dict, overlap: float,
+                      batch_size: int) -> tuple[np.ndarray, list[int] | None]:
+    """The network's output over the model grid (D, H, W, channels): in blocks tiling it, or in one block below
+    the top of the head (then also that block's start)."""
+    if model_input.get("block_placement") == "below-head-top":
+        return predict_block_below_head_top(volume.data, model, block_shape=model_input["block_shape"],
+                                            spacing_mm=volume.voxel_sizes,
+                                            below_mm=model_input["block_centre_below_head_top_mm"])
+    return predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"), overlap=overlap,
+                          batch_size=batch_size), None
+
+
+def predict_label_map(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
+                      batch_size: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, dict]:
+    """The most probable class of each voxel on the scan's own grid (uint8: the class's position in
+    ``output.classes``, 0 the background), from a network with one softmax channel per class."""
+    _check_spec(spec_inference, {"label-map"})
+    classes = [entry["label"] for entry in spec_inference["output"]["classes"]]
+    with _Recorder(img, "segmentation") as recorder:
+        with recorder.timed("load"):
+            image = load_volume(img, max_voxels=max_voxels)
+        recorder.describe_input(image)
+        volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
+        with recorder.timed("predict"):
+            probability, _ = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
+        if probability.shape[-1] != len(classes):
+            raise BrainzooError(f"the model returned {probability.shape[-1]} channels; output.classes names "
+                                f"{len(classes)}")
+        with recorder.timed("to-native"):
+            # Outside the model grid every class is 0, so the background (class 0) wins there.
+            native = np.stack([volume.to_native_grid(probability[..., c]) for c in range(len(classes))], axis=-1)
+            labels = np.argmax(native, axis=-1).astype(np.uint8)
+        recorder.record["prediction"] = {"classes": classes,
+                                         "voxels": {name: int((labels == i).sum()) for i, name in enumerate(classes)}}
+    return native_like(image, labels, np.uint8), recorder.record
+
+
 def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
                        batch_size: int = 1, keep_largest: bool = True, fill_holes: bool = True,
                        max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
@@ -64,17 +101,9 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
             image = load_volume(img, max_voxels=max_voxels)
         recorder.describe_input(image)
         volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
-        model_input = spec_inference["input"]
         threshold = spec_inference["output"].get("threshold", 0.5)
-        block_start = None
         with recorder.timed("predict"):
-            if model_input.get("block_placement") == "below-head-top":
-                probability, block_start = predict_block_below_head_top(
-                    volume.data, model, block_shape=model_input["block_shape"], spacing_mm=volume.voxel_sizes,
-                    below_mm=model_input["block_centre_below_head_top_mm"])
-            else:
-                probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
-                                             overlap=overlap, batch_size=batch_size)
+            probability, block_start = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
         if probability.shape[-1] != 1:
             raise BrainzooError(f"the model returned {probability.shape[-1]} channels; a probability-mask model "
                                 "returns one")

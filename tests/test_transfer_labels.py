@@ -1,0 +1,144 @@
+"""`brainzoo transfer --classes`: a brain-extraction U-Net moved to a new label set (a synthetic two-class lesion
+task), its head re-initialised and its encoder frozen; the new version folder validates and predicts label maps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, write_index, write_version
+
+from brainzoo import validate
+from brainzoo.errors import BrainzooError
+from brainzoo.training import run
+
+SOURCE = "neuronets/unet-student/0.1.0"
+DEST = "neuronets/unet-lesions/1.0.0"
+SHAPE = (24, 24, 24)
+SPACING = 2.0
+
+
+def student_version(root: Path, model_file: Path) -> None:
+    """brainzoo-unet 0.5.0's spec at a reduced size (8 base filters -> 4; batch normalisation, since instance
+    normalisation's graph alone takes 10 s to build; 96^3 blocks -> 16^3 tiles of a 24^3 grid), its weights a
+    freshly built student's."""
+    from brainzoo.models.unet import unet
+
+    spec = yaml.safe_load((REPO / "neuronets" / "brainzoo-unet" / "0.5.0" / "spec.yaml").read_text())
+    card = yaml.safe_load((REPO / "neuronets" / "brainzoo-unet" / "0.5.0" / "model_card.yaml").read_text())
+    spec.update(id=SOURCE, model="unet-student", version="0.1.0")
+    spec["architecture"]["options"] = {"base_filters": 4, "norm": "batch"}
+    spec["inference"]["entry_point"]["options"]["model"]["default"] = SOURCE
+    spec["inference"]["input"] = {"contrast": ["T1w"], "orientation": "RAS", "spacing_mm": [SPACING] * 3,
+                                  "shape": list(SHAPE), "block_shape": [16, 16, 16], "channels": 1}
+    spec["training"].pop("stages")
+    spec["training"]["data"].update(block_shape=[16, 16, 16], sampling="random", augmentation=None, shuffle_buffer=0)
+    spec["training"]["optimizer"] = {"name": "adam", "learning_rate": 0.01}
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "sources": [{"type": "inrepo-store"}]}]
+    card["Model_details"]["Model_version"] = "0.1.0"
+    unet(input_shape=(16, 16, 16, 1), **spec["architecture"]["options"]).save(model_file, save_format="h5")
+    write_version(root, spec, card, weights={"weights/model.h5": model_file.read_bytes()})
+
+
+def lesion_scan(rng) -> tuple[np.ndarray, np.ndarray]:
+    """A textured head-like volume with two bright spherical lesions and their label volume (1 inside)."""
+    grid = np.indices(SHAPE)
+    label = np.zeros(SHAPE, np.uint8)
+    for _ in range(2):
+        centre = rng.uniform(6, 18, 3)[:, None, None, None]
+        label[np.sqrt(((grid - centre) ** 2).sum(axis=0)) < rng.uniform(4, 6)] = 1
+    volume = rng.normal(100, 10, SHAPE) + 120 * label
+    return volume.astype(np.float32), label
+
+
+def lesion_records(folder: Path, n: int, seed: int) -> Path:
+    from brainzoo.training.tfrecords import write_tfrecords
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    lines = ["path,label,age,sex"]
+    for index in range(n):
+        volume, label = lesion_scan(rng)
+        affine = np.diag([SPACING] * 3 + [1.0])
+        nib.save(nib.Nifti1Image(volume, affine), folder / f"scan-{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / f"lesions-{index}.nii.gz")
+        lines.append(f"scan-{index}.nii.gz,lesions-{index}.nii.gz,50,0")
+    (folder / "table.csv").write_text("\n".join(lines) + "\n")
+    write_tfrecords(folder / "table.csv", folder / "records", kind="segmentation", progress=False)
+    return folder / "records"
+
+
+def layer_weights(model_file: Path, layer: str) -> list[np.ndarray]:
+    with h5py.File(model_file) as f:
+        group = f["model_weights"][layer]
+        return [group[name][()] for name in group.attrs["weight_names"]]
+
+
+@pytest.fixture
+def catalogue_root(tmp_path, monkeypatch):
+    root = tmp_path / "zoo"
+    (root / "neuronets").mkdir(parents=True)
+    student_version(root, tmp_path / "student.h5")
+    write_index(root)
+    monkeypatch.setenv("BRAINZOO_ROOT", str(root))
+    return root
+
+
+def test_a_student_moves_to_a_lesion_label_set(catalogue_root, tmp_path):
+    root = catalogue_root
+    train = lesion_records(tmp_path / "train", 4, seed=0)
+    validation = lesion_records(tmp_path / "validation", 2, seed=1)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("value,label\n0,background\n1,lesion\n")
+    names = run.label_names(2, str(labels))
+
+    record = run.transfer(SOURCE, train, validation, DEST, options={"labels": names, "label_table": str(labels)},
+                          freeze_epochs=2, trainable=["dec*", "head_*"], root=root, progress=False, epochs=2,
+                          steps_per_epoch=10, batch_size=2)
+    assert (record["status"], record["path"]) == ("ok", DEST)
+
+    dest = root / DEST
+    spec = yaml.safe_load((dest / "spec.yaml").read_text())
+    card = yaml.safe_load((dest / "model_card.yaml").read_text())
+    assert spec["task"] == "segmentation" and spec["architecture"]["options"]["n_classes"] == 2
+    assert spec["inference"]["output"] == {"type": "label-map", "classes": [{"label": "background"},
+                                                                            {"label": "lesion"}]}
+    assert spec["training"]["loss"]["classes"] == 2 and spec["training"]["transferred_from"]["id"] == SOURCE
+    assert not list(validate.spec_problems(spec, Path("spec.yaml"), dest))
+    assert not list(validate.schema_problems("card", card, Path("model_card.yaml")))
+    assert f"--labels {labels}" in card["Metrics"][0]["command"]
+
+    new, old = dest / "weights" / "model.h5", tmp_path / "student.h5"
+    assert layer_weights(new, "head_conv")[0].shape[-1] == 2  # a new two-class head
+    for layer in ("enc1_1_conv", "bottom_2_conv"):  # the encoder stayed frozen for every (frozen) epoch
+        for a, b in zip(layer_weights(new, layer), layer_weights(old, layer)):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(layer_weights(new, "dec1_1_conv")[0], layer_weights(old, "dec1_1_conv")[0])
+    # Learned: all background scores 0, all lesion about 0.15 (lesions are about 8% of the voxels).
+    assert card["Metrics"][0]["name"] == "Dice" and card["Metrics"][0]["value"] > 0.35
+
+    from brainzoo.model_files import load_keras_model
+    from brainzoo.predict import predict_label_map
+
+    volume, truth = lesion_scan(np.random.default_rng(7))
+    scan = nib.Nifti1Image(volume, np.diag([SPACING] * 3 + [1.0]))
+    label_map, prediction = predict_label_map(scan, load_keras_model(new), spec_inference=spec["inference"])
+    assert label_map.get_fdata().dtype and np.asarray(label_map.dataobj).dtype == np.uint8
+    assert set(np.unique(np.asarray(label_map.dataobj))) <= {0, 1}
+    assert prediction["prediction"]["classes"] == ["background", "lesion"]
+
+
+def test_label_tables_are_checked(tmp_path):
+    table = tmp_path / "labels.csv"
+    table.write_text("value,label\n1,lesion\n")
+    with pytest.raises(BrainzooError, match="values must be 0, 1, ... in order"):
+        run.label_names(None, str(table))
+    assert run.label_names(3) == ["background", "class-1", "class-2"]
+    with pytest.raises(BrainzooError, match="--classes must be at least 1"):
+        run.label_names(0)
