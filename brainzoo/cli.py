@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "softmax classes, 0 the background); the head is re-initialised")
     p.add_argument("--labels", help="a U-Net's new label set: CSV/TSV with value (0, 1, ...) and label columns")
     p.add_argument("--replace", action="append", default=[], help="layer name pattern to re-initialise (the head)")
+    p.add_argument("--fit-bias-correction", action="store_true",
+                   help="brain age: fit the age-bias line (de Lange & Cole 2020) on the --validation records with "
+                        "the fine-tuned network and write it to the new spec")
     p.add_argument("--freeze-epochs", type=int, default=0, help="epochs during which only --trainable layers learn")
     p.add_argument("--trainable", action="append", default=[], help="layer name pattern trainable while frozen")
     return parser
@@ -402,7 +405,8 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
             options |= {"labels": training_run.label_names(args.classes, args.labels), "label_table": args.labels}
         yield training_run.transfer(args.source, args.train, args.validation, args.dest,
                                     options=options or None, replace=args.replace,
-                                    freeze_epochs=args.freeze_epochs, trainable=args.trainable, force=args.force,
+                                    freeze_epochs=args.freeze_epochs, trainable=args.trainable,
+                                    fit_bias_correction=args.fit_bias_correction, force=args.force,
                                     progress=not args.no_progress, **training_overrides(args))
 
 

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from brainzoo import catalogue
@@ -26,6 +27,7 @@ from brainzoo.model_files import load_keras_model, open_model_file, verified_wei
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
+from brainzoo.training.objectives import Objective
 from brainzoo.training.pipeline import augmentation_from_spec, regression_volumes, segmentation_blocks
 from brainzoo.training.tfrecords import check_records, read_dataset
 
@@ -201,13 +203,14 @@ def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str
 
 def transfer(source_ref: str, train_records, validation_records, dest: str, *, options: dict | None = None,
              replace: list[str] = (), freeze_epochs: int = 0, trainable: list[str] = (), root: Path | None = None,
-             force: bool = False, progress: bool = True, **overrides) -> dict:
+             fit_bias_correction: bool = False, force: bool = False, progress: bool = True, **overrides) -> dict:
     """Fine-tune a catalogue version on the user's TFRecords and write a new version folder ``dest``.
 
     ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
     follows a ``bins`` option, and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
     new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
-    replaced ones) learn; then everything does. The new folder gets a spec (source recorded), a card with
+    replaced ones) learn; then everything does. ``fit_bias_correction`` (brain age) fits the age-bias line on the
+    held-out validation records with the fine-tuned network and writes it to the new spec. The new folder gets a spec (source recorded), a card with
     the measured validation metric and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
     """
     root = root or catalogue.repo_root()
@@ -232,6 +235,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         architecture["options"]["n_bins"] = int(round((stop - start) / step))
         training["loss"]["bins"] = {"start": start, "stop": stop, "step": step}
         spec["inference"]["output"]["bins"] = {"start": start, "stop": stop, "step": step}
+    spec["inference"]["output"].pop("bias_correction", None)  # the source's line, not the fine-tuned network's
     labels = architecture["options"].pop("labels", None)
     architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
     if labels:
@@ -278,10 +282,34 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
 
         results.append(fit(phase_model, train_data, validation_data, phase_plan, work / phase, progress=progress))
         previous = work / phase / "model.h5"
+    if fit_bias_correction:
+        model = build()
+        model.load_weights(previous)
+        spec["inference"]["output"]["bias_correction"] = fitted_bias_correction(
+            model, validation_data, Objective(training["loss"]), validation_records)
     record = _write_version(root, dest_id, source, spec, previous, results[-1], source_ref, train_records,
                             validation_records, options, replace, freeze_epochs, trainable, overrides)
     shutil.rmtree(work)
     return record
+
+
+def fitted_bias_correction(model: tf.keras.Model, validation_data: Callable[[], tf.data.Dataset],
+                           objective: Objective, records) -> dict:
+    """De Lange & Cole (2020)'s line, predicted = slope * age + intercept, fitted by least squares to the model's
+    predictions on held-out records (their first target is the age): the spec's ``output.bias_correction``."""
+    if objective.metric != "mae":
+        raise BrainzooError("transfer: a bias correction is for brain-age models")
+    predicted, ages = [], []
+    for x, y in validation_data():
+        predicted.append(objective.predicted_age(model(x, training=False)).numpy())
+        ages.append(y.numpy()[:, 0])
+    predicted, ages = np.concatenate(predicted), np.concatenate(ages)
+    if np.ptp(ages) == 0:
+        raise BrainzooError(f"{records}: a bias correction needs held-out scans of at least two different ages")
+    slope, intercept = np.polyfit(ages.astype(np.float64), predicted.astype(np.float64), 1)
+    return {"method": "de-lange-cole-2020", "slope": round(float(slope), 6), "intercept": round(float(intercept), 6),
+            "citation": f"de Lange & Cole 2020 (NeuroImage: Clinical 26:102229), fitted by brainzoo transfer on "
+                        f"{records} (n={len(ages)}, held out from fine-tuning)"}
 
 
 def label_names(classes: int | None = None, table: str | None = None) -> list[str]:
@@ -362,6 +390,8 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
     elif options and options.get("labels"):
         command += ["--classes", str(len(options["labels"]))]
     command += [a for pattern in replace for a in ("--replace", pattern)]
+    if "bias_correction" in spec["inference"]["output"]:
+        command += ["--fit-bias-correction"]
     if freeze_epochs:
         command += ["--freeze-epochs", str(freeze_epochs)] + [a for p in trainable for a in ("--trainable", p)]
     command += [a for key, value in overrides.items() if value is not None for a in (f"--{key.replace('_', '-')}", str(value))]

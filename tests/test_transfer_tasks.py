@@ -1,5 +1,6 @@
-"""`brainzoo transfer --classes`: a brain-extraction U-Net moved to a new label set (a synthetic two-class lesion
-task), its head re-initialised and its encoder frozen; the new version folder validates and predicts label maps."""
+"""`brainzoo transfer` to new tasks: a brain-extraction U-Net moved to a new label set (a synthetic two-class lesion
+task), its head re-initialised and its encoder frozen; a FLAIR-Brain-Age SFCN fine-tuned on a new cohort with its
+age-bias correction fitted on held-out scans. Each new version folder's spec and card pass the schemas."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, write_index, write_version
+from conftest import REPO, load_fixture, seeded_state_dict, write_index, write_version
 
 from brainzoo import validate
 from brainzoo.errors import BrainzooError
@@ -19,6 +20,8 @@ from brainzoo.training import run
 
 SOURCE = "neuronets/unet-student/0.1.0"
 DEST = "neuronets/unet-lesions/1.0.0"
+FLAIR_SFCN = "neuronets/flair-brainage-sfcn/1.0.0/flair"
+COHORT = "neuronets/flair-brainage-sfcn-cohort/1.0.0"
 SHAPE = (24, 24, 24)
 SPACING = 2.0
 
@@ -142,3 +145,65 @@ def test_label_tables_are_checked(tmp_path):
     assert run.label_names(3) == ["background", "class-1", "class-2"]
     with pytest.raises(BrainzooError, match="--classes must be at least 1"):
         run.label_names(0)
+
+
+def flair_sfcn_version(root: Path, model_file: Path) -> None:
+    """The FLAIR-Brain-Age SFCN's spec and recipe at 32^3 (its random crops within a 34^3 window), its weights
+    converted from the fixture's seeded state_dict (the published layout, 40 bins)."""
+    from brainzoo.convert.state_dict import convert_state_dict
+
+    folder = REPO / FLAIR_SFCN
+    spec = yaml.safe_load((folder / "spec.yaml").read_text())
+    card = yaml.safe_load((folder / "model_card.yaml").read_text())
+    spec["training"]["data"].update(input_shape=[32, 32, 32], random_crop_within=[34, 34, 34])
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "sources": [{"type": "inrepo-store"}]}]
+    convert_state_dict("sfcn", seeded_state_dict(load_fixture("sfcn_peng2021")["state_dict"])).save(
+        model_file, save_format="h5")
+    write_version(root, spec, card, weights={"weights/model.h5": model_file.read_bytes()})
+
+
+def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, monkeypatch):
+    from brainzoo.models import BUILDERS
+    from brainzoo.predict.brain_age import brain_age_gap
+    from brainzoo.training.engine import TrainingPlan
+    from brainzoo.training.objectives import Objective
+    from brainzoo.training.synthetic import write_synthetic_dataset
+    from brainzoo.training.tfrecords import write_tfrecords
+
+    root = tmp_path / "zoo"
+    (root / "neuronets").mkdir(parents=True)
+    flair_sfcn_version(root, tmp_path / "source.h5")
+    write_index(root)
+    monkeypatch.setenv("BRAINZOO_ROOT", str(root))
+    records = {}
+    for part, n, seed in (("train", 4, 0), ("held-out", 4, 1)):
+        table = write_synthetic_dataset(tmp_path / part, n, shape=(36, 36, 36), seed=seed)
+        write_tfrecords(table, tmp_path / part / "records", kind="regression", progress=False)
+        records[part] = tmp_path / part / "records"
+
+    record = run.transfer(FLAIR_SFCN, records["train"], records["held-out"], COHORT, fit_bias_correction=True,
+                          root=root, progress=False, epochs=1, steps_per_epoch=2, batch_size=2)
+    assert record["status"] == "ok"
+    dest = root / COHORT
+    spec = yaml.safe_load((dest / "spec.yaml").read_text())
+    card = yaml.safe_load((dest / "model_card.yaml").read_text())
+    assert not list(validate.spec_problems(spec, Path("spec.yaml"), dest))
+    assert not list(validate.schema_problems("card", card, Path("model_card.yaml")))
+    assert "--fit-bias-correction" in card["Metrics"][0]["command"]
+
+    # The line is the least-squares fit of the new network's predictions on the held-out scans.
+    correction = spec["inference"]["output"]["bias_correction"]
+    assert correction["method"] == "de-lange-cole-2020" and "n=4" in correction["citation"]
+    training = spec["training"]
+    model = BUILDERS["sfcn"](input_shape=(32, 32, 32, 1), **spec["architecture"]["options"])
+    model.load_weights(dest / "weights" / "model.h5")
+    plan = TrainingPlan.from_spec(training, batch_size=2)
+    _, held_out = run.datasets(training["data"], plan, records["held-out"], records["held-out"])
+    objective = Objective(training["loss"])
+    predicted = np.concatenate([objective.predicted_age(model(x)).numpy() for x, _ in held_out()])
+    ages = np.concatenate([y.numpy()[:, 0] for _, y in held_out()])
+    np.testing.assert_allclose(np.polyfit(ages, predicted, 1), [correction["slope"], correction["intercept"]],
+                               atol=1e-4)
+    gap = brain_age_gap(float(predicted[0]), float(ages[0]), correction)
+    assert abs(gap["corrected_delta"] - (predicted[0] - correction["slope"] * ages[0] - correction["intercept"])) < 1e-6
