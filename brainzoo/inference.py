@@ -280,39 +280,25 @@ def spec_brain_mask(version: Version, infile: Path, masker: BrainMasker | None,
     return brain_mask, {"model": masker.provenance(), **mask_record}
 
 
-def training_record_inference(spec: dict) -> dict:
-    """The inference section whose preprocessing makes a training record: its steps up to and including
-    ``training.data.preprocessed_until``; the training pipeline runs the rest (a random crop where inference
-    crops the centre, say). Without that field, every step."""
-    inference = spec["inference"]
-    until = spec.get("training", {}).get("data", {}).get("preprocessed_until")
-    if until is None:
-        return inference
-    names = [step["step"] for step in inference["preprocessing"]]
-    if until not in names:
-        raise BrainzooError(f"{spec['id']}: training.data.preprocessed_until {until!r} is not a step of its "
-                            f"inference.preprocessing ({', '.join(names)})")
-    return {**inference, "preprocessing": inference["preprocessing"][:names.index(until) + 1]}
-
-
 def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
                     qc_png: Path | None = None, contrast: str | None = None, mask: Path | None = None,
                     registration: str = "brainzoo", masker: BrainMasker | None = None, training: bool = False,
                     force: bool = False) -> dict:
     """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed,
-    or with ``training`` the volume a training record holds (:func:`training_record_inference`); the volume and its
-    record and picture are written all or none."""
+    or with ``training`` the volume a training record holds (the steps up to the spec's
+    ``training.data.preprocessed_until``; the training pipeline runs the rest); the volume and its record and
+    picture are written all or none."""
     from brainzoo.predict import preprocess_scan
 
     version = catalogue.find_version(ref)
-    spec_inference = training_record_inference(version.spec) if training else version.spec["inference"]
+    until = version.spec.get("training", {}).get("data", {}).get("preprocessed_until") if training else None
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
                             [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
-        image, record = preprocess_scan(infile, spec_inference=spec_inference, brain_mask=brain_mask,
-                                        registration=registration, qc_png=qc_png, force=force)
+        image, record = preprocess_scan(infile, spec_inference=version.spec["inference"], brain_mask=brain_mask,
+                                        registration=registration, qc_png=qc_png, until=until, force=force)
         record |= {"model": {"id": version.id, "brainzoo": brainzoo.__version__}, "outputs": {"volume": str(outfile)},
                    "volume": {"shape": list(image.shape), "affine": np.round(image.affine, 6).tolist()}}
         if mask_record is not None:

@@ -199,7 +199,8 @@ def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, 
     model = BUILDERS["sfcn"](input_shape=(32, 32, 32, 1), **spec["architecture"]["options"])
     model.load_weights(dest / "weights" / "model.h5")
     plan = TrainingPlan.from_spec(training, batch_size=2)
-    _, held_out = run.datasets(training["data"], plan, records["held-out"], records["held-out"])
+    _, held_out = run.datasets(training["data"], plan, records["held-out"], records["held-out"],
+                               run.network_orientation(spec))
     objective = Objective(training["loss"])
     predicted = np.concatenate([objective.predicted_age(model(x)).numpy() for x, _ in held_out()])
     ages = np.concatenate([y.numpy()[:, 0] for _, y in held_out()])

@@ -285,6 +285,7 @@ def segmentation_blocks(
     batch_size: int = 8,
     normalization: str | Sequence[dict] | None = "zscore",
     augmentation: Augmentation | None = None,
+    orientation: str = "RAS",
     shuffle_buffer: int = 0,
     cache: bool | str = False,
     seed: int = 0,
@@ -336,7 +337,9 @@ def segmentation_blocks(
         return tf.map_fn(lambda corner: (tf.slice(volume, corner, block_shape), tf.slice(label, corner, block_shape)),
                          corners, fn_output_signature=(tf.TensorSpec(block_shape, tf.float32),) * 2)
 
-    dataset = _prepared(dataset.map(lambda e: {"volume": e["volume"], "label": e["label"]}), cache, 0, seed)
+    axes = _flips_from_ras(orientation)
+    dataset = _prepared(dataset.map(lambda e: {"volume": _flipped(e["volume"], axes),
+                                               "label": _flipped(e["label"], axes)}), cache, 0, seed)
     dataset = _seeded(dataset, seed).map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -358,6 +361,7 @@ def regression_volumes(
     batch_size: int = 4,
     normalization: str | Sequence[dict] | None = "zscore",
     augmentation: Augmentation | RandomTransforms | None = None,
+    orientation: str = "RAS",
     shuffle_buffer: int = 0,
     cache: bool | str = False,
     seed: int = 0,
@@ -370,7 +374,9 @@ def regression_volumes(
     (training), within the centred window ``random_crop_within`` if given (MONAI's ``CenterSpatialCrop``, which
     starts at ``size // 2 - window // 2``). :class:`RandomTransforms` run before the crop, in the upstream
     recipes' order; :class:`Augmentation` after it. ``targets`` are keys of the records, e.g. ``label``
-    (nobrainer's scalar) or our stored scalars such as ``age`` and ``sex``.
+    (nobrainer's scalar) or our stored scalars such as ``age`` and ``sex``. The records' RAS volumes are first
+    flipped to ``orientation``, the network's, so that a record of ``brainzoo preprocess --training`` is the
+    array ``predict`` builds.
     """
     input_shape = _per_axis(input_shape)
     _check_keys(dataset, ["volume", *targets])
@@ -400,10 +406,25 @@ def regression_volumes(
         target = tf.stack([tf.cast(element[name], tf.float32) for name in targets])
         return volume[..., None], target
 
-    dataset = dataset.map(lambda e: {key: e[key] for key in ("volume", *targets)})
+    axes = _flips_from_ras(orientation)
+    dataset = dataset.map(lambda e: {"volume": _flipped(e["volume"], axes), **{key: e[key] for key in targets}})
     dataset = _prepared(dataset, cache, shuffle_buffer, seed)
     dataset = _seeded(dataset, seed).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _flips_from_ras(orientation: str) -> list[int]:
+    """The axes to reverse to take a RAS volume (as brainzoo tfrecords stores them) to ``orientation``, the
+    network's (inference.input.orientation: RAS, LAS or LPS, the same axes in other directions)."""
+    opposite = {"R": "L", "A": "P", "S": "I"}
+    if len(orientation) != 3 or any(code not in (ras, opposite[ras]) for code, ras in zip(orientation, "RAS")):
+        raise BrainzooError(f"orientation {orientation!r}: the records' RAS axes can be flipped to RAS, LAS, LPS... "
+                            "but not permuted")
+    return [axis for axis, (code, ras) in enumerate(zip(orientation, "RAS")) if code != ras]
+
+
+def _flipped(volume: tf.Tensor, axes: list[int]) -> tf.Tensor:
+    return tf.reverse(volume, axes) if axes else volume
 
 
 def _label_centre(label: tf.Tensor) -> tf.Tensor:

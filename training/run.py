@@ -46,8 +46,9 @@ def model_builder(architecture: dict, input_shape) -> Callable[[], tf.keras.Mode
     return lambda: BUILDERS[name](input_shape=input_shape, **architecture.get("options", {}))
 
 
-def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
-    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch.
+def datasets(data: dict, plan: TrainingPlan, train_records, validation_records, orientation: str = "RAS"):
+    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch, their volumes
+    in ``orientation`` (the spec's inference.input.orientation; the records hold RAS).
 
     ``validation_normalization`` serves a recipe whose validation (and inference) normalised otherwise than its
     training did (the FLAIR SFCN: min-max when training, non-zero z-score then min-max when validating).
@@ -58,7 +59,7 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
     validation_normalization = data.get("validation_normalization", training_normalization)
 
     def common(training: bool) -> dict:
-        return {"batch_size": plan.batch_size, "drop_remainder": training,
+        return {"batch_size": plan.batch_size, "drop_remainder": training, "orientation": orientation,
                 "normalization": training_normalization if training else validation_normalization,
                 "augmentation": augmentation if training else None,
                 "shuffle_buffer": data.get("shuffle_buffer", 0) if training else 0}
@@ -87,6 +88,11 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
         return pipeline(validation_records, plan.seed, False)
 
     return train, (validation if validation_records else None)
+
+
+def network_orientation(spec: dict) -> str:
+    """The orientation of the network's input arrays, as predict builds them."""
+    return spec.get("inference", {}).get("input", {}).get("orientation", "RAS")
 
 
 def check_training_records(train_records, validation_records) -> None:
@@ -146,7 +152,8 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     claim_run_folder(out_dir, run, force)
     training = spec["training"]
     plan = TrainingPlan.from_spec(training, **overrides)
-    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
+    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records,
+                                           network_orientation(spec))
     builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
     if init_weights is not None:
         fresh = builder
@@ -265,7 +272,8 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         if epochs <= 0:
             continue
         phase_plan = TrainingPlan(**{**plan.__dict__, "epochs": epochs})
-        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records)
+        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records,
+                                               network_orientation(spec))
         patterns = list(trainable) + list(replace) if phase == "frozen" else None
 
         def phase_model(previous=previous, patterns=patterns) -> tf.keras.Model:
