@@ -7,15 +7,15 @@ from __future__ import annotations
 import copy
 import json
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import REPO
+from test_engine import final_weights
 
-from brainzoo import catalogue
+from brainzoo import catalogue, validate
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.predict.brain_age import bin_centres
@@ -167,15 +167,18 @@ def test_every_catalogue_training_section_trains_checkpoints_and_resumes(version
         fit(build, interrupted_at(train_data, 1, 1), validation_data, plan, tmp_path / "resumed", strategy,
             progress=False)
     fit(build, train_data, validation_data, plan, tmp_path / "resumed", strategy, progress=False)
-    straight, resumed = (saved_weights(tmp_path / run_dir / "model.h5") for run_dir in ("straight", "resumed"))
+    straight, resumed = (final_weights(tmp_path / run_dir) for run_dir in ("straight", "resumed"))
     assert straight.keys() == resumed.keys() and straight
     for name in straight:
         np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
 
 
-def saved_weights(model_file) -> dict[str, np.ndarray]:
-    weights = {}
-    with h5py.File(model_file) as f:
-        f["model_weights"].visititems(
-            lambda name, obj: weights.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
-    return weights
+
+def test_validate_names_a_record_step_or_a_normalisation_the_inference_steps_lack():
+    spec = copy.deepcopy(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair", REPO).spec)
+    assert not list(validate.training_data_problems(spec))
+    spec["training"]["data"].update(preprocessed_until="warp",
+                                    validation_normalization=[{"step": "zscore", "non_zero": True}])
+    first, second = validate.training_data_problems(spec)
+    assert first.startswith("training.data.preprocessed_until: 'warp' is not an inference.preprocessing step (n4,")
+    assert second.startswith("training.data.validation_normalization[0]: preprocessing step 'zscore': unknown option")

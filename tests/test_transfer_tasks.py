@@ -83,18 +83,19 @@ def layer_weights(model_file: Path, layer: str) -> list[np.ndarray]:
         return [group[name][()] for name in group.attrs["weight_names"]]
 
 
-@pytest.fixture
-def catalogue_root(tmp_path, monkeypatch):
+def catalogue_of(write_source, tmp_path: Path, monkeypatch) -> Path:
+    """A catalogue folder (plain files, the current one for brainzoo) holding the version ``write_source`` writes,
+    its weights also saved at ``tmp_path/source.h5``."""
     root = tmp_path / "zoo"
     (root / "neuronets").mkdir(parents=True)
-    student_version(root, tmp_path / "student.h5")
+    write_source(root, tmp_path / "source.h5")
     write_index(root)
     monkeypatch.setenv("BRAINZOO_ROOT", str(root))
     return root
 
 
-def test_a_student_moves_to_a_lesion_label_set(catalogue_root, tmp_path):
-    root = catalogue_root
+def test_a_student_moves_to_a_lesion_label_set(tmp_path, monkeypatch):
+    root = catalogue_of(student_version, tmp_path, monkeypatch)
     train = lesion_records(tmp_path / "train", 4, seed=0)
     validation = lesion_records(tmp_path / "validation", 2, seed=1)
     labels = tmp_path / "labels.csv"
@@ -117,7 +118,7 @@ def test_a_student_moves_to_a_lesion_label_set(catalogue_root, tmp_path):
     assert not list(validate.schema_problems("card", card, Path("model_card.yaml")))
     assert f"--labels {labels}" in card["Metrics"][0]["command"]
 
-    new, old = dest / "weights" / "model.h5", tmp_path / "student.h5"
+    new, old = dest / "weights" / "model.h5", tmp_path / "source.h5"
     assert layer_weights(new, "head_conv")[0].shape[-1] == 2  # a new two-class head
     for layer in ("enc1_1_conv", "bottom_2_conv"):  # the encoder stayed frozen for every (frozen) epoch
         for a, b in zip(layer_weights(new, layer), layer_weights(old, layer)):
@@ -171,11 +172,7 @@ def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, 
     from brainzoo.training.synthetic import write_synthetic_dataset
     from brainzoo.training.tfrecords import write_tfrecords
 
-    root = tmp_path / "zoo"
-    (root / "neuronets").mkdir(parents=True)
-    flair_sfcn_version(root, tmp_path / "source.h5")
-    write_index(root)
-    monkeypatch.setenv("BRAINZOO_ROOT", str(root))
+    root = catalogue_of(flair_sfcn_version, tmp_path, monkeypatch)
     records = {}
     for part, n, seed in (("train", 4, 0), ("held-out", 4, 1)):
         table = write_synthetic_dataset(tmp_path / part, n, shape=(36, 36, 36), seed=seed)

@@ -215,10 +215,11 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
 
     ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
     follows a ``bins`` option, and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
-    new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
-    replaced ones) learn; then everything does. ``fit_bias_correction`` (brain age) fits the age-bias line on the
-    held-out validation records with the fine-tuned network and writes it to the new spec. The new folder gets a spec (source recorded), a card with
-    the measured validation metric and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
+    new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only
+    layers matching ``trainable`` (and the replaced ones) learn; then everything does. ``fit_bias_correction``
+    (brain age) fits the age-bias line on the held-out validation records with the fine-tuned network and writes
+    it to the new spec. The new folder gets a spec (source recorded), a card with the measured validation metric
+    and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
     """
     root = root or catalogue.repo_root()
     source = catalogue.find_version(source_ref, root)
