@@ -126,11 +126,11 @@ def reduced(spec: dict) -> tuple[dict, callable]:
 
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
-    """Synthetic heads with brain masks and ages, at 36^3, as regression and as segmentation records."""
+    """Synthetic heads with brain masks and ages, at 32^3, as regression and as segmentation records."""
     from brainzoo.training.synthetic import write_synthetic_dataset
 
     folder = tmp_path_factory.mktemp("heads")
-    table = write_synthetic_dataset(folder, 4, shape=(36, 36, 36), seed=0)
+    table = write_synthetic_dataset(folder, 4, shape=(32, 32, 32), seed=0)
     rows = table.read_text().replace("mask", "label", 1)
     (folder / "segmentation.csv").write_text(rows)
     write_tfrecords(table, folder / "regression", kind="regression", progress=False)
