@@ -50,7 +50,9 @@ class Augmentation:
 
 
 def _zscore(volume: tf.Tensor, nonzero: bool = False) -> tf.Tensor:
-    selected = tf.not_equal(volume, 0) if nonzero else tf.ones_like(volume, tf.bool)
+    if not nonzero:
+        return (volume - tf.reduce_mean(volume)) / tf.maximum(tf.math.reduce_std(volume), _EPSILON)
+    selected = tf.not_equal(volume, 0)
     values = tf.boolean_mask(volume, selected)
     scored = (volume - tf.reduce_mean(values)) / tf.maximum(tf.math.reduce_std(values), _EPSILON)
     return tf.where(selected, scored, tf.zeros_like(volume))
