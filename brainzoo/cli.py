@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     brain_age_options.add_argument("--registration", choices=REGISTRATIONS, default="brainzoo",
                                    help="what fits the register step: brainzoo (default) or niftyreg (reg_aladin, "
                                         "the upstream's tool; pip install 'brainzoo[niftyreg]')")
+    q = predict_sub.add_parser("segment", parents=[common, scan_options, runtime_option],
+                               help="label map of one scan from a segmentation model (brainzoo transfer --classes)")
+    q.add_argument("infile")
+    q.add_argument("outfile", help="uint8 label map (0 the background) with the input's affine")
+    q.add_argument("--model", required=True, help="segmentation catalogue id")
+    q.add_argument("--record", help="also write the JSON record here")
     q = predict_sub.add_parser("brain-age", parents=[common, scan_options, brain_age_options],
                                help="brain age of one raw scan")
     q.add_argument("infile")
@@ -151,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", help="one scan: also write the JSON record (registration map, steps, timings)")
     p.add_argument("--qc", help="one scan: also write a QC picture (PNG) of the registration")
     p.add_argument("--shard", help="a study: K/N, only every N-th scan from the K-th")
+    p.add_argument("--training", action="store_true",
+                   help="the volume a training record holds: the steps up to the spec's "
+                        "training.data.preprocessed_until (then brainzoo tfrecords)")
     p.add_argument("--force", action="store_true", help="overwrite outputs; run on another contrast")
     p.add_argument("--no-progress", action="store_true")
 
@@ -266,7 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="catalogue id to start from")
     p.add_argument("dest", help="new version id, e.g. neuronets/sfcn-flair-ft/1.0.0")
     p.add_argument("--bins", nargs=3, type=float, metavar=("START", "STOP", "STEP"), help="new age bins (SFCN)")
+    p.add_argument("--classes", type=int, help="a U-Net's new number of output classes (1: a mask; 2 or more: "
+                                               "softmax classes, 0 the background); the head is re-initialised")
+    p.add_argument("--labels", help="a U-Net's new label set: CSV/TSV with value (0, 1, ...) and label columns")
     p.add_argument("--replace", action="append", default=[], help="layer name pattern to re-initialise (the head)")
+    p.add_argument("--fit-bias-correction", action="store_true",
+                   help="brain age: fit the age-bias line (de Lange & Cole 2020) on the --validation records with "
+                        "the fine-tuned network and write it to the new spec")
     p.add_argument("--freeze-epochs", type=int, default=0, help="epochs during which only --trainable layers learn")
     p.add_argument("--trainable", action="append", default=[], help="layer name pattern trainable while frozen")
     return parser
@@ -311,6 +326,11 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
             probability=optional(args.probability), qc_png=optional(args.qc), record_json=optional(args.record),
             contrast=args.contrast, force=args.force)
         message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
+    elif args.predict_command == "segment":
+        record = inference.predict_label_map_file(args.model, Path(args.infile), Path(args.outfile),
+                                                  record_json=optional(args.record), contrast=args.contrast,
+                                                  runtime=args.runtime, force=args.force)
+        message = ", ".join(f"{name} {count} voxels" for name, count in record["prediction"]["voxels"].items())
     elif args.predict_command == "classify":
         record = runners.predict_classification_file(
             args.model, Path(args.infile), covariates={"sex": args.sex}, out_json=optional(args.out),
@@ -335,12 +355,12 @@ def preprocess_records(args: argparse.Namespace) -> Iterator[dict]:
             raise BrainzooError("--record, --qc and --mask are for one scan; a study writes a record per scan")
         yield from runners.run_study("preprocess", source, Path(args.out), model=args.model, shard=args.shard,
                                        force=args.force, progress=not args.no_progress,
-                                       registration=args.registration)
+                                       registration=args.registration, training=args.training)
         return
     optional = (lambda value: Path(value) if value else None)
     record = runners.preprocess_file(args.model, source, Path(args.out), record_json=optional(args.record),
                                        qc_png=optional(args.qc), contrast=args.contrast, mask=optional(args.mask),
-                                       registration=args.registration, force=args.force)
+                                       registration=args.registration, training=args.training, force=args.force)
     shape = "x".join(map(str, record["volume"]["shape"]))
     yield {"action": "preprocess", "path": args.out, "status": "ok", "message": f"{shape} volume for {args.model}",
            "record": record}
@@ -415,9 +435,13 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),
                **{k: v for k, v in result.items() if k != "history"}}
     else:
+        options = {"bins": args.bins} if args.bins else {}
+        if args.classes is not None or args.labels:
+            options |= {"labels": training_run.label_names(args.classes, args.labels), "label_table": args.labels}
         yield training_run.transfer(args.source, args.train, args.validation, args.dest,
-                                    options={"bins": args.bins} if args.bins else None, replace=args.replace,
-                                    freeze_epochs=args.freeze_epochs, trainable=args.trainable, force=args.force,
+                                    options=options or None, replace=args.replace,
+                                    freeze_epochs=args.freeze_epochs, trainable=args.trainable,
+                                    fit_bias_correction=args.fit_bias_correction, force=args.force,
                                     progress=not args.no_progress, **training_overrides(args))
 
 

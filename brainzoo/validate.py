@@ -124,6 +124,24 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
         yield from (f"{spec_rel}: {p}" for p in conversion_record_problems(spec, version_folder))
     if not problems:
         yield from (f"{spec_rel}: {p}" for p in training_stage_problems(spec, version_folder))
+        yield from (f"{spec_rel}: {p}" for p in training_data_problems(spec))
+
+
+def training_data_problems(spec: dict) -> Iterator[str]:
+    """The records' last step is an inference step, and each normalisation step has that step's options."""
+    from brainzoo.predict.steps import check_step_options
+
+    data = spec.get("training", {}).get("data", {})
+    until = data.get("preprocessed_until")
+    names = [step["step"] for step in spec.get("inference", {}).get("preprocessing", [])]
+    if until is not None and until not in names:
+        yield f"training.data.preprocessed_until: {until!r} is not an inference.preprocessing step ({', '.join(names)})"
+    for field in ("normalization", "validation_normalization"):
+        for i, step in enumerate(data.get(field) if isinstance(data.get(field), list) else []):
+            try:
+                check_step_options(step)
+            except BrainzooError as err:
+                yield f"training.data.{field}[{i}]: {err}"
 
 
 def training_stage_problems(spec: dict, version_folder: Path) -> Iterator[str]:

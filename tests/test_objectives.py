@@ -42,6 +42,20 @@ def test_dice_and_jaccard():
     assert dice.per_example_metric(truth, pred * 0.9).numpy() == pytest.approx([0.5], abs=1e-5)
 
 
+def test_dice_over_classes_one_hot_encodes_the_label_volume():
+    """Two classes (background, lesion): the loss averages both classes' soft Dice, the metric the lesion's."""
+    labels = np.zeros((1, 4, 4, 4, 1), "float32")
+    labels[0, :2] = 1
+    lesion = np.zeros((1, 4, 4, 4), "float32")
+    lesion[0, 1:3] = 1  # half of the lesion found, as many false positives
+    softmax = np.stack([1 - lesion, lesion], axis=-1)
+    objective = Objective({"name": "dice", "classes": 2})
+    assert objective.per_example_loss(labels, softmax).numpy() == pytest.approx([0.5], abs=1e-5)
+    assert objective.per_example_metric(labels, softmax * 0.8 + 0.1).numpy() == pytest.approx([0.5], abs=1e-5)
+    with pytest.raises(BrainzooError, match="classes: 2 needs a positive count and a dice or jaccard loss"):
+        Objective({"name": "mse", "classes": 2})
+
+
 def test_schedules():
     poly = learning_rate({"learning_rate": 1e-4, "schedule": {"name": "poly", "power": 0.9}}, epochs=200, steps_per_epoch=10)
     assert float(poly(0)) == pytest.approx(1e-4)

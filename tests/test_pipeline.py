@@ -235,7 +235,7 @@ def test_normalisations():
     volume = tf.constant(np.random.default_rng(0).gamma(2.0, 3.0, (6, 7, 8)), tf.float32)
     scored = normalize(volume, "zscore").numpy()
     assert abs(scored.mean()) < 1e-5 and abs(scored.std() - 1) < 1e-4
-    assert abs(normalize(volume, "mean").numpy().mean() - 1) < 1e-5
+    assert abs(normalize(volume, "divide-by-mean").numpy().mean() - 1) < 1e-5
     assert normalize(volume, None) is volume
 
 

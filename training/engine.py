@@ -108,6 +108,7 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     scratch = worker_dir(out_dir)
     scratch.mkdir(parents=True, exist_ok=True)
     objective = Objective(plan.loss)
+    l2 = float(plan.optimizer.get("l2", 0.0))
     total_steps = plan.epochs * plan.steps_per_epoch
 
     with strategy.scope():
@@ -139,6 +140,8 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
         grads = tape.gradient(loss, model.trainable_variables)
+        if l2:  # torch.optim's weight_decay: added to the gradient, so Adam rescales it (Keras's is decoupled)
+            grads = [grad + l2 * variable for grad, variable in zip(grads, model.trainable_variables)]
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return loss
 

@@ -32,6 +32,12 @@ class Objective:
 
     def __init__(self, config: dict):
         self.name = config["name"]
+        # Segmentation outputs: 1 channel is a sigmoid mask; 2 or more, softmax classes whose labels are the
+        # label volume's values 0..classes-1 (one-hot here), background included.
+        self.classes = int(config.get("classes", 1))
+        if self.classes < 1 or (self.classes > 1 and self.name not in ("dice", "jaccard")):
+            raise BrainzooError(f"training.loss.classes: {config.get('classes')!r} needs a positive count and a "
+                                "dice or jaccard loss")
         if self.name == "sfcn-kl":
             bins = config["bins"]
             self.step = float(bins["step"])
@@ -58,27 +64,37 @@ class Objective:
         if self.name in ("mse", "mae"):
             error = tf.reshape(y_pred, (tf.shape(y_pred)[0], -1)) - tf.reshape(tf.cast(y_true, tf.float32), (tf.shape(y_pred)[0], -1))
             return tf.reduce_mean(tf.square(error) if self.name == "mse" else tf.abs(error), axis=-1)
-        overlap, total = self._overlap(y_true, y_pred)
+        overlap, total = self._overlap(self._targets(y_true), y_pred)
         if self.name == "dice":
-            return 1.0 - (2.0 * overlap + SMOOTH) / (total + SMOOTH)
-        return 1.0 - (overlap + SMOOTH) / (total - overlap + SMOOTH)
+            return 1.0 - tf.reduce_mean((2.0 * overlap + SMOOTH) / (total + SMOOTH), axis=-1)
+        return 1.0 - tf.reduce_mean((overlap + SMOOTH) / (total - overlap + SMOOTH), axis=-1)
 
-    @staticmethod
-    def _overlap(y_true, y_pred):
+    def _targets(self, y_true: tf.Tensor) -> tf.Tensor:
+        """The label volume as the output's channels: itself for a mask, one-hot over the classes otherwise."""
+        if self.classes == 1:
+            return tf.cast(y_true, tf.float32)
+        return tf.one_hot(tf.cast(tf.round(y_true[..., 0]), tf.int32), self.classes)
+
+    def _overlap(self, targets, y_pred):
+        """Per example and class: the soft intersection and the summed sizes, shaped (batch, classes)."""
         batch = tf.shape(y_pred)[0]
-        t = tf.reshape(tf.cast(y_true, tf.float32), (batch, -1))
-        p = tf.reshape(y_pred, (batch, -1))
-        return tf.reduce_sum(t * p, axis=-1), tf.reduce_sum(t, axis=-1) + tf.reduce_sum(p, axis=-1)
+        t = tf.reshape(targets, (batch, -1, self.classes))
+        p = tf.reshape(y_pred, (batch, -1, self.classes))
+        return tf.reduce_sum(t * p, axis=1), tf.reduce_sum(t, axis=1) + tf.reduce_sum(p, axis=1)
 
     def per_example_metric(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
-        """Absolute age error (years), hard Dice at 0.5, or (binary logits) whether the label is right, per example."""
+        """Absolute age error (years); hard Dice per example (of the mask at 0.5, or the mean over the foreground
+        classes of the most probable class); or, for binary logits, whether the label is right."""
         y_pred = tf.cast(y_pred, tf.float32)
         if self.metric == "accuracy":
             labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred)) > 0.5
             return tf.reduce_mean(tf.cast(tf.equal(y_pred > 0, labels), tf.float32), axis=-1)
         if self.metric == "dice":
-            overlap, total = self._overlap(y_true, tf.cast(y_pred > 0.5, tf.float32))
-            return (2.0 * overlap + SMOOTH) / (total + SMOOTH)
+            hard = (tf.cast(y_pred > 0.5, tf.float32) if self.classes == 1
+                    else tf.one_hot(tf.argmax(y_pred, axis=-1), self.classes))
+            overlap, total = self._overlap(self._targets(y_true), hard)
+            dice = (2.0 * overlap + SMOOTH) / (total + SMOOTH)
+            return tf.reduce_mean(dice if self.classes == 1 else dice[:, 1:], axis=-1)
         return tf.abs(self.predicted_age(y_pred) - tf.reshape(tf.cast(y_true, tf.float32), (-1,)))
 
     def predicted_age(self, y_pred: tf.Tensor) -> tf.Tensor:
@@ -119,6 +135,8 @@ def learning_rate(config: dict, epochs: int, steps_per_epoch: int):
 
 
 def optimizer(config: dict, epochs: int, steps_per_epoch: int) -> tf.keras.optimizers.Optimizer:
+    """SGD or Adam; ``weight_decay`` is Keras's decoupled decay, while ``l2`` (torch.optim's ``weight_decay``, which
+    the upstream recipes use) is added to the gradients by the engine."""
     lr = learning_rate(config, epochs, steps_per_epoch)
     decay = config.get("weight_decay")
     if config["name"] == "sgd":

@@ -2,6 +2,11 @@
 
 Segmentation trains on blocks cut from whole volumes (random corners for training, an overlapping grid that
 covers every voxel for evaluation); brain age trains on whole volumes cropped or padded to the model's input.
+Intensity normalisation speaks the inference steps' vocabulary (``{step: zscore, nonzero: true}``,
+``minmax``...; :data:`NORMALIZATION_STEPS`), each a TensorFlow twin of the numpy step that ``predict`` runs.
+Augmentation is either :class:`Augmentation` (families of random transforms with one probability) or an ordered
+list of named transforms (:data:`TRANSFORMS`), each with its own probability and range, as MONAI's ``Compose``
+of the upstream brain-age recipes.
 Everything random is drawn with stateless TensorFlow ops from per-element seeds that a seeded
 ``tf.data.Dataset.random`` stream hands out, so the maps run in parallel yet the same ``seed`` gives identical
 batches, and each pass over the data (epoch) still draws new ones.
@@ -17,9 +22,8 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.predict.steps import PERCENTILE_WINDOW
+from brainzoo.predict.steps import PERCENTILE_WINDOW, check_options, check_step_options
 
-NORMALIZATIONS = ("zscore", "mean", "percentile", "minmax", None)
 SAMPLINGS = ("random", "grid", "brain")
 _EPSILON = 1e-6
 
@@ -45,20 +49,54 @@ class Augmentation:
     probability: float = 0.5
 
 
-def normalize(volume: tf.Tensor, method: str | None) -> tf.Tensor:
-    """Per-volume intensity normalisation: ``zscore`` (mean 0, sd 1), ``mean`` (divide by the mean),
-    ``percentile`` (the 0.5-99.5 percentile window scaled to [0, 1], as the inference step), ``minmax`` (the
-    volume's range scaled to [0, 1], as the ``minmax`` step) or ``None``."""
-    if method == "minmax":
-        floor, ceiling = tf.reduce_min(volume), tf.reduce_max(volume)
-        return (volume - floor) / tf.maximum(ceiling - floor, _EPSILON)
-    if method == "percentile":
-        floor, ceiling = (_percentile(volume, q) for q in PERCENTILE_WINDOW)
-        return (tf.clip_by_value(volume, floor, ceiling) - floor) / tf.maximum(ceiling - floor, _EPSILON)
-    if method == "zscore":
+def _zscore(volume: tf.Tensor, nonzero: bool = False) -> tf.Tensor:
+    if not nonzero:
         return (volume - tf.reduce_mean(volume)) / tf.maximum(tf.math.reduce_std(volume), _EPSILON)
-    if method == "mean":
-        return volume / tf.maximum(tf.reduce_mean(volume), _EPSILON)
+    selected = tf.not_equal(volume, 0)
+    values = tf.boolean_mask(volume, selected)
+    scored = (volume - tf.reduce_mean(values)) / tf.maximum(tf.math.reduce_std(values), _EPSILON)
+    return tf.where(selected, scored, tf.zeros_like(volume))
+
+
+def _divide_by_mean(volume: tf.Tensor) -> tf.Tensor:
+    return volume / tf.maximum(tf.reduce_mean(volume), _EPSILON)
+
+
+def _minmax(volume: tf.Tensor) -> tf.Tensor:
+    low = tf.reduce_min(volume)
+    return (volume - low) / tf.maximum(tf.reduce_max(volume) - low, _EPSILON)
+
+
+def _percentile_window(volume: tf.Tensor, low: float = PERCENTILE_WINDOW[0],
+                       high: float = PERCENTILE_WINDOW[1]) -> tf.Tensor:
+    floor, ceiling = _percentile(volume, low), _percentile(volume, high)
+    return (tf.clip_by_value(volume, floor, ceiling) - floor) / tf.maximum(ceiling - floor, _EPSILON)
+
+
+# The inference steps (brainzoo.predict.steps) a training pipeline can run, with the same options.
+NORMALIZATION_STEPS: dict[str, Callable[..., tf.Tensor]] = {
+    "zscore": _zscore, "divide-by-mean": _divide_by_mean, "minmax": _minmax, "percentile": _percentile_window,
+}
+
+
+def normalization_steps(normalization: str | Sequence[dict] | None) -> list[dict]:
+    """A spec's ``normalization`` as a list of steps: ``null`` (none), a step name, or steps with options."""
+    if normalization is None:
+        return []
+    steps = [{"step": normalization}] if isinstance(normalization, str) else [dict(s) for s in normalization]
+    for step in steps:
+        if step.get("step") not in NORMALIZATION_STEPS:
+            raise BrainzooError(f"normalization: {step.get('step')!r} is not one of "
+                                f"{', '.join(NORMALIZATION_STEPS)} (the inference steps a training pipeline runs)")
+        check_step_options(step)
+    return steps
+
+
+def normalize(volume: tf.Tensor, normalization: str | Sequence[dict] | None) -> tf.Tensor:
+    """Per-volume intensity normalisation by the inference steps of that name, in order: ``zscore`` (optionally
+    over non-zero voxels), ``divide-by-mean``, ``minmax`` (to [0, 1]), ``percentile`` (a window to [0, 1])."""
+    for step in normalization_steps(normalization):
+        volume = NORMALIZATION_STEPS[step["step"]](volume, **{k: v for k, v in step.items() if k != "step"})
     return volume
 
 
@@ -114,6 +152,130 @@ def augment(volume: tf.Tensor, label: tf.Tensor | None = None, *, seed: tf.Tenso
     return volume, (None if label is None else spatial[1])
 
 
+def _scale_intensity(volume: tf.Tensor, seed: tf.Tensor, factor: float) -> tf.Tensor:
+    """``v * (1 + f)``, ``f`` uniform in [-factor, factor] (MONAI ``RandScaleIntensity(factors)``)."""
+    return volume * (1 + _uniform(seed, [], -factor, factor))
+
+
+def _shift_intensity(volume: tf.Tensor, seed: tf.Tensor, offset: float) -> tf.Tensor:
+    """``v + o``, ``o`` uniform in [-offset, offset], in the volume's units (MONAI ``RandShiftIntensity``)."""
+    return volume + _uniform(seed, [], -offset, offset)
+
+
+def _flip(volume: tf.Tensor, seed: tf.Tensor, axis: int) -> tf.Tensor:
+    """Reverse one array axis (MONAI ``RandFlip(spatial_axis)``); the draw decides only whether."""
+    return tf.reverse(volume, [axis])
+
+
+def _gamma_curve(volume: tf.Tensor, gamma: tf.Tensor, epsilon: float) -> tf.Tensor:
+    """A gamma curve on the volume's own range: its minimum and maximum stay put."""
+    low = tf.reduce_min(volume)
+    span = tf.reduce_max(volume) - low
+    return low + span * ((volume - low) / (span + epsilon)) ** gamma
+
+
+def _adjust_contrast(volume: tf.Tensor, seed: tf.Tensor, gamma: Sequence[float]) -> tf.Tensor:
+    """Gamma drawn uniformly in ``gamma`` = [low, high] (MONAI ``RandAdjustContrast``, default [0.5, 4.5])."""
+    return _gamma_curve(volume, _uniform(seed, [], *gamma), 1e-7)
+
+
+def _gaussian_smooth(volume: tf.Tensor, seed: tf.Tensor, sigma: Sequence[float]) -> tf.Tensor:
+    """Separable Gaussian blur, its sd drawn per axis uniformly in ``sigma`` = [low, high] voxels, as MONAI's
+    ``RandGaussianSmooth``: the "erf" kernel (each tap the Gaussian's mass over its voxel), cut at 4 sd, edges
+    padded with zeros."""
+    radius = int(max(sigma[1] * 4.0, 0.5) + 0.5)
+    offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
+    sigmas = _uniform(seed, [3], *sigma)
+    blurred = volume[None, ..., None]
+    for axis in range(3):
+        tail = tf.floor(tf.maximum(sigmas[axis] * 4.0, 0.5) + 0.5)
+        scale = 1.0 / (math.sqrt(2.0) * sigmas[axis])
+        kernel = tf.maximum(0.5 * (tf.math.erf(scale * (offsets + 0.5)) - tf.math.erf(scale * (offsets - 0.5))), 0.0)
+        kernel = tf.where(tf.abs(offsets) <= tail, kernel, 0.0)
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = 2 * radius + 1
+        padding = [[0, 0]] * 5
+        padding[axis + 1] = [radius, radius]
+        blurred = tf.nn.conv3d(tf.pad(blurred, padding), tf.reshape(kernel, shape), [1] * 5, "VALID")
+    return blurred[0, ..., 0]
+
+
+def _histogram_shift(volume: tf.Tensor, seed: tf.Tensor, control_points: int) -> tf.Tensor:
+    """A random monotone piecewise-linear map of the intensities (MONAI ``RandHistogramShift``).
+
+    ``control_points`` points split the volume's range evenly; each inner one moves to a uniform draw between
+    its left neighbour's new place and its right neighbour's old one, so the map never decreases and the ends
+    stay put: the order of intensities is kept.
+    """
+    if control_points < 3:
+        raise BrainzooError(f"histogram-shift: control_points must be at least 3, got {control_points}")
+    reference = [i / (control_points - 1) for i in range(control_points)]
+    draws = tf.unstack(_uniform(seed, [control_points - 2], 0.0, 1.0))
+    moved = [tf.constant(0.0)]
+    for index in range(1, control_points - 1):
+        moved.append(moved[-1] + draws[index - 1] * (reference[index + 1] - moved[-1]))
+    moved = tf.stack(moved + [tf.constant(1.0)])
+    low = tf.reduce_min(volume)
+    span = tf.maximum(tf.reduce_max(volume) - low, _EPSILON)
+    position = (volume - low) / span * (control_points - 1)
+    segment = tf.clip_by_value(tf.floor(position), 0, control_points - 2)
+    left = tf.gather(moved, tf.cast(segment, tf.int32))
+    right = tf.gather(moved, tf.cast(segment, tf.int32) + 1)
+    return low + span * (left + (position - segment) * (right - left))
+
+
+def _gaussian_noise(volume: tf.Tensor, seed: tf.Tensor, std: float) -> tf.Tensor:
+    """Add N(0, s) noise, ``s`` drawn uniformly in [0, std], in the volume's units (MONAI ``RandGaussianNoise``)."""
+    level_seed, noise_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
+    return volume + _uniform(level_seed, [], 0.0, std) * tf.random.stateless_normal(tf.shape(volume), noise_seed)
+
+
+# The named random transforms of a spec's ``augmentation`` list; each entry's options besides ``transform``
+# and ``probability`` are the keyword arguments of its function.
+TRANSFORMS: dict[str, Callable[..., tf.Tensor]] = {
+    "scale-intensity": _scale_intensity, "shift-intensity": _shift_intensity, "flip": _flip,
+    "adjust-contrast": _adjust_contrast, "gaussian-smooth": _gaussian_smooth, "histogram-shift": _histogram_shift,
+    "gaussian-noise": _gaussian_noise,
+}
+
+
+@dataclass(frozen=True)
+class RandomTransforms:
+    """An ordered list of named transforms, each applied with its own ``probability`` (MONAI's ``Compose`` of
+    ``Rand*`` transforms): ``[{transform: flip, axis: 0, probability: 0.5}, ...]``."""
+
+    transforms: tuple[dict, ...]
+
+    def __post_init__(self):
+        for entry in self.transforms:
+            name = entry.get("transform")
+            if name not in TRANSFORMS:
+                raise BrainzooError(f"augmentation: unknown transform {name!r} (known: {', '.join(TRANSFORMS)})")
+            probability = entry.get("probability")
+            if isinstance(probability, bool) or not isinstance(probability, (int, float)) or not 0 <= probability <= 1:
+                raise BrainzooError(f"augmentation: {name} needs a probability in [0, 1], not {probability!r}")
+            options = {k: v for k, v in entry.items() if k not in ("transform", "probability")}
+            check_options(f"augmentation transform {name!r}", TRANSFORMS[name], options, skip=2)
+
+    def __call__(self, volume: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        seeds = tf.unstack(tf.random.experimental.stateless_split(seed, num=max(len(self.transforms), 1)))
+        for entry, transform_seed in zip(self.transforms, seeds):
+            function = TRANSFORMS[entry["transform"]]
+            options = {k: v for k, v in entry.items() if k not in ("transform", "probability")}
+            volume = _maybe(transform_seed, entry["probability"],
+                            lambda s, function=function, options=options: function(volume, s, **options), volume)
+        return volume
+
+
+def augmentation_from_spec(augmentation: dict | Sequence[dict] | None) -> Augmentation | RandomTransforms | None:
+    """A spec's ``augmentation``: a mapping of :class:`Augmentation` ranges, or a list of named transforms."""
+    if not augmentation:
+        return None
+    if isinstance(augmentation, dict):
+        return Augmentation(**augmentation)
+    return RandomTransforms(tuple(dict(entry) for entry in augmentation))
+
+
 def segmentation_blocks(
     dataset: tf.data.Dataset,
     block_shape: Sequence[int],
@@ -123,8 +285,9 @@ def segmentation_blocks(
     overlap: int | Sequence[int] = 0,
     jitter: float = 0.0,
     batch_size: int = 8,
-    normalization: str | None = "zscore",
+    normalization: str | Sequence[dict] | None = "zscore",
     augmentation: Augmentation | None = None,
+    orientation: str = "RAS",
     shuffle_buffer: int = 0,
     cache: bool | str = False,
     seed: int = 0,
@@ -153,7 +316,10 @@ def segmentation_blocks(
     _check_keys(dataset, ["volume", "label"])
     if dataset.element_spec["label"].shape.rank != 3:
         raise BrainzooError("these records hold scalar labels; use regression_volumes for them")
-    _check_normalization(normalization)
+    normalization_steps(normalization)
+    if isinstance(augmentation, RandomTransforms):
+        raise BrainzooError("segmentation augmentation takes the Augmentation ranges (a mapping): a listed "
+                            "transform such as flip would not move the label with the volume")
 
     def cut(element, seed_pair):
         volume = normalize(element["volume"], normalization)
@@ -173,7 +339,9 @@ def segmentation_blocks(
         return tf.map_fn(lambda corner: (tf.slice(volume, corner, block_shape), tf.slice(label, corner, block_shape)),
                          corners, fn_output_signature=(tf.TensorSpec(block_shape, tf.float32),) * 2)
 
-    dataset = _prepared(dataset.map(lambda e: {"volume": e["volume"], "label": e["label"]}), cache, 0, seed)
+    axes = _flips_from_ras(orientation)
+    dataset = _prepared(dataset.map(lambda e: {"volume": _flipped(e["volume"], axes),
+                                               "label": _flipped(e["label"], axes)}), cache, 0, seed)
     dataset = _seeded(dataset, seed).map(cut, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -191,9 +359,11 @@ def regression_volumes(
     *,
     targets: Sequence[str] = ("label",),
     random_crop: bool = False,
+    random_crop_within: Sequence[int] | None = None,
     batch_size: int = 4,
-    normalization: str | None = "zscore",
-    augmentation: Augmentation | None = None,
+    normalization: str | Sequence[dict] | None = "zscore",
+    augmentation: Augmentation | RandomTransforms | None = None,
+    orientation: str = "RAS",
     shuffle_buffer: int = 0,
     cache: bool | str = False,
     seed: int = 0,
@@ -202,16 +372,29 @@ def regression_volumes(
     """Batches ``(x, y)``: whole volumes ``[batch, *input_shape, 1]`` and targets ``[batch, len(targets)]``.
 
     Volumes are normalised whole, then padded (with their minimum) and cropped to ``input_shape``: about the
-    centre, or at a random place with ``random_crop`` (training). ``targets`` are keys of the records, e.g.
-    ``label`` (nobrainer's scalar) or our stored scalars such as ``age`` and ``sex``.
+    centre (``(size - shape) // 2``, as the inference ``crop`` step), or at a random place with ``random_crop``
+    (training), within the centred window ``random_crop_within`` if given (MONAI's ``CenterSpatialCrop``, which
+    starts at ``size // 2 - window // 2``). :class:`RandomTransforms` run before the crop, in the upstream
+    recipes' order; :class:`Augmentation` after it. ``targets`` are keys of the records, e.g. ``label``
+    (nobrainer's scalar) or our stored scalars such as ``age`` and ``sex``. The records' RAS volumes are first
+    flipped to ``orientation``, the network's, so that a record of ``brainzoo preprocess --training`` is the
+    array ``predict`` builds.
     """
     input_shape = _per_axis(input_shape)
     _check_keys(dataset, ["volume", *targets])
-    _check_normalization(normalization)
+    normalization_steps(normalization)
+    window = None if random_crop_within is None else _per_axis(random_crop_within)
+    if window is not None and any(w < s for w, s in zip(window, input_shape)):
+        raise BrainzooError(f"random_crop_within {window} is smaller than the input shape {input_shape}")
 
     def prepare(element, seed_pair):
         crop_seed, augment_seed = tf.unstack(tf.random.experimental.stateless_split(seed_pair, num=2))
         volume = normalize(element["volume"], normalization)
+        if isinstance(augmentation, RandomTransforms):
+            volume = augmentation(volume, augment_seed)
+        if random_crop and window is not None:
+            volume = _pad_to_at_least(volume, window, tf.reduce_min(volume))
+            volume = tf.slice(volume, tf.shape(volume) // 2 - [size // 2 for size in window], window)
         volume = _pad_to_at_least(volume, input_shape, tf.reduce_min(volume))
         room = tf.shape(volume) - input_shape
         if random_crop:
@@ -220,15 +403,30 @@ def regression_volumes(
         else:
             start = room // 2
         volume = tf.ensure_shape(tf.slice(volume, start, input_shape), input_shape)
-        if augmentation is not None:
+        if isinstance(augmentation, Augmentation):
             volume, _ = augment(volume, seed=augment_seed, config=augmentation)
         target = tf.stack([tf.cast(element[name], tf.float32) for name in targets])
         return volume[..., None], target
 
-    dataset = dataset.map(lambda e: {key: e[key] for key in ("volume", *targets)})
+    axes = _flips_from_ras(orientation)
+    dataset = dataset.map(lambda e: {"volume": _flipped(e["volume"], axes), **{key: e[key] for key in targets}})
     dataset = _prepared(dataset, cache, shuffle_buffer, seed)
     dataset = _seeded(dataset, seed).map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def _flips_from_ras(orientation: str) -> list[int]:
+    """The axes to reverse to take a RAS volume (as brainzoo tfrecords stores them) to ``orientation``, the
+    network's (inference.input.orientation: RAS, LAS or LPS, the same axes in other directions)."""
+    opposite = {"R": "L", "A": "P", "S": "I"}
+    if len(orientation) != 3 or any(code not in (ras, opposite[ras]) for code, ras in zip(orientation, "RAS")):
+        raise BrainzooError(f"orientation {orientation!r}: the records' RAS axes can be flipped to RAS, LAS, LPS... "
+                            "but not permuted")
+    return [axis for axis, (code, ras) in enumerate(zip(orientation, "RAS")) if code != ras]
+
+
+def _flipped(volume: tf.Tensor, axes: list[int]) -> tf.Tensor:
+    return tf.reverse(volume, axes) if axes else volume
 
 
 def _label_centre(label: tf.Tensor) -> tf.Tensor:
@@ -251,11 +449,6 @@ def _check_keys(dataset: tf.data.Dataset, keys: Sequence[str]) -> None:
     if missing:
         raise BrainzooError(f"the records have no {', '.join(map(repr, missing))} "
                             f"(they hold {', '.join(sorted(available))})")
-
-
-def _check_normalization(method: str | None) -> None:
-    if method not in NORMALIZATIONS:
-        raise BrainzooError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
 
 
 def _prepared(dataset: tf.data.Dataset, cache: bool | str, shuffle_buffer: int, seed: int) -> tf.data.Dataset:
@@ -401,10 +594,7 @@ def _random_bias_field(volume: tf.Tensor, seed: tf.Tensor, config: Augmentation)
 
 def _random_gamma(volume: tf.Tensor, seed: tf.Tensor, config: Augmentation) -> tf.Tensor:
     """Gamma curve on the volume's own range, so its minimum and maximum stay put."""
-    gamma = tf.exp(_uniform(seed, [], -config.gamma, config.gamma))
-    low, high = tf.reduce_min(volume), tf.reduce_max(volume)
-    span = tf.maximum(high - low, _EPSILON)
-    return low + span * ((volume - low) / span) ** gamma
+    return _gamma_curve(volume, tf.exp(_uniform(seed, [], -config.gamma, config.gamma)), _EPSILON)
 
 
 def _random_scale_shift(volume: tf.Tensor, seed: tf.Tensor, config: Augmentation) -> tf.Tensor:

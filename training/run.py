@@ -8,6 +8,7 @@ override it for one run and are written into the run's own record.
 from __future__ import annotations
 
 import copy
+import csv
 import datetime
 import fnmatch
 import json
@@ -16,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from brainzoo import catalogue
@@ -26,7 +28,8 @@ from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.training.adversarial import ADVERSARIAL_LOSS, generated_pairs, train_gan
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
-from brainzoo.training.pipeline import Augmentation, regression_volumes, segmentation_blocks
+from brainzoo.training.objectives import Objective
+from brainzoo.training.pipeline import augmentation_from_spec, regression_volumes, segmentation_blocks
 from brainzoo.training.tfrecords import check_records, read_dataset
 
 # training.data.kind of an encoder trained on its generator's own (G(z), z) pairs, and of an autoencoder (each
@@ -49,33 +52,42 @@ def model_builder(architecture: dict, input_shape) -> Callable[[], tf.keras.Mode
     return lambda: BUILDERS[name](input_shape=input_shape, **architecture.get("options", {}))
 
 
-def datasets(data: dict, plan: TrainingPlan, train_records, validation_records):
-    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch."""
+def datasets(data: dict, plan: TrainingPlan, train_records, validation_records, orientation: str = "RAS"):
+    """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch, their volumes
+    in ``orientation`` (the spec's inference.input.orientation; the records hold RAS).
+
+    ``validation_normalization`` serves a recipe whose validation (and inference) normalised otherwise than its
+    training did (the FLAIR SFCN: min-max when training, non-zero z-score then min-max when validating).
+    """
     kind = data.get("kind")
-    augmentation = Augmentation(**data["augmentation"]) if data.get("augmentation") else None
-    common = {"batch_size": plan.batch_size, "normalization": data.get("normalization", "zscore")}
+    augmentation = augmentation_from_spec(data.get("augmentation"))
+    training_normalization = data.get("normalization", "zscore")
+    validation_normalization = data.get("validation_normalization", training_normalization)
+
+    def common(training: bool) -> dict:
+        return {"batch_size": plan.batch_size, "drop_remainder": training, "orientation": orientation,
+                "normalization": training_normalization if training else validation_normalization,
+                "augmentation": augmentation if training else None,
+                "shuffle_buffer": data.get("shuffle_buffer", 0) if training else 0}
+
     if kind == "segmentation":
         def pipeline(records, seed, training):
             return segmentation_blocks(read_dataset(records), data["block_shape"],
                                        sampling=data.get("sampling", "random") if training else "grid",
                                        jitter=data.get("jitter", 0.0),
                                        blocks_per_volume=data.get("blocks_per_volume", 8),
-                                       overlap=0 if training else data.get("overlap", 0),
-                                       augmentation=augmentation if training else None,
-                                       shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
-                                       seed=seed, drop_remainder=training, **common)
+                                       overlap=0 if training else data.get("overlap", 0), seed=seed,
+                                       **common(training))
     elif kind == "regression":
         def pipeline(records, seed, training):
             return regression_volumes(read_dataset(records), data["input_shape"], targets=data.get("targets", ["age"]),
                                       random_crop=training and data.get("random_crop", False),
-                                      augmentation=augmentation if training else None,
-                                      shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
-                                      seed=seed, drop_remainder=training, **common)
+                                      random_crop_within=data.get("random_crop_within"), seed=seed,
+                                      **common(training))
     elif kind == RECONSTRUCTION:
         def pipeline(records, seed, training):
-            volumes = regression_volumes(read_dataset(records), data["input_shape"], targets=["label"],
-                                         shuffle_buffer=data.get("shuffle_buffer", 0) if training else 0,
-                                         seed=seed, drop_remainder=training, **common)
+            volumes = regression_volumes(read_dataset(records), data["input_shape"], targets=["label"], seed=seed,
+                                         **common(training))
             return volumes.map(lambda volume, _: (volume, volume))
     elif kind == GENERATED_PAIRS:
         return generated_pair_datasets(data, plan, train_records)
@@ -110,6 +122,11 @@ def generated_pair_datasets(data: dict, plan: TrainingPlan, generator_ref):
         return generated_pairs(generator, train_count, validation_count, batch_size=plan.batch_size, seed=plan.seed)
 
     return train, validation
+
+
+def network_orientation(spec: dict) -> str:
+    """The orientation of the network's input arrays, as predict builds them."""
+    return spec.get("inference", {}).get("input", {}).get("orientation", "RAS")
 
 
 def check_training_records(train_records, validation_records) -> None:
@@ -180,7 +197,8 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     plan = TrainingPlan.from_spec(training, **overrides)
     if adversarial:
         return train_gan(spec, train_records, out_dir, plan, progress=progress)
-    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records)
+    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records,
+                                           network_orientation(spec))
     builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
     if init_weights is not None:
         fresh = builder
@@ -237,13 +255,16 @@ def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str
 
 def transfer(source_ref: str, train_records, validation_records, dest: str, *, options: dict | None = None,
              replace: list[str] = (), freeze_epochs: int = 0, trainable: list[str] = (), root: Path | None = None,
-             force: bool = False, progress: bool = True, **overrides) -> dict:
+             fit_bias_correction: bool = False, force: bool = False, progress: bool = True, **overrides) -> dict:
     """Fine-tune a catalogue version on the user's TFRecords and write a new version folder ``dest``.
 
     ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
-    follows a ``bins`` option. For ``freeze_epochs`` epochs only layers matching ``trainable`` (and the
-    replaced ones) learn; then everything does. The new folder gets a spec (source recorded), a card with
-    the measured validation metric and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
+    follows a ``bins`` option, and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
+    new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only
+    layers matching ``trainable`` (and the replaced ones) learn; then everything does. ``fit_bias_correction``
+    (brain age) fits the age-bias line on the held-out validation records with the fine-tuned network and writes
+    it to the new spec. The new folder gets a spec (source recorded), a card with the measured validation metric
+    and the exact command, and ``weights/model.h5``, ready for ``datalad save``.
     """
     root = root or catalogue.repo_root()
     source = catalogue.find_version(source_ref, root)
@@ -267,6 +288,11 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         architecture["options"]["n_bins"] = int(round((stop - start) / step))
         training["loss"]["bins"] = {"start": start, "stop": stop, "step": step}
         spec["inference"]["output"]["bins"] = {"start": start, "stop": stop, "step": step}
+    spec["inference"]["output"].pop("bias_correction", None)  # the source's line, not the fine-tuned network's
+    labels = architecture["options"].pop("labels", None)
+    architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
+    if labels:
+        replace = [*replace, *_relabel(spec, labels)]
     plan = TrainingPlan.from_spec(training, **overrides)
     input_shape = model_input_shape(training["data"])
     build = model_builder(architecture, input_shape)
@@ -292,7 +318,8 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         if epochs <= 0:
             continue
         phase_plan = TrainingPlan(**{**plan.__dict__, "epochs": epochs})
-        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records)
+        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records,
+                                               network_orientation(spec))
         patterns = list(trainable) + list(replace) if phase == "frozen" else None
 
         def phase_model(previous=previous, patterns=patterns) -> tf.keras.Model:
@@ -309,10 +336,80 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
 
         results.append(fit(phase_model, train_data, validation_data, phase_plan, work / phase, progress=progress))
         previous = work / phase / "model.h5"
+    if fit_bias_correction:
+        model = build()
+        model.load_weights(previous)
+        spec["inference"]["output"]["bias_correction"] = fitted_bias_correction(
+            model, validation_data, Objective(training["loss"]), validation_records)
     record = _write_version(root, dest_id, source, spec, previous, results[-1], source_ref, train_records,
                             validation_records, options, replace, freeze_epochs, trainable, overrides)
     shutil.rmtree(work)
     return record
+
+
+def fitted_bias_correction(model: tf.keras.Model, validation_data: Callable[[], tf.data.Dataset],
+                           objective: Objective, records) -> dict:
+    """De Lange & Cole (2020)'s line, predicted = slope * age + intercept, fitted by least squares to the model's
+    predictions on held-out records (their first target is the age): the spec's ``output.bias_correction``."""
+    if objective.metric != "mae":
+        raise BrainzooError("transfer: a bias correction is for brain-age models")
+    predicted, ages = [], []
+    for x, y in validation_data():
+        predicted.append(objective.predicted_age(model(x, training=False)).numpy())
+        ages.append(y.numpy()[:, 0])
+    predicted, ages = np.concatenate(predicted), np.concatenate(ages)
+    if np.ptp(ages) == 0:
+        raise BrainzooError(f"{records}: a bias correction needs held-out scans of at least two different ages")
+    slope, intercept = np.polyfit(ages.astype(np.float64), predicted.astype(np.float64), 1)
+    return {"method": "de-lange-cole-2020", "slope": round(float(slope), 6), "intercept": round(float(intercept), 6),
+            "citation": f"de Lange & Cole 2020 (NeuroImage: Clinical 26:102229), fitted by brainzoo transfer on "
+                        f"{records} (n={len(ages)}, held out from fine-tuning)"}
+
+
+def label_names(classes: int | None = None, table: str | None = None) -> list[str]:
+    """The class names of a new label set: from a CSV/TSV table with ``value`` and ``label`` columns (values
+    0..N-1, 0 the background), or ``classes`` generic names (one class: a foreground mask)."""
+    if table is not None:
+        path = Path(table)
+        try:
+            rows = list(csv.DictReader(path.open(newline=""), delimiter="\t" if path.suffix == ".tsv" else ","))
+        except OSError as err:
+            raise BrainzooError(f"{table}: cannot read the label table ({err.strerror})") from err
+        if not rows or not {"value", "label"} <= set(rows[0]):
+            raise BrainzooError(f"{table}: a label table needs value and label columns")
+        values = [row["value"].strip() for row in rows]
+        if values != [str(i) for i in range(len(rows))]:
+            raise BrainzooError(f"{table}: values must be 0, 1, ... in order (background 0), got {', '.join(values)}")
+        names = [row["label"].strip() for row in rows]
+    elif classes is not None and classes >= 1:
+        names = ["foreground"] if classes == 1 else ["background", *(f"class-{i}" for i in range(1, classes))]
+    else:
+        raise BrainzooError(f"--classes must be at least 1, got {classes}")
+    if classes is not None and len(names) != classes:
+        raise BrainzooError(f"{table}: names {len(names)} classes, but --classes says {classes}")
+    return names
+
+
+def _relabel(spec: dict, labels: list[str]) -> list[str]:
+    """Move a U-Net spec to the classes ``labels``; returns the layers to re-initialise (the head)."""
+    if spec["architecture"]["builder"] != "unet":
+        raise BrainzooError(f"transfer: a new label set is for a U-Net, not {spec['architecture']['builder']!r}")
+    loss = spec["training"]["loss"]
+    if loss["name"] not in ("dice", "jaccard"):
+        raise BrainzooError(f"transfer: a new label set needs a dice or jaccard loss, not {loss['name']!r}")
+    spec["architecture"]["options"]["n_classes"] = len(labels)
+    loss.pop("classes", None)
+    if len(labels) > 1:
+        loss["classes"] = len(labels)
+    spec["task"] = "segmentation"
+    spec["inference"]["output"] = ({"type": "probability-mask", "threshold": 0.5} if len(labels) == 1 else
+                                   {"type": "label-map", "classes": [{"label": name} for name in labels]})
+    spec["inference"]["entry_point"] = {
+        "argv": ["brainzoo", "predict", "segment", "{infile}", "{outfile}", "--model", "{model}"],
+        "options": {"infile": {"type": "path", "required": True, "help": "scan (NIfTI)"},
+                    "outfile": {"type": "path", "required": True, "help": "uint8 label map on the input grid"},
+                    "model": {"type": "str", "default": spec["id"], "help": "catalogue id"}}}
+    return ["head_conv"]
 
 
 def _source_model(source: catalogue.Version, weights: Path, input_shape) -> tf.keras.Model:
@@ -342,7 +439,13 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
                "--validation", str(validation_records)]
     if options and options.get("bins"):
         command += ["--bins", *map(str, options["bins"])]
+    if options and options.get("label_table"):
+        command += ["--labels", str(options["label_table"])]
+    elif options and options.get("labels"):
+        command += ["--classes", str(len(options["labels"]))]
     command += [a for pattern in replace for a in ("--replace", pattern)]
+    if "bias_correction" in spec["inference"]["output"]:
+        command += ["--fit-bias-correction"]
     if freeze_epochs:
         command += ["--freeze-epochs", str(freeze_epochs)] + [a for p in trainable for a in ("--trainable", p)]
     command += [a for key, value in overrides.items() if value is not None for a in (f"--{key.replace('_', '-')}", str(value))]
@@ -356,6 +459,12 @@ def _write_version(root, dest_id, source, spec, model_file, result, source_ref, 
                         "value": round(float(result[metric]), 4), "unit": "years" if metric == "val_mae" else "",
                         "statistic": "mean", "dataset": str(validation_records), "split": "validation",
                         "n": int(result["val_n"]), "source": "measured", "command": shlex.join(command)}]
+    if spec["task"] != source.spec["task"]:
+        output = spec["inference"]["output"]
+        classes = [c["label"] for c in output.get("classes", [])] or ["foreground"]
+        card["Intended_use"]["Primary_intended_uses"] = (
+            f"Research segmentation of {', '.join(classes)} ({output['type']}), as trained on the records named "
+            f"under Training_data; the network started from {source.id} ({source.spec['task']}) with a new head.")
     card["Training_data"] = {"Datasets": str(train_records), "Motivation": "fine-tuning on the user's data",
                              "Preprocessing": f"as in {source.id}'s spec (training.data)"}
     card["Evaluation_data"] = {"Datasets": str(validation_records), "Motivation": "held-out validation records",

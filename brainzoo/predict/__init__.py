@@ -45,6 +45,43 @@ from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSo
 REGISTRATIONS = ("brainzoo", "niftyreg")
 
 
+def _voxelwise_output(volume: GriddedVolume, model: Model, model_input: dict, overlap: float,
+                      batch_size: int) -> tuple[np.ndarray, list[int] | None]:
+    """The network's output over the model grid (D, H, W, channels): in blocks tiling it, or in one block below
+    the top of the head (then also that block's start)."""
+    if model_input.get("block_placement") == "below-head-top":
+        return predict_block_below_head_top(volume.data, model, block_shape=model_input["block_shape"],
+                                            spacing_mm=volume.voxel_sizes,
+                                            below_mm=model_input["block_centre_below_head_top_mm"])
+    return predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"), overlap=overlap,
+                          batch_size=batch_size), None
+
+
+def predict_label_map(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
+                      batch_size: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, dict]:
+    """The most probable class of each voxel on the scan's own grid (uint8: the class's position in
+    ``output.classes``, 0 the background), from a network with one softmax channel per class."""
+    _check_spec(spec_inference, {"label-map"})
+    classes = [entry["label"] for entry in spec_inference["output"]["classes"]]
+    with _Recorder(img, "segmentation") as recorder:
+        with recorder.timed("load"):
+            image = load_volume(img, max_voxels=max_voxels)
+        recorder.describe_input(image)
+        volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
+        with recorder.timed("predict"):
+            probability, _ = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
+        if probability.shape[-1] != len(classes):
+            raise BrainzooError(f"the model returned {probability.shape[-1]} channels; output.classes names "
+                                f"{len(classes)}")
+        with recorder.timed("to-native"):
+            # Outside the model grid every class is 0, so the background (class 0) wins there.
+            native = np.stack([volume.to_native_grid(probability[..., c]) for c in range(len(classes))], axis=-1)
+            labels = np.argmax(native, axis=-1).astype(np.uint8)
+        recorder.record["prediction"] = {"classes": classes,
+                                         "voxels": {name: int((labels == i).sum()) for i, name in enumerate(classes)}}
+    return native_like(image, labels, np.uint8), recorder.record
+
+
 def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
                        batch_size: int = 1, keep_largest: bool = True, fill_holes: bool = True,
                        max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
@@ -64,17 +101,9 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
             image = load_volume(img, max_voxels=max_voxels)
         recorder.describe_input(image)
         volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
-        model_input = spec_inference["input"]
         threshold = spec_inference["output"].get("threshold", 0.5)
-        block_start = None
         with recorder.timed("predict"):
-            if model_input.get("block_placement") == "below-head-top":
-                probability, block_start = predict_block_below_head_top(
-                    volume.data, model, block_shape=model_input["block_shape"], spacing_mm=volume.voxel_sizes,
-                    below_mm=model_input["block_centre_below_head_top_mm"])
-            else:
-                probability = predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"),
-                                             overlap=overlap, batch_size=batch_size)
+            probability, block_start = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
         if probability.shape[-1] != 1:
             raise BrainzooError(f"the model returned {probability.shape[-1]} channels; a probability-mask model "
                                 "returns one")
@@ -104,9 +133,11 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
 
 def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: ImageSource | None = None,
                     registration: str = "brainzoo", max_voxels: int = DEFAULT_MAX_VOXELS,
-                    qc_png: str | os.PathLike | None = None,
+                    qc_png: str | os.PathLike | None = None, until: str | None = None,
                     force: bool = False) -> tuple[nib.Nifti1Image, dict]:
-    """The model-ready volume of a scan after every preprocessing step of the spec, and its record.
+    """The model-ready volume of a scan after every preprocessing step of the spec (or only those up to and
+    including the step named ``until``: a training record, whose other steps the training pipeline runs), and
+    its record.
 
     The volume is exactly what :func:`predict_brain_age` feeds the networks. After a ``register`` step it is
     placed in template (MNI) world, on the template grid as the later crops and resizes leave it, so it
@@ -114,7 +145,8 @@ def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: Image
     ``registration`` says what fits a ``register`` step: ``brainzoo`` or ``niftyreg``.
     """
     with _Recorder(img, "preprocess") as recorder:
-        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
+        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder,
+                                               until)
         if qc_png is not None:
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
@@ -192,7 +224,8 @@ def predict_classification(img: ImageSource, models: Sequence[Model], *, spec_in
 
 
 def _load_and_preprocess(img: ImageSource, spec_inference: dict, brain_mask: ImageSource | None, registration: str,
-                         max_voxels: int, recorder: _Recorder) -> tuple[GriddedVolume, _Context]:
+                         max_voxels: int, recorder: _Recorder,
+                         until: str | None = None) -> tuple[GriddedVolume, _Context]:
     """Load a scan (and its brain mask) and run the spec's preprocessing: the network input, and what it left."""
     if registration not in REGISTRATIONS:
         raise BrainzooError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {registration!r}")
@@ -207,7 +240,7 @@ def _load_and_preprocess(img: ImageSource, spec_inference: dict, brain_mask: Ima
         if not any(step["step"] == "brain-extraction" for step in spec_inference["preprocessing"]):
             warnings.warn(f"{source_name(brain_mask)}: not used; this model's preprocessing has no "
                           "brain-extraction step", stacklevel=3)
-    return _preprocess(GriddedVolume.native(image), spec_inference, context, recorder), context
+    return _preprocess(GriddedVolume.native(image), spec_inference, context, recorder, until), context
 
 
 def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
@@ -291,12 +324,19 @@ def check_preprocessing(steps: list[dict]) -> None:
             raise BrainzooError(f"preprocessing step {name!r} takes no options (it uses the spec's input)")
 
 
-def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context,
-                recorder: _Recorder) -> GriddedVolume:
-    """Run the spec's preprocessing steps in order; the result must have the model's input shape."""
+def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context, recorder: _Recorder,
+                until: str | None = None) -> GriddedVolume:
+    """Run the spec's preprocessing steps in order; the result must have the model's input shape. With ``until``,
+    only the steps up to and including the one of that name run, and the shape is not yet the model's."""
     model_input = spec_inference["input"]
-    check_preprocessing(spec_inference["preprocessing"])
-    for step in spec_inference["preprocessing"]:
+    steps = spec_inference["preprocessing"]
+    check_preprocessing(steps)
+    if until is not None:
+        names = [step["step"] for step in steps]
+        if until not in names:
+            raise BrainzooError(f"preprocessing until {until!r}: no such step (the spec's: {', '.join(names)})")
+        steps = steps[:names.index(until) + 1]
+    for step in steps:
         name = step["step"]
         with recorder.timed(name):
             if name in ARRAY_STEPS:
@@ -305,7 +345,7 @@ def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context,
                 context.step_options = step
                 volume = _IMAGE_STEPS[name](volume, model_input, context, recorder.record)
         recorder.record["preprocessing"].append(dict(step))
-    if list(volume.data.shape) != list(model_input["shape"]):
+    if until is None and list(volume.data.shape) != list(model_input["shape"]):
         raise BrainzooError(f"the spec's preprocessing makes a {'x'.join(map(str, volume.data.shape))} volume but "
                             f"input.shape is {'x'.join(map(str, model_input['shape']))}")
     return volume

@@ -245,6 +245,29 @@ def predict_brain_mask_file(masker: BrainMasker, infile: Path, outfile: Path, *,
         return record
 
 
+def predict_label_map_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
+                           contrast: str | None = None, runtime: str = "auto", force: bool = False) -> dict:
+    """``brainzoo predict segment``: a segmentation version's label map of one scan (and its record), all or none."""
+    from brainzoo.predict import predict_label_map
+
+    version = catalogue.find_version(ref)
+    if version.spec["inference"]["output"]["type"] != "label-map":
+        raise BrainzooError(f"{version.id}: its output is {version.spec['inference']['output']['type']}, not a "
+                            "label map")
+    outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",))], [infile], force)
+    scan = check_scan(version, infile, input_contrast(infile, contrast), force)
+    with all_or_nothing(outputs):
+        networks = load_networks(version, runtime)
+        [network] = networks.models.values()
+        labels, record = predict_label_map(scan, network, spec_inference=version.spec["inference"])
+        record["input"]["path"] = str(infile)
+        record |= {"model": model_provenance(version, networks.runtime), "outputs": {"labels": str(outfile)}}
+        save_nifti(labels, outfile, force)
+        if record_json is not None:
+            _save_json(record, record_json, force)
+        return record
+
+
 def brain_age_version(ref: str) -> Version:
     version = catalogue.find_version(ref)
     if version.task != "brain-age":
@@ -282,19 +305,23 @@ def spec_brain_mask(version: Version, infile: Path, masker: BrainMasker | None,
 
 def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path | None = None,
                     qc_png: Path | None = None, contrast: str | None = None, mask: Path | None = None,
-                    registration: str = "brainzoo", masker: BrainMasker | None = None, force: bool = False) -> dict:
-    """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed;
-    the volume and its record and picture are written all or none."""
+                    registration: str = "brainzoo", masker: BrainMasker | None = None, training: bool = False,
+                    force: bool = False) -> dict:
+    """``brainzoo preprocess``: the model-ready volume of one scan (what the networks would see), no weights needed,
+    or with ``training`` the volume a training record holds (the steps up to the spec's
+    ``training.data.preprocessed_until``; the training pipeline runs the rest); the volume and its record and
+    picture are written all or none."""
     from brainzoo.predict import preprocess_scan
 
     version = catalogue.find_version(ref)
+    until = version.spec.get("training", {}).get("data", {}).get("preprocessed_until") if training else None
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
                             [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
         image, record = preprocess_scan(infile, spec_inference=version.spec["inference"], brain_mask=brain_mask,
-                                        registration=registration, qc_png=qc_png, force=force)
+                                        registration=registration, qc_png=qc_png, until=until, force=force)
         record |= {"model": {"id": version.id, "brainzoo": brainzoo.__version__}, "outputs": {"volume": str(outfile)},
                    "volume": {"shape": list(image.shape), "affine": np.round(image.affine, 6).tolist()}}
         if mask_record is not None:
@@ -455,11 +482,13 @@ STUDY_TASKS = ("brain-mask", "brain-age", "classify", "preprocess")
 
 
 def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shard: str | None, force: bool,
-              progress: bool = True, runtime: str = "auto", registration: str = "brainzoo") -> Iterator[dict]:
+              progress: bool = True, runtime: str = "auto", registration: str = "brainzoo",
+              training: bool = False) -> Iterator[dict]:
     """One CSV row per scan in ``out_dir/results[-K-of-N].csv``; a failing scan's row records its error.
 
-    ``preprocess`` writes each scan's model-ready volume; its table keeps the study table's columns (age,
-    sex...) with ``path`` naming that volume, so it feeds ``brainzoo tfrecords`` as it is. ``classify`` takes
+    ``preprocess`` writes each scan's model-ready volume (with ``training``, its training record's volume); its
+    table keeps the study table's columns (age, sex...) with ``path`` naming that volume, so it feeds
+    ``brainzoo tfrecords`` as it is. ``classify`` takes
     each covariate the classifier's spec declares from the column of that name (``sex``).
     """
     if task not in STUDY_TASKS:
@@ -504,7 +533,8 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
                 row = {**scan, **row, "path": "", "input": str(path)}
                 output = f"{scan['id']}.nii.gz"
                 preprocess_file(model, path, out_dir / output, record_json=out_dir / f"{scan['id']}.json",
-                                contrast=scan.get("contrast"), registration=registration, masker=masker, force=force)
+                                contrast=scan.get("contrast"), registration=registration, masker=masker,
+                                training=training, force=force)
                 row["path"] = output
         except BrainzooError as err:
             row |= {"status": "error", "error": str(err)}

@@ -254,8 +254,9 @@ OPTION_VALUE_CHECKS: dict[str, Callable[..., None]] = {
 ARRAY_STEPS = GEOMETRIC_STEPS.keys() | INTENSITY_STEPS.keys()
 
 
-def check_options(name: str, function: Callable, options: dict, skip: int = 1) -> None:
-    """Fail unless ``options`` are exactly the keyword arguments ``function`` takes after its first ``skip``."""
+def check_options(what: str, function: Callable, options: dict, skip: int = 1) -> None:
+    """Fail unless ``options`` are exactly the keyword arguments ``function`` takes after its first ``skip``;
+    ``what`` names the entry in the message (``preprocessing step 'crop'``)."""
     parameters = list(inspect.signature(function).parameters.values())[skip:]
     known = {p.name for p in parameters}
     unknown = sorted(set(options) - known)
@@ -263,7 +264,7 @@ def check_options(name: str, function: Callable, options: dict, skip: int = 1) -
     if unknown or missing:
         takes = ", ".join(sorted(known)) or "no options"
         problem = f"unknown option(s) {', '.join(unknown)}" if unknown else f"missing option(s) {', '.join(missing)}"
-        raise BrainzooError(f"preprocessing step {name!r}: {problem} (it takes {takes})")
+        raise BrainzooError(f"{what}: {problem} (it takes {takes})")
 
 
 def check_step_options(step: dict) -> None:
@@ -271,7 +272,7 @@ def check_step_options(step: dict) -> None:
     be known without a volume)."""
     name = step["step"]
     options = {k: v for k, v in step.items() if k != "step"}
-    check_options(name, {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], options)
+    check_options(f"preprocessing step {name!r}", {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], options)
     if name in OPTION_VALUE_CHECKS:
         OPTION_VALUE_CHECKS[name](**options)
 
