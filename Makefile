@@ -25,8 +25,12 @@ $(VENV)/.installed: env/requirements.in env/requirements-dev.in env/constraints.
 annex: env
 	$(BIN)/brainzoo bootstrap
 
+# Two workers, one per core, each taking whole test files (module fixtures are built once). The store's weights
+# that several files' fixtures fetch are fetched first, so that no two workers run git-annex get on one file.
 test: setup
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/brainzoo get neuronets/deepbet/1.0.2 > /dev/null
+	$(BIN)/brainzoo get neuronets/brainzoo-unet/0.5.0 > /dev/null
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # CI, after the tests: `pip install '.[all]'` in a clean venv (no editable code, nothing from make setup) gives a
 # package whose every module imports and whose CLI validates the catalogue, so pyproject.toml declares every

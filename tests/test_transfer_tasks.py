@@ -24,12 +24,17 @@ FLAIR_SFCN = "neuronets/flair-brainage-sfcn/1.0.0/flair"
 COHORT = "neuronets/flair-brainage-sfcn-cohort/1.0.0"
 SHAPE = (24, 24, 24)
 SPACING = 2.0
+# The stand-in student is random, its encoder frozen: 5 of the 6 seeds tried (0-5) learn the lesions past the
+# bar below, seed 4 does not; the seed is fixed so the test asks one question every run.
+STUDENT_SEED = 0
 
 
 def student_version(root: Path, model_file: Path) -> None:
     """brainzoo-unet 0.5.0's spec at a reduced size (8 base filters -> 4; batch normalisation, since instance
     normalisation's graph alone takes 10 s to build; 96^3 blocks -> 16^3 tiles of a 24^3 grid), its weights a
     freshly built student's."""
+    import tensorflow as tf
+
     from brainzoo.models.unet import unet
 
     spec = yaml.safe_load((REPO / "neuronets" / "brainzoo-unet" / "0.5.0" / "spec.yaml").read_text())
@@ -45,6 +50,7 @@ def student_version(root: Path, model_file: Path) -> None:
     spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
                         "sources": [{"type": "inrepo-store"}]}]
     card["Model_details"]["Model_version"] = "0.1.0"
+    tf.keras.utils.set_random_seed(STUDENT_SEED)  # the same student every run: what it learns must not be luck
     unet(input_shape=(16, 16, 16, 1), **spec["architecture"]["options"]).save(model_file, save_format="h5")
     write_version(root, spec, card, weights={"weights/model.h5": model_file.read_bytes()})
 
