@@ -183,7 +183,9 @@ def test_the_pipeline_numbers_are_the_spec_values_and_are_checked():
     assert pipeline.DeepbetSettings.from_spec(values) == SETTINGS
     for change, message in [({"window_quantiles": [0.995, 0.005]}, "window_quantiles are two quantiles"),
                             ({"bbox_grid": [128, 128]}, "bbox_grid and segmentation_grid are three"),
-                            ({"bbox_threshold": 1.5}, "bbox_threshold is in"), ({"extra": 1}, "needs exactly")]:
+                            ({"bbox_threshold": 1.5}, "bbox_threshold is in"), ({"extra": 1}, "needs exactly"),
+                            ({"bbox_margin": None}, "bbox_margin is in"), ({"segmentation_grid": None}, "bbox_grid and"),
+                            ({"window_quantiles": [None, "high"]}, "window_quantiles are")]:
         with pytest.raises(BrainzooError, match=f"spec.yaml: inference.deepbet: .*{message}"):
             pipeline.DeepbetSettings.from_spec({**values, **change}, "spec.yaml: inference.deepbet")
 

@@ -60,22 +60,23 @@ class DeepbetSettings:
             raise BrainzooError(f"{where}: a deepbet spec needs this block ({', '.join(f.name for f in fields(cls))})")
         names = [f.name for f in fields(cls)]
         if set(values) != set(names):
-            raise BrainzooError(f"{where}: needs exactly {', '.join(names)}; got {', '.join(sorted(values))}")
-        settings = cls(**{name: tuple(values[name]) if isinstance(values[name], list) else values[name]
-                          for name in names})
-        grids_ok = all(len(grid) == 3 and all(isinstance(n, int) and n >= 8 for n in grid)
-                       for grid in (settings.bbox_grid, settings.segmentation_grid))
-        low, high = settings.window_quantiles if len(settings.window_quantiles) == 2 else (1, 0)
-        problems = [(not grids_ok, "bbox_grid and segmentation_grid are three whole numbers of at least 8"),
-                    (not 0 <= low < high <= 1, "window_quantiles are two quantiles, low < high, in [0, 1]"),
-                    (not settings.standardised_sd > 0, "standardised_sd is positive"),
-                    (not 0 < settings.bbox_threshold < 1, "bbox_threshold is in (0, 1)"),
-                    (not 0 <= settings.bbox_slice_fraction < 1, "bbox_slice_fraction is in [0, 1)"),
-                    (not 0 <= settings.bbox_margin < 1, "bbox_margin is in [0, 1)")]
-        wrong = [rule for failed, rule in problems if failed]
+            raise BrainzooError(f"{where}: needs exactly {', '.join(names)}; got {', '.join(sorted(map(str, values)))}")
+        v = values
+        rules = [(all(_is_grid(v[name]) for name in ("bbox_grid", "segmentation_grid")),
+                  "bbox_grid and segmentation_grid are three whole numbers of at least 8"),
+                 (_is_sequence(v["window_quantiles"], 2) and all(map(_is_number, v["window_quantiles"]))
+                  and 0 <= v["window_quantiles"][0] < v["window_quantiles"][1] <= 1,
+                  "window_quantiles are two quantiles, low < high, in [0, 1]"),
+                 (_is_number(v["standardised_mean"]), "standardised_mean is a number"),
+                 (_is_number(v["standardised_sd"]) and v["standardised_sd"] > 0, "standardised_sd is positive"),
+                 (_is_number(v["bbox_threshold"]) and 0 < v["bbox_threshold"] < 1, "bbox_threshold is in (0, 1)"),
+                 (_is_number(v["bbox_slice_fraction"]) and 0 <= v["bbox_slice_fraction"] < 1,
+                  "bbox_slice_fraction is in [0, 1)"),
+                 (_is_number(v["bbox_margin"]) and 0 <= v["bbox_margin"] < 1, "bbox_margin is in [0, 1)")]
+        wrong = [rule for holds, rule in rules if not holds]
         if wrong:
             raise BrainzooError(f"{where}: {'; '.join(wrong)} (got {values})")
-        return settings
+        return cls(**{name: tuple(v[name]) if isinstance(v[name], list) else v[name] for name in names})
 
 
 # Neighbourhoods: components are 26-connected (cc3d's default); holes and dilation are 6-connected.
@@ -237,6 +238,18 @@ def _native(array: np.ndarray, image: Image, dtype) -> nib.Nifti1Image:
     result = nib.Nifti1Image(array, image.affine, image.header if isinstance(image.header, nib.Nifti1Header) else None)
     result.header.set_data_dtype(dtype)
     return result
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_sequence(value, length: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == length
+
+
+def _is_grid(value) -> bool:
+    return _is_sequence(value, 3) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 8 for n in value)
 
 
 def catalogue_settings(ref: str = CATALOGUE_VERSION) -> DeepbetSettings:
