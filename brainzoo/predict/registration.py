@@ -522,6 +522,7 @@ def block_displacements(reference: np.ndarray, warped: np.ndarray, valid: np.nda
 
 
 def _best_shifts(reference, warped, valid, corners, search):
+    """``block_displacements`` for one chunk of blocks: every shift's correlation at once, per block."""
     b, shifts = BLOCK_VOXELS, 2 * search + 1
     reach = np.arange(-search, b + search)
     strides = np.array([reference.shape[1] * reference.shape[2], reference.shape[2], 1])  # of C-order ravel()
@@ -538,7 +539,7 @@ def _best_shifts(reference, warped, valid, corners, search):
     in_view = _box_sums(valid.ravel()[index].astype(np.float32), b) > b**3 - 0.5
     window_variance = squares - total**2 / b**3
     block_variance = (block**2).sum(axis=(1, 2, 3))[:, None, None, None]
-    usable = in_view & (window_variance > 1e-3 * block_variance.max())
+    usable = in_view & (window_variance > 1e-6 * window_variance.max())  # flat (air) windows: no correlation
     score = np.where(usable, np.abs(cross) / np.sqrt(np.maximum(window_variance, 1e-30) * block_variance), -1.0)
     rows = np.arange(len(corners))
     flat = score.reshape(len(corners), -1).argmax(axis=1)
