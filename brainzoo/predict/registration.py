@@ -485,9 +485,9 @@ class _BlockSet:
         """Block centres (4 x n, homogeneous RAS) and where each is found in ``other`` seen through ``ras_map``
         (this image's world to the other's), for the blocks found."""
         to_other = _itk_affine(ras_map)
-        warped = from_sitk(sitk.Resample(other, self.image, to_other, sitk.sitkLinear, 0.0))
-        in_view = sitk.Cast(other * 0 + 1, sitk.sitkFloat32)
-        valid = from_sitk(sitk.Resample(in_view, self.image, to_other, sitk.sitkLinear, 0.0)) > 0.999
+        warped = from_sitk(sitk.Resample(other, self.image, to_other, sitk.sitkLinear, np.nan))  # NaN: out of view
+        valid = np.isfinite(warped)
+        warped[~valid] = 0
         shifts, found = block_displacements(self.values, warped, valid, self.corners, BLOCK_SEARCH_VOXELS)
         return self.centres[:, found], ras_map @ self._world(shifts)[:, found]
 
