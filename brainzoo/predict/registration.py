@@ -349,8 +349,8 @@ def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, template: str,
 
     Mattes mutual information (50 bins; voxels sampled at random with a fixed ``seed``), so any contrast
     (T1, FLAIR) fits the T1 template; regular-step gradient descent with steps scaled to physical shifts, coarse
-    to fine over ``REGISTRATION_LEVELS``. A brain starts from a moments (centre-of-mass)
-    alignment; a head from ``_head_start``. On the finest level image gradients are taken at the sampled points
+    to fine over ``REGISTRATION_LEVELS``, then refined by block matching (``BLOCK_MATCHING_LEVELS``). A brain
+    starts from a moments (centre-of-mass) alignment; a head from ``_head_start``. On the finest level image gradients are taken at the sampled points
     only: a whole-image gradient filter there costs more than the level itself. It runs on one thread: ITK adds
     up the metric over threads in no fixed order, and the optimizer turns those last-bit differences into a few
     tenths of a millimetre; on one thread runs repeat exactly.
@@ -437,10 +437,10 @@ def _optimise(transform: sitk.Transform, fixed: sitk.Image, moving: sitk.Image, 
 # warped by the current fit to where its normalised cross-correlation is highest (absolute value, as reg_aladin's:
 # a FLAIR's contrast is a T1's inverted in places), and the affine is fitted to those block correspondences by
 # least trimmed squares (the INLIER_SHARE nearest, refitted until that set no longer changes). Per level: voxel
-# size (mm) and most iterations. Ad hoc against cached reg_aladin fits, IXI533 raw and IXI013/014/034 at 2 mm:
-# 0.87-1.50 mm from reg_aladin's (MI alone: 1.01-1.74 mm); a 2 mm level or a +-4 voxel search moved fits further
-# from reg_aladin's, and at 1 mm a +-4 search took longer than reg_aladin. The symmetric variant (Modat et al.
-# 2014) is not here.
+# size (mm) and most iterations. Chosen ad hoc on IXI533 raw and IXI013/014/034 at 2 mm against reg_aladin's fits:
+# 0.87-1.50 mm from them (mutual information alone: 1.01-1.74 mm); a 2 mm level or a +-4 voxel search moved fits
+# further away, and at 1 mm a +-4 search took longer than reg_aladin. ``bench_registration.py`` on more scans:
+# benchmarks/README.md. The symmetric variant (Modat et al. 2014) is not here.
 BLOCK_MATCHING_LEVELS = ((1.0, 3),)
 BLOCK_VOXELS = 4
 BLOCK_SEARCH_VOXELS = 2
