@@ -280,12 +280,15 @@ def head_mask(data: np.ndarray, threshold: float) -> np.ndarray:
     return head
 
 
-# Coarse-to-fine levels: voxel size (mm), share of voxels sampled, most iterations. The 1 mm level makes the
-# result sub-millimetre: the template brain registered to a rotated, shifted copy of itself comes back within
-# 0.05 mm, and Colin27's brain rotated 12 degrees in its header lands within 1 mm of its unrotated fit
-# (tests/test_predict_brain_age.py; with a third of these samples and steps it missed by 0.05 mm). A head starts
-# further away (tilts of 20-30 degrees, heads 10-15% smaller).
-REGISTRATION_LEVELS = ((4.0, 0.3, 300), (2.0, 0.05, 200), (1.0, 0.01, 50))
+# Coarse-to-fine levels of the mutual-information fit: voxel size (mm), share of voxels sampled, most
+# iterations. Block matching at 1 mm (``BLOCK_MATCHING_LEVELS``) then makes the result sub-millimetre: the
+# template brain registered to a rotated, shifted copy of itself comes back within 0.2 mm, and Colin27's brain
+# rotated 12 degrees in its header lands within 1 mm of its unrotated fit (tests/test_predict_brain_age.py). A
+# 1 mm mutual-information level before it (1% of the voxels, 50 steps) cost 2-4.5 s of a 10-16 s fit and left
+# the fit further from reg_aladin's on 8 of the 10 bench_registration.py rows it was tried on (median 1.13 mm with
+# it, 1.05 mm without; benchmarks/README.md). A head starts further away (tilts of 20-30 degrees, heads 10-15%
+# smaller).
+REGISTRATION_LEVELS = ((4.0, 0.3, 300), (2.0, 0.05, 200))
 # A head's tilt is searched before the fit, on 8 mm copies: pitch angles about the left-right axis (degrees),
 # each fitted as a similarity transform, the best kept. Gradient descent from no tilt stops in the wrong
 # minimum on scans tilted 25 degrees (IXI's raw scans are).
@@ -351,8 +354,9 @@ def register_to_mni152(data: np.ndarray, affine: np.ndarray, *, template: str,
     Mattes mutual information (50 bins; voxels sampled at random with a fixed ``seed``), so any contrast
     (T1, FLAIR) fits the T1 template; regular-step gradient descent with steps scaled to physical shifts, coarse
     to fine over ``REGISTRATION_LEVELS``, then refined by block matching (``BLOCK_MATCHING_LEVELS``). A brain
-    starts from a moments (centre-of-mass) alignment; a head from ``_head_start``. On the finest level image gradients are taken at the sampled points
-    only: a whole-image gradient filter there costs more than the level itself. It runs on one thread: ITK adds
+    starts from a moments (centre-of-mass) alignment; a head from ``_head_start``. On the finest level image
+    gradients are taken at the sampled points only: a whole-image gradient filter there costs more than the
+    level itself. It runs on one thread: ITK adds
     up the metric over threads in no fixed order, and the optimizer turns those last-bit differences into a few
     tenths of a millimetre; on one thread runs repeat exactly.
     Returns the scan resampled trilinearly onto the template grid, the 4x4 map from template world (RAS mm)
