@@ -40,6 +40,7 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 from bench_deepbet import REPO
 
@@ -83,15 +84,21 @@ def python_call(module: str, function: str, *arguments) -> list[str]:
                                   f"from {module} import {function}; {call}"]
 
 
-def measure(argv: list, log: Path, env: dict, cwd: Path = REPO) -> tuple[float, float, float]:
+def measure(argv: list, log: Path, env: dict, cwd: Path = REPO,
+            watch: Callable[[float, int], None] | None = None) -> tuple[float, float, float]:
     """Wall seconds, CPU seconds and peak RSS (GiB) of one command run to completion (wait4: this child's own).
 
-    CPU time is the figure that other work on a shared machine disturbs least.
+    CPU time is the figure that other work on a shared machine disturbs least. ``watch``, if given, is called with
+    the seconds since the start and the child's pid every 50 ms while it runs (to note when its outputs appear).
     """
     with log.open("w") as output:
         start = time.perf_counter()
         child = subprocess.Popen([str(a) for a in argv], stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(child.pid, 0)
+        pid, status, usage = os.wait4(child.pid, 0 if watch is None else os.WNOHANG)
+        while pid == 0:
+            watch(time.perf_counter() - start, child.pid)
+            time.sleep(0.05)
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         seconds = time.perf_counter() - start
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode:

@@ -42,12 +42,21 @@ def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=check)
 
 
-def brainzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess, run inside a dataset (-P: the installed brainzoo, even in a clone of this one)."""
+def brainzoo_command(*args) -> list[str]:
+    """The real CLI's command line (-P: the installed brainzoo, even in a clone of this one)."""
+    return [sys.executable, "-P", "-m", "brainzoo.cli", *map(str, args)]
+
+
+def cli_environment() -> dict[str, str]:
+    """The tests' environment without BRAINZOO_ROOT: the CLI finds its dataset from its working folder."""
     env = dict(os.environ)
     env.pop("BRAINZOO_ROOT", None)
-    return subprocess.run([sys.executable, "-P", "-m", "brainzoo.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env)
+    return env
+
+
+def brainzoo(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess, run inside a dataset."""
+    return subprocess.run(brainzoo_command(*args), cwd=cwd, capture_output=True, text=True, env=cli_environment())
 
 
 def load_fixture(name: str) -> dict:
