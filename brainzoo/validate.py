@@ -18,6 +18,7 @@ import jsonschema
 
 from brainzoo import annex, catalogue
 from brainzoo.errors import BrainzooError
+from brainzoo.outputs import builder_options
 
 
 @lru_cache(maxsize=None)
@@ -199,10 +200,22 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
     entry_point = spec["inference"]["entry_point"]
     yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point"))
     yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
+    yield from (f"{spec_rel}: {p}" for p in output_problems(spec))
     for i, entry in enumerate(spec["weights"]):
         if "recipe" in entry:
             yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe"))
             yield from (f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe"))
+
+
+def output_problems(spec: dict) -> Iterator[str]:
+    """The output parses (a binned output's bins are a whole number of steps), and what it fixes is said nowhere
+    else: the age bins size the builder's head (``n_bins``) and lie under the loss's soft labels."""
+    try:
+        builder_options(spec)
+    except BrainzooError as err:
+        yield str(err)
+    if "bins" in ((spec.get("training") or {}).get("loss") or {}):
+        yield "training.loss.bins: the soft labels lie on inference.output.bins; remove these"
 
 
 def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:

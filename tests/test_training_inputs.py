@@ -18,7 +18,7 @@ from test_engine import final_weights
 from brainzoo import catalogue, validate
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
-from brainzoo.predict.brain_age import bin_centres
+from brainzoo.outputs import AgeBins
 from brainzoo.training import run
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.tfrecords import write_tfrecords
@@ -53,7 +53,7 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
         seen.append(batch[0, ..., 0])
         if output["type"] == "age":
             return np.array([[50.0]])
-        n_bins = len(bin_centres(output["bins"]))
+        n_bins = AgeBins.from_spec(output["bins"]).count
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
     scan = scan_for(shape)
@@ -63,7 +63,7 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
     (tmp_path / "table.csv").write_text("path,age,sex\nscan.nii.gz,50,F\n")
     write_tfrecords(tmp_path / "table.csv", tmp_path / "records", kind="regression", progress=False)
 
-    plan = TrainingPlan.from_spec(spec["training"], batch_size=1)
+    plan = TrainingPlan.from_spec(spec, batch_size=1)
     _, validation = run.datasets(data, plan, tmp_path / "records", tmp_path / "records", run.network_orientation(spec))
     (x, y), = list(validation())
     assert y.numpy().tolist() == [[50.0]]
@@ -121,7 +121,7 @@ def reduced(spec: dict) -> tuple[dict, callable]:
         options.update(base_filters=4, norm="batch")
     if architecture["builder"] in STAND_IN:
         return training, lambda: stand_in((32, 32, 32, 1))
-    return training, run.model_builder(architecture, run.model_input_shape(data))
+    return training, run.model_builder({**spec, "architecture": architecture}, run.model_input_shape(data))
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,7 @@ def test_every_catalogue_training_section_trains_checkpoints_and_resumes(version
     spec = SECTIONS[version]
     training, build = reduced(spec)
     data = training["data"]
-    plan = TrainingPlan.from_spec(training)
+    plan = TrainingPlan.from_spec({**spec, "training": training})
     records = heads / data["kind"]
     train_data, validation_data = run.datasets(data, plan, records, records, run.network_orientation(spec))
     strategy = tf.distribute.get_strategy()
