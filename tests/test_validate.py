@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
-from brainzoo.validate import conversion_record_problems, validate
+from brainzoo.validate import conversion_record_problems, spec_problems, validate
 from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
 
 TOY = "neuronets/toy/0.1.0"
@@ -226,3 +227,22 @@ def test_a_model_folder_outside_the_dataset_is_an_error(catalogue, tmp_path):
     shutil.copytree(catalogue / TOY, outside, symlinks=True)
     result = brainzoo("info", str(outside), cwd=catalogue)
     assert result.returncode == 1 and "is not inside the dataset" in result.stderr and "Traceback" not in result.stderr
+
+
+SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s["architecture"]["options"].update(n_bins=40),
+     "architecture.options: n_bins follow(s) from inference.output"),
+    (lambda s: s["training"]["loss"].update(bins={"start": 42, "stop": 82, "step": 1}),
+     "training.loss.bins: the soft labels lie on inference.output.bins"),
+    (lambda s: s["inference"]["output"]["bins"].update(step=3), "inference.output.bins: "),
+    (lambda s: s["inference"]["output"].pop("bins"), "inference.output.bins: an age-log-probabilities output"),
+])
+def test_the_age_bins_are_said_once_and_soundly(change, problem):
+    """The bins live in inference.output alone: a second copy (the head's n_bins, the loss's bins) could disagree."""
+    spec = yaml.safe_load((REPO / SFCN / "spec.yaml").read_text())
+    assert not list(spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
+    change(spec)
+    assert any(problem in p for p in spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
