@@ -82,9 +82,9 @@ def test_decoding_rejects_outputs_that_do_not_fit_the_spec():
         decode_output(np.zeros((1, 39)), spec)
     with pytest.raises(BrainzooError, match="not log-probabilities"):
         decode_output(np.zeros((1, 40)), spec)
-    assert decode_output(np.array([[57.25]]), {"type": "age"}) == {"age": 57.25}
+    assert decode_output(np.array([[57.25]]), OutputDecoding("age")) == {"age": 57.25}
     with pytest.raises(BrainzooError, match="needs one"):
-        decode_output(np.array([[57.25, 3.0]]), {"type": "age"})
+        decode_output(np.array([[57.25, 3.0]]), OutputDecoding("age"))
 
 
 def test_ensemble_mean_and_spread():
