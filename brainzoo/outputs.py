@@ -74,6 +74,14 @@ class OutputDecoding:
         """The builder options this output fixes: a binned output's size."""
         return {"n_bins": self.bins.count} if self.bins else {}
 
+    def check_output_size(self, size: int, source: str) -> None:
+        """Refuse a network (``source``: its file) whose head does not have one value per age bin, such as an SFCN
+        converted at the builder's default size: its output would be decoded on the wrong ages."""
+        if self.bins and size != self.bins.count:
+            raise BrainzooError(f"{source}: the network gives {size} values, but inference.output.bins has "
+                                f"{self.bins.count}; it was made for other bins (a conversion sizes the head with "
+                                f"--option n_bins={self.bins.count})")
+
 
 def builder_options(spec: dict) -> dict:
     """The keyword arguments of ``spec``'s architecture builder: its ``architecture.options`` and what its output

@@ -18,7 +18,7 @@ import jsonschema
 
 from brainzoo import annex, catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.outputs import builder_options
+from brainzoo.outputs import OutputDecoding, builder_options
 
 
 @lru_cache(maxsize=None)
@@ -209,9 +209,14 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
 
 def output_problems(spec: dict) -> Iterator[str]:
     """The output parses (a binned output's bins are a whole number of steps), and what it fixes is said nowhere
-    else: the age bins size the builder's head (``n_bins``) and lie under the loss's soft labels."""
+    else: the age bins size the builder's head (``n_bins``) and lie under the loss's soft labels. A conversion
+    record's output size (``weights[].conversion``) is the bins' count."""
     try:
         builder_options(spec)
+        decoding = OutputDecoding.from_spec(spec["inference"]["output"])
+        for i, entry in enumerate(spec["weights"]):
+            for shape in entry.get("conversion", {}).get("keras_model", {}).get("output_shapes", {}).values():
+                decoding.check_output_size(shape[-1], f"weights[{i}] ({entry['path']}), its conversion record")
     except BrainzooError as err:
         yield str(err)
     if "bins" in ((spec.get("training") or {}).get("loss") or {}):

@@ -9,11 +9,12 @@ import tensorflow as tf
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.models import BUILDERS
+from brainzoo.models import BUILDERS, sfcn
 from brainzoo.outputs import AgeBins, OutputDecoding, builder_options
+from brainzoo.predict import runners
 from brainzoo.predict.brain_age import decode_output
 from brainzoo.training.engine import TrainingPlan
-from conftest import REPO
+from conftest import REPO, write_index, write_version
 
 BINNED_SPECS = ["neuronets/sfcn-ukbiobank/1.0.0", "neuronets/flair-brainage-sfcn/1.0.0/t1",
                 "neuronets/flair-brainage-sfcn/1.0.0/flair"]
@@ -72,3 +73,22 @@ def test_head_decoding_and_training_targets_read_the_same_bins(version):
         pytest.approx([0.0], abs=1e-4)
     with pytest.raises(BrainzooError, match="14 bins"):
         decode_output(np.zeros(40), OutputDecoding.from_spec(spec["inference"]["output"]))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "keras"])
+def test_a_network_made_for_other_bins_is_refused_by_file(runtime, tmp_path, monkeypatch):
+    """`brainzoo convert --arch sfcn` knows no spec: without --option n_bins it sizes the head at the builder's
+    default, 40 bins. A version whose bins are 14 refuses that file before it predicts, naming it."""
+    sfcn(input_shape=(32, 32, 32, 1), channels=(2,) * 6, n_bins=40).save(tmp_path / "model.h5", save_format="h5")
+    spec = catalogue.read_yaml(REPO / BINNED_SPECS[0] / catalogue.SPEC_FILE) | {"id": "neuronets/other-bins/1.0.0",
+                                                                                 "model": "other-bins"}
+    spec["inference"]["output"]["bins"] = {"start": 20, "stop": 90, "step": 5}
+    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                        "sources": [{"type": "inrepo-store"}]}]
+    write_version(tmp_path / "root", spec, catalogue.read_yaml(REPO / BINNED_SPECS[0] / "model_card.yaml"),
+                  weights={"weights/model.h5": (tmp_path / "model.h5").read_bytes()})
+    write_index(tmp_path / "root")
+    monkeypatch.setenv("BRAINZOO_ROOT", str(tmp_path / "root"))
+    with pytest.raises(BrainzooError, match=r"other-bins/1\.0\.0/weights/model\.h5: the network gives 40 values, "
+                                            r"but inference\.output\.bins has 14; .* --option n_bins=14"):
+        runners.load_networks(catalogue.find_version("neuronets/other-bins/1.0.0"), runtime)

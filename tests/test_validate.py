@@ -239,6 +239,9 @@ SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
      "training.loss.bins: the soft labels lie on inference.output.bins"),
     (lambda s: s["inference"]["output"]["bins"].update(step=3), "inference.output.bins: "),
     (lambda s: s["inference"]["output"].pop("bins"), "inference.output.bins: an age-log-probabilities output"),
+    (lambda s: s["weights"][0].update(conversion={"keras_model": {"output_shapes": {"log_probabilities": [20]}}}),
+     "weights[0] (weights/model.h5), its conversion record: the network gives 20 values, but inference.output.bins "
+     "has 40"),
 ])
 def test_the_age_bins_are_said_once_and_soundly(change, problem):
     """The bins live in inference.output alone: a second copy (the head's n_bins, the loss's bins) could disagree."""
