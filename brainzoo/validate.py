@@ -129,8 +129,9 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
 
 
 def training_data_problems(spec: dict) -> Iterator[str]:
-    """The records' last step is an inference step, and each normalisation step has that step's options."""
-    from brainzoo.predict.steps import check_step_options
+    """The records' last step is an inference step, and each normalisation step is an intensity step the training
+    pipeline runs, with that step's options (the names are the pipeline's, so the schema does not list them)."""
+    from brainzoo.training.pipeline import normalization_steps
 
     data = spec.get("training", {}).get("data", {})
     until = data.get("preprocessed_until")
@@ -138,11 +139,10 @@ def training_data_problems(spec: dict) -> Iterator[str]:
     if until is not None and until not in names:
         yield f"training.data.preprocessed_until: {until!r} is not an inference.preprocessing step ({', '.join(names)})"
     for field in ("normalization", "validation_normalization"):
-        for i, step in enumerate(data.get(field) if isinstance(data.get(field), list) else []):
-            try:
-                check_step_options(step)
-            except BrainzooError as err:
-                yield f"training.data.{field}[{i}]: {err}"
+        try:
+            normalization_steps(data.get(field), f"training.data.{field}")
+        except BrainzooError as err:
+            yield str(err)
 
 
 def training_stage_problems(spec: dict, version_folder: Path) -> Iterator[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainzoo.validate import conversion_record_problems, spec_problems, validate
+from brainzoo.validate import conversion_record_problems, spec_problems, training_data_problems, validate
 from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
 
 TOY = "neuronets/toy/0.1.0"
@@ -249,3 +249,16 @@ def test_the_age_bins_are_said_once_and_soundly(change, problem):
     assert not list(spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
     change(spec)
     assert any(problem in p for p in spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
+
+
+@pytest.mark.parametrize("normalization, where", [
+    ("divide-by-maen", "training.data.normalization"),
+    ([{"step": "zscore"}, {"step": "min-max"}], "training.data.normalization[1]"),
+])
+def test_a_misspelt_training_normalisation_is_named_with_the_allowed_steps(normalization, where):
+    """The allowed names are the training pipeline's, taken from the inference steps: written once, not in the schema."""
+    spec = yaml.safe_load((REPO / SFCN / "spec.yaml").read_text())
+    spec["training"]["data"]["normalization"] = normalization
+    wrong = normalization if isinstance(normalization, str) else normalization[1]["step"]
+    [problem] = training_data_problems(spec)
+    assert problem.startswith(f"{where}: {wrong!r} is not one of zscore, divide-by-mean, minmax, percentile (")
