@@ -32,8 +32,8 @@ import numpy as np
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import NIFTI_SUFFIXES, all_or_nothing, save_nifti
+from brainzoo.outputs import OutputDecoding, builder_options
 from brainzoo.predict import _load_and_preprocess, _Recorder, model_grid_affine
-from brainzoo.predict.brain_age import bin_centres
 from brainzoo.predict.steps import resize
 from brainzoo.predict.volumes import DEFAULT_MAX_VOXELS, ImageSource, native_like
 
@@ -43,18 +43,13 @@ EXPLAINED_OUTPUTS = ("age", "age-log-probabilities", CLASS_OUTPUT)
 PREDICTED = "predicted"  # a classifier's default target: the class the model (the ensemble's mean) predicts
 
 
-def class_labels(output_spec: dict) -> list[str]:
-    """The labels of a classifier's outputs, in order."""
-    return [c["label"] for c in output_spec["classes"]]
-
-
-def class_index(target: str | int, output_spec: dict) -> int | None:
+def class_index(target: str | int, decoding: OutputDecoding) -> int | None:
     """The output a classifier's map explains: None for ``predicted``, else the class named by label or index."""
-    if output_spec["type"] != CLASS_OUTPUT:
-        raise BrainzooError(f"a {output_spec['type']!r} model's map explains its age; a target is for classifiers")
+    if decoding.type != CLASS_OUTPUT:
+        raise BrainzooError(f"a {decoding.type!r} model's map explains its age; a target is for classifiers")
     if target == PREDICTED:
         return None
-    labels = class_labels(output_spec)
+    labels = decoding.labels
     if str(target) in labels:
         return labels.index(str(target))
     if str(target).isdigit() and int(target) < len(labels):
@@ -63,14 +58,13 @@ def class_index(target: str | int, output_spec: dict) -> int | None:
                         f"class index below {len(labels)}")
 
 
-def output_score(outputs, output_spec: dict, index: int | None):
+def output_score(outputs, decoding: OutputDecoding, index: int | None):
     """The scalar the map explains, from one sample's outputs (a TensorFlow tensor, so it can be differentiated)."""
     import tensorflow as tf
 
-    kind = output_spec["type"]
-    if kind == "age-log-probabilities":
-        return tf.reduce_sum(tf.exp(outputs[0]) * tf.constant(bin_centres(output_spec["bins"]), outputs.dtype))
-    if kind == "age":
+    if decoding.bins:
+        return tf.reduce_sum(tf.exp(outputs[0]) * tf.constant(decoding.bins.centres, outputs.dtype))
+    if decoding.type == "age":
         if outputs.shape[-1] != 1:
             raise BrainzooError(f"the model returned {outputs.shape[-1]} values; output type 'age' needs one")
         return outputs[0, 0]
@@ -118,16 +112,17 @@ def predicted_class(models: Sequence, inputs) -> int:
     return int(np.argmax(np.mean(probabilities, axis=0)))
 
 
-def grad_cam(models: Sequence, inputs, *, layer: str, output_spec: dict, target: str | int = PREDICTED) -> GradCam:
+def grad_cam(models: Sequence, inputs, *, layer: str, decoding: OutputDecoding,
+             target: str | int = PREDICTED) -> GradCam:
     """The mean Grad-CAM of Keras ``models`` (an ensemble's members share an architecture) for one sample."""
-    if output_spec["type"] not in EXPLAINED_OUTPUTS:
-        raise BrainzooError(f"output type {output_spec['type']!r} is not explained (explained: "
+    if decoding.type not in EXPLAINED_OUTPUTS:
+        raise BrainzooError(f"output type {decoding.type!r} is not explained (explained: "
                             f"{', '.join(EXPLAINED_OUTPUTS)})")
     index = None
-    if output_spec["type"] == CLASS_OUTPUT:
-        index = class_index(target, output_spec)
+    if decoding.type == CLASS_OUTPUT:
+        index = class_index(target, decoding)
         index = predicted_class(models, inputs) if index is None else index
-    maps, scores = zip(*(layer_grad_cam(model, inputs, layer, lambda out: output_score(out, output_spec, index))
+    maps, scores = zip(*(layer_grad_cam(model, inputs, layer, lambda out: output_score(out, decoding, index))
                          for model in models))
     return GradCam(np.mean(maps, axis=0), list(scores), index)
 
@@ -151,7 +146,7 @@ def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, la
     (coded, see :func:`brainzoo.predict.classification.covariate_values`). The model-grid map's affine places it
     where ``brainzoo preprocess`` places the volume (template world after a ``register`` step).
     """
-    output_spec = spec_inference["output"]
+    decoding = OutputDecoding.from_spec(spec_inference["output"])
     if not models:
         raise BrainzooError("no model given")
     with _Recorder(img, "explain") as recorder:
@@ -159,7 +154,7 @@ def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, la
         batch = volume.data[np.newaxis, ..., np.newaxis]
         inputs = [batch, *(np.full((1, 1), value, np.float32) for value in covariates)] if covariates else batch
         with recorder.timed("grad-cam"):
-            result = grad_cam(models, inputs, layer=layer, output_spec=output_spec, target=target)
+            result = grad_cam(models, inputs, layer=layer, decoding=decoding, target=target)
         network_map, peak = on_input_grid(result.map, volume.data.shape)
         if peak == 0:
             warnings.warn(f"{recorder.record['input']['path']}: the Grad-CAM map is 0 everywhere: no channel of "
@@ -167,9 +162,9 @@ def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, la
         with recorder.timed("to-native"):
             native_map = np.clip(volume.to_native_grid(network_map), 0, 1)
         if result.class_index is None:
-            explained = {"score": "age" if output_spec["type"] == "age" else "expected age over the bins"}
+            explained = {"score": "age" if decoding.type == "age" else "expected age over the bins"}
         else:
-            label = class_labels(output_spec)[result.class_index]
+            label = decoding.labels[result.class_index]
             explained = {"score": f"logit of class {label!r}", "class_index": result.class_index, "label": label,
                          "chosen": "predicted" if target == PREDICTED else "given"}
         recorder.record["explanation"] = {
@@ -190,7 +185,7 @@ def explain_settings(spec: dict, layer: str | None = None, target: str | int | N
     if layer is None and "layer" not in defaults:
         raise BrainzooError(f"{spec['id']}: its spec names no layer to explain (explain.layer); pass --layer")
     if target is not None:
-        class_index(target, spec["inference"]["output"])  # refuses a target for a regressor, and an unknown class
+        class_index(target, OutputDecoding.from_spec(spec["inference"]["output"]))  # refuses a target for a regressor, and an unknown class
     return layer or defaults["layer"], target if target is not None else defaults.get("target", PREDICTED)
 
 
@@ -268,13 +263,13 @@ def explain_problems(spec: dict) -> Iterator[str]:
         return
     if "target" in explain:
         try:
-            class_index(explain["target"], spec["inference"]["output"])
+            class_index(explain["target"], OutputDecoding.from_spec(spec["inference"]["output"]))
         except BrainzooError as err:
             yield f"explain.target: {err}"
     builder = spec["architecture"]["builder"]
     if builder not in BUILDERS:
         return  # reported with the architecture
-    ranks = _layer_ranks(builder, json.dumps(spec["architecture"].get("options", {}), sort_keys=True))
+    ranks = _layer_ranks(builder, json.dumps(builder_options(spec), sort_keys=True))
     if explain["layer"] not in ranks:
         yield f"explain.layer: {explain['layer']!r} is not a layer of the {builder} architecture"
     elif ranks[explain["layer"]] != 5:

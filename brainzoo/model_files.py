@@ -161,6 +161,10 @@ class EnsembleMember:
             self.graph._brainzoo_member = self
         return self.graph
 
+    @property
+    def output_shape(self):
+        return self.graph.output_shape
+
     def __call__(self, batch: np.ndarray):
         return self.keras_model()(batch, training=False)
 

@@ -27,6 +27,7 @@ from brainzoo.sources import datalad_results, is_set_up
 from brainzoo.catalogue import Version, WeightsFile
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import sha256_of
+from brainzoo.outputs import builder_options
 from brainzoo.validate import definition_problems
 
 
@@ -137,7 +138,7 @@ def convert_into(source: UpstreamFile, version: Version, scratch: Path, built: d
     from brainzoo.convert import state_dict
 
     arch = recipe_architecture(source.weights)
-    options = version.spec.get("architecture", {}).get("options") or {}
+    options = builder_options(version.spec)
     target = scratch / source.weights.name / source.weights.path.name
     target.parent.mkdir(parents=True)
     if arch not in built:

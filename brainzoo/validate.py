@@ -18,6 +18,7 @@ import jsonschema
 
 from brainzoo import annex, catalogue
 from brainzoo.errors import BrainzooError
+from brainzoo.outputs import OutputDecoding, builder_options
 
 
 @lru_cache(maxsize=None)
@@ -128,8 +129,9 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
 
 
 def training_data_problems(spec: dict) -> Iterator[str]:
-    """The records' last step is an inference step, and each normalisation step has that step's options."""
-    from brainzoo.predict.steps import check_step_options
+    """The records' last step is an inference step, and each normalisation step is an intensity step the training
+    pipeline runs, with that step's options (the names are the pipeline's, so the schema does not list them)."""
+    from brainzoo.training.pipeline import normalization_steps
 
     data = spec.get("training", {}).get("data", {})
     until = data.get("preprocessed_until")
@@ -137,11 +139,10 @@ def training_data_problems(spec: dict) -> Iterator[str]:
     if until is not None and until not in names:
         yield f"training.data.preprocessed_until: {until!r} is not an inference.preprocessing step ({', '.join(names)})"
     for field in ("normalization", "validation_normalization"):
-        for i, step in enumerate(data.get(field) if isinstance(data.get(field), list) else []):
-            try:
-                check_step_options(step)
-            except BrainzooError as err:
-                yield f"training.data.{field}[{i}]: {err}"
+        try:
+            normalization_steps(data.get(field), f"training.data.{field}")
+        except BrainzooError as err:
+            yield str(err)
 
 
 def training_stage_problems(spec: dict, version_folder: Path) -> Iterator[str]:
@@ -199,10 +200,27 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
     entry_point = spec["inference"]["entry_point"]
     yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point"))
     yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
+    yield from (f"{spec_rel}: {p}" for p in output_problems(spec))
     for i, entry in enumerate(spec["weights"]):
         if "recipe" in entry:
             yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe"))
             yield from (f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe"))
+
+
+def output_problems(spec: dict) -> Iterator[str]:
+    """The output parses (a binned output's bins are a whole number of steps), and what it fixes is said nowhere
+    else: the age bins size the builder's head (``n_bins``) and lie under the loss's soft labels. A conversion
+    record's output size (``weights[].conversion``) is the bins' count."""
+    try:
+        builder_options(spec)
+        decoding = OutputDecoding.from_spec(spec["inference"]["output"])
+        for i, entry in enumerate(spec["weights"]):
+            for shape in entry.get("conversion", {}).get("keras_model", {}).get("output_shapes", {}).values():
+                decoding.check_output_size(shape[-1], f"weights[{i}] ({entry['path']}), its conversion record")
+    except BrainzooError as err:
+        yield str(err)
+    if "bins" in ((spec.get("training") or {}).get("loss") or {}):
+        yield "training.loss.bins: the soft labels lie on inference.output.bins; remove these"
 
 
 def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:

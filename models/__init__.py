@@ -16,7 +16,7 @@ from brainzoo.models.inception_resnet_v2_3d import inception_resnet_v2_3d
 from brainzoo.models.layers import ScaledResidual, TrilinearUpsampling3D, pytorch_parameter_count
 from brainzoo.models.ml_mri import s500mri_classifier, vae_c_decoder, vae_c_encoder
 from brainzoo.models.unet import unet
-from brainzoo.models.sfcn import bin_centres, decode_age, kl_divergence_loss, sfcn, soft_labels
+from brainzoo.models.sfcn import kl_divergence_loss, sfcn, soft_labels
 
 BUILDERS = {
     "sfcn": sfcn,
@@ -39,8 +39,6 @@ __all__ = [
     "ScaledResidual",
     "TrilinearUpsampling3D",
     "agemapper",
-    "bin_centres",
-    "decode_age",
     "densenet169_3d",
     "gan3d_classifier",
     "gan3d_discriminator",

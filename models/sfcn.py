@@ -13,6 +13,7 @@ from scipy.special import ndtr
 
 from brainzoo.errors import BrainzooError
 from brainzoo.models.layers import batch_norm, check_input_shape, conv3d, finish_model
+from brainzoo.outputs import AgeBins
 
 layers = tf.keras.layers
 
@@ -55,25 +56,17 @@ def sfcn(input_shape=(160, 192, 160, 1), channels=(32, 64, 128, 256, 256, 64), n
     return finish_model(inputs, outputs, name, weights)
 
 
-def bin_centres(start: float, stop: float, step: float) -> np.ndarray:
-    """Centres of the age bins [start, start + step), ..., [stop - step, stop)."""
-    n_bins = (stop - start) / step
-    if n_bins <= 0 or not float(n_bins).is_integer():
-        raise BrainzooError(f"age bins: range [{start}, {stop}] is not a positive whole number of steps of {step}")
-    return start + step / 2 + step * np.arange(int(n_bins))
-
-
-def soft_labels(ages, start: float, stop: float, step: float, sigma: float = 1.0) -> np.ndarray:
+def soft_labels(ages, bins: AgeBins, sigma: float = 1.0) -> np.ndarray:
     """Gaussian soft labels: the probability mass of N(age, sigma^2) inside each bin (CDF differences).
 
-    Returns one row of ``n_bins`` values per age; mass outside [start, stop] is dropped, as in the original.
+    Returns one row of ``bins.count`` values per age; mass outside [start, stop] is dropped, as in the original.
     """
     if sigma <= 0:
         raise BrainzooError(f"age bins: sigma must be positive, got {sigma}")
-    centres = bin_centres(start, stop, step)
+    centres = bins.centres
     ages = np.atleast_1d(np.asarray(ages, dtype=np.float64))[:, None]
-    upper = ndtr((centres + step / 2 - ages) / sigma)
-    lower = ndtr((centres - step / 2 - ages) / sigma)
+    upper = ndtr((centres + bins.step / 2 - ages) / sigma)
+    lower = ndtr((centres - bins.step / 2 - ages) / sigma)
     return (upper - lower).astype(np.float32)
 
 
@@ -89,11 +82,3 @@ def kl_divergence_loss(y_true, y_pred):
     batch_size = tf.cast(tf.shape(y_pred)[0], y_pred.dtype)
     return tf.reduce_sum(target * (tf.math.log(target) - y_pred)) / batch_size
 
-
-def decode_age(log_probabilities, centres) -> tuple[np.ndarray, np.ndarray]:
-    """Age (expected value over the bin centres) and the standard deviation of the predicted distribution."""
-    probabilities = np.exp(np.asarray(log_probabilities, dtype=np.float64))
-    centres = np.asarray(centres, dtype=np.float64)
-    age = probabilities @ centres
-    variance = (probabilities * (centres - age[..., None]) ** 2).sum(axis=-1)
-    return age, np.sqrt(variance)

@@ -201,11 +201,13 @@ def test_original_checkpoint_files_convert(torch, tmp_path, checkpoint):
     assert record["converter"] == arch
     assert record["source"]["sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
     assert record["keras_model"]["sha256"] == hashlib.sha256(destination.read_bytes()).hexdigest()
+    # Recorded so the size of the head (an SFCN's age bins) can be checked against a spec that installs the file.
+    fixture = load_fixture(fixture_name)
+    assert list(record["keras_model"]["output_shapes"].values()) == [fixture["expected_output_shape"][1:]]
     assert record["versions"]["torch"] == torch.__version__ and record["versions"]["tensorflow"] == tf.__version__
     assert record["self_check"]["status"] == "passed"
     assert record["self_check"]["max_abs_difference"] <= record["self_check"]["tolerance"]
     # The files hold the fixture's seeded tensors, so the saved model gives the original's output.
-    fixture = load_fixture(fixture_name)
     loaded = tf.keras.models.load_model(destination, compile=False)
     first_sample = fixture_input(fixture["input_shape_ncdhw"])[:1]
     assert_reproduces(keras_predict(loaded, first_sample), expected_output(fixture)[:1])

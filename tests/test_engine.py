@@ -23,6 +23,7 @@ DRIVER = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     from brainzoo.models import sfcn
+    from brainzoo.outputs import AgeBins
     from brainzoo.training.engine import TrainingPlan, fit
 
     rng = np.random.default_rng(0)
@@ -37,7 +38,7 @@ DRIVER = textwrap.dedent("""
         return tf.data.Dataset.from_tensor_slices((x[:4], ages[:4])).batch(2)
 
     plan = TrainingPlan(epochs=int(sys.argv[2]), steps_per_epoch=4, batch_size=2, seed=3, checkpoint_every_steps=1,
-                        loss={"name": "sfcn-kl", "bins": {"start": 15, "stop": 65, "step": 5}},
+                        loss={"name": "sfcn-kl"}, bins=AgeBins(15, 65, 5),
                         optimizer={"name": "sgd", "learning_rate": 0.01, "momentum": 0.9})
     build = lambda: sfcn((32, 32, 32, 1), channels=(4, 4, 4, 4, 4, 4), n_bins=10, dropout=0.5)
     fit(build, train_data, validation_data, plan, Path(sys.argv[1]), progress=False)

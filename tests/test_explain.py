@@ -25,6 +25,7 @@ from brainzoo.errors import BrainzooError
 from brainzoo.explain import (class_index, explain_problems, explain_scan, explain_settings, grad_cam,
                               on_input_grid)
 from brainzoo.models.layers import batch_norm, conv3d
+from brainzoo.outputs import OutputDecoding
 
 layers = tf.keras.layers
 
@@ -32,6 +33,7 @@ GRID = (16, 16, 16)
 OCTANT_LAYER = "octant_features"
 CLASSES = [{"label": "young"}, {"label": "middle"}, {"label": "old"}]
 BINS = {"start": 20, "stop": 60, "step": 5}
+AGE = OutputDecoding("age")
 # The scan's voxel axes are (posterior, left, superior): the RAS network grid swaps its first two axes and flips them.
 SCAN_AFFINE = np.array([[0, -1, 0, 10], [-1, 0, 0, 12], [0, 0, 1, -11], [0, 0, 0, 1]], dtype=float)
 SCAN_SHAPE = (22, 26, 24)
@@ -112,7 +114,7 @@ def test_a_class_no_feature_raises_gives_an_empty_map_and_says_so():
     model = octant_network("logits", len(CLASSES), with_sex=True)
     batch = octant_scan().get_fdata(dtype=np.float32)[:16, :16, :16][np.newaxis, ..., np.newaxis]
     result = grad_cam([model], [batch, np.ones((1, 1), np.float32)], layer=OCTANT_LAYER,
-                      output_spec={"type": "age-group-logits", "classes": CLASSES}, target="young")
+                      decoding=OutputDecoding.from_spec({"type": "age-group-logits", "classes": CLASSES}), target="young")
     assert result.class_index == 0 and result.map.max() == 0
 
 
@@ -120,8 +122,8 @@ def test_an_ensemble_map_is_the_mean_of_its_members_maps():
     first, second = octant_network("age", 1), octant_network("age", 1)
     second.get_layer("conv").set_weights([w[..., ::-1] * 0.5 for w in second.get_layer("conv").get_weights()])
     batch = octant_scan().get_fdata(dtype=np.float32)[:16, :16, :16][np.newaxis, ..., np.newaxis]
-    maps = [grad_cam([m], batch, layer=OCTANT_LAYER, output_spec={"type": "age"}).map for m in (first, second)]
-    both = grad_cam([first, second], batch, layer=OCTANT_LAYER, output_spec={"type": "age"})
+    maps = [grad_cam([m], batch, layer=OCTANT_LAYER, decoding=AGE).map for m in (first, second)]
+    both = grad_cam([first, second], batch, layer=OCTANT_LAYER, decoding=AGE)
     assert not np.allclose(maps[0], maps[1])
     np.testing.assert_allclose(both.map, (maps[0] + maps[1]) / 2, rtol=1e-6)
     assert len(both.scores) == 2
@@ -208,9 +210,9 @@ def test_the_keras_twin_of_the_fixture_network_gives_pytorch_s_logits(reference)
 def test_grad_cam_matches_the_pytorch_reference(reference, class_index):
     state = {key.removeprefix("state/"): value for key, value in reference.items() if key.startswith("state/")}
     model = keras_twin(state)
-    output_spec = {"type": "age-group-logits", "classes": [{"label": f"class-{i}"} for i in range(3)]}
+    decoding = OutputDecoding.from_spec({"type": "age-group-logits", "classes": [{"label": f"class-{i}"} for i in range(3)]})
     result = grad_cam([model], reference["input"][np.newaxis, ..., np.newaxis], layer="features",
-                      output_spec=output_spec, target=str(class_index))
+                      decoding=decoding, target=str(class_index))
     expected_layer_map = reference[f"layer_map/{class_index}"]
     np.testing.assert_allclose(result.map, expected_layer_map, rtol=1e-4, atol=1e-4 * expected_layer_map.max())
     input_map, _ = on_input_grid(result.map, GRID)
@@ -220,9 +222,9 @@ def test_grad_cam_matches_the_pytorch_reference(reference, class_index):
 
 def test_the_predicted_class_is_the_default_target(reference):
     state = {key.removeprefix("state/"): value for key, value in reference.items() if key.startswith("state/")}
-    output_spec = {"type": "age-group-logits", "classes": [{"label": f"class-{i}"} for i in range(3)]}
+    decoding = OutputDecoding.from_spec({"type": "age-group-logits", "classes": [{"label": f"class-{i}"} for i in range(3)]})
     result = grad_cam([keras_twin(state)], reference["input"][np.newaxis, ..., np.newaxis], layer="features",
-                      output_spec=output_spec)
+                      decoding=decoding)
     assert result.class_index == int(np.argmax(reference["logits"]))
 
 
@@ -252,7 +254,7 @@ def test_validate_checks_the_explain_section():
                for p in explain_problems({**spec, "explain": {"layer": "conv_5_relu", "target": 1}}))
     assert any("explain: missing" in p for p in explain_problems({k: v for k, v in spec.items() if k != "explain"}))
     with pytest.raises(BrainzooError, match="target 'elderly' is neither 'predicted', a class label"):
-        class_index("elderly", {"type": "age-group-logits", "classes": CLASSES})
+        class_index("elderly", OutputDecoding.from_spec({"type": "age-group-logits", "classes": CLASSES}))
 
 
 def test_explain_writes_the_map_on_the_scan_s_grid(converted_clone, head_and_mask, tmp_path):

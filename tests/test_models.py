@@ -11,13 +11,14 @@ import pytest
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.models import (BUILDERS, ScaledResidual, TrilinearUpsampling3D, agemapper, bin_centres, decode_age,
-                             densenet169_3d, inception_resnet_v2_3d, kl_divergence_loss, pytorch_parameter_count,
-                             sfcn, soft_labels)
+from brainzoo.models import (BUILDERS, ScaledResidual, TrilinearUpsampling3D, agemapper, densenet169_3d,
+                             inception_resnet_v2_3d, kl_divergence_loss, pytorch_parameter_count, sfcn, soft_labels)
+from brainzoo.outputs import AgeBins
 
 # Standard normal mass within 0.5 of the mean, and between 0.5 and 1.5 on one side.
 MASS_CENTRE_BIN = 0.3829249225480262
 MASS_NEXT_BIN = 0.2417303374571288
+UKBIOBANK_BINS = AgeBins(42, 82, 1)
 SAVING_HDF5 = pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
 
 
@@ -110,16 +111,8 @@ def test_builders_load_weights_from_a_file(tmp_path):
         agemapper(input_shape=(32, 32, 32, 1), channels=(8, 8, 8, 8, 8), weights=tmp_path / "agemapper.h5")
 
 
-def test_bin_centres():
-    np.testing.assert_allclose(bin_centres(42, 82, 1), np.arange(42.5, 82, 1.0))
-    flair = bin_centres(15, 95, 2)
-    assert len(flair) == 40 and flair[0] == 16 and flair[-1] == 94
-    with pytest.raises(BrainzooError, match="whole number of steps"):
-        bin_centres(42, 82, 3)
-
-
 def test_soft_labels_integrate_a_gaussian_over_each_bin():
-    labels = soft_labels([60.5, 42.0], 42, 82, 1, sigma=1)
+    labels = soft_labels([60.5, 42.0], UKBIOBANK_BINS, sigma=1)
     assert labels.shape == (2, 40)
     centre = 18  # the bin [60, 61) of 60.5
     np.testing.assert_allclose(labels[0, centre - 1:centre + 2], [MASS_NEXT_BIN, MASS_CENTRE_BIN, MASS_NEXT_BIN],
@@ -128,7 +121,7 @@ def test_soft_labels_integrate_a_gaussian_over_each_bin():
     # An age on the lower edge keeps only the half of its mass that falls inside the range.
     np.testing.assert_allclose(labels[1].sum(), 0.5, rtol=1e-6)
     np.testing.assert_allclose(labels[1, 0], 0.5 - (1 - 0.8413447460685429), rtol=1e-6)  # Phi(1) - Phi(0)
-    wide = soft_labels(60.5, 42, 82, 1, sigma=2)
+    wide = soft_labels(60.5, UKBIOBANK_BINS, sigma=2)
     assert wide[0, centre] < MASS_CENTRE_BIN
 
 
@@ -144,15 +137,8 @@ def test_kl_divergence_loss_matches_hand_computation():
 def test_kl_divergence_loss_matches_the_original_pytorch_loss():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
-    targets = soft_labels(rng.uniform(45, 80, 4), 42, 82, 1)
+    targets = soft_labels(rng.uniform(45, 80, 4), UKBIOBANK_BINS)
     predicted = np.log(rng.dirichlet(np.ones(40), 4)).astype(np.float32)
     expected = torch.nn.KLDivLoss(reduction="sum")(torch.from_numpy(predicted), torch.from_numpy(targets) + 1e-16) / 4
     assert float(kl_divergence_loss(targets, predicted)) == pytest.approx(float(expected), rel=1e-5)
 
-
-def test_decode_age_gives_expected_value_and_spread():
-    log_probabilities = np.log([[0.25, 0.5, 0.25], [0.5, 0.25, 0.25]])
-    age, spread = decode_age(log_probabilities, [42.5, 43.5, 44.5])
-    # Row 2: 0.5 * 42.5 + 0.25 * 43.5 + 0.25 * 44.5; variance 0.5 * 0.75^2 + 0.25 * 0.25^2 + 0.25 * 1.25^2.
-    np.testing.assert_allclose(age, [43.5, 43.25])
-    np.testing.assert_allclose(spread, [math.sqrt(0.5), math.sqrt(0.6875)])

@@ -8,24 +8,32 @@ import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
 from brainzoo.models.sfcn import kl_divergence_loss, soft_labels
+from brainzoo.outputs import AgeBins
 from brainzoo.training.objectives import Objective, learning_rate, optimizer
 
-BINS = {"start": 42, "stop": 82, "step": 1}
+BINS = AgeBins(42, 82, 1)
 
 
 def test_sfcn_kl_inside_tf_function_matches_the_original_loss():
     """Graph mode must not turn far-tail soft labels into NaN, and must equal the numpy reference."""
-    objective = Objective({"name": "sfcn-kl", "bins": BINS, "sigma": 1.0})
+    objective = Objective({"name": "sfcn-kl", "sigma": 1.0}, BINS)
     ages = np.array([42.3, 60.0, 81.9], dtype="float32")
     log_probabilities = tf.nn.log_softmax(tf.random.stateless_normal((3, 40), seed=(1, 2)))
     graph_loss = tf.function(objective.per_example_loss)(tf.constant(ages), log_probabilities).numpy()
-    reference = kl_divergence_loss(soft_labels(ages, **BINS), log_probabilities).numpy() * 3
+    reference = kl_divergence_loss(soft_labels(ages, BINS), log_probabilities).numpy() * 3
     assert np.isfinite(graph_loss).all()
     np.testing.assert_allclose(graph_loss.sum(), reference, rtol=1e-5)
 
 
+def test_sfcn_kl_takes_its_bins_from_the_output_alone():
+    """The soft labels lie on inference.output.bins: a loss without them, or with bins of its own, is refused."""
+    for config, bins in (({"name": "sfcn-kl"}, None), ({"name": "sfcn-kl", "bins": {"start": 42, "stop": 82, "step": 1}}, BINS)):
+        with pytest.raises(BrainzooError, match="inference.output.bins"):
+            Objective(config, bins)
+
+
 def test_mae_metric_decodes_the_expected_age():
-    objective = Objective({"name": "sfcn-kl", "bins": BINS})
+    objective = Objective({"name": "sfcn-kl"}, BINS)
     one_hot_50 = np.full((1, 40), -1e9, dtype="float32")
     one_hot_50[0, 8] = 0.0  # bin [50, 51), centre 50.5
     assert objective.per_example_metric(tf.constant([48.5]), one_hot_50).numpy() == pytest.approx([2.0])

@@ -8,7 +8,8 @@ from conftest import SHARED_DATA
 from brainzoo.errors import BrainzooError
 from brainzoo.metrics import dice
 from brainzoo.predict import predict_brain_age
-from brainzoo.predict.brain_age import bin_centres, brain_age_gap, decode_output, ensemble
+from brainzoo.outputs import OutputDecoding
+from brainzoo.predict.brain_age import brain_age_gap, decode_output, ensemble
 from brainzoo.predict import registration
 from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, describe_fit, head_threshold,
                                            mni152_brain,
@@ -64,15 +65,8 @@ def test_the_cached_template_is_the_one_made_from_nilearn(tmp_path, monkeypatch)
     assert made[1].sum() > 1_500_000 and made[0][~made[1]].max() == 0
 
 
-def test_bin_centres_of_sfcn_and_flair_models():
-    np.testing.assert_allclose(bin_centres(SFCN_BINS), np.arange(42.5, 82, 1.0))
-    np.testing.assert_allclose(bin_centres({"start": 15, "stop": 95, "step": 2}), np.arange(16, 95, 2.0))
-    with pytest.raises(BrainzooError, match="whole number of steps"):
-        bin_centres({"start": 0, "stop": 10, "step": 3})
-
-
 def test_decoding_log_probabilities_by_hand():
-    spec = {"type": "age-log-probabilities", "bins": SFCN_BINS}
+    spec = OutputDecoding.from_spec({"type": "age-log-probabilities", "bins": SFCN_BINS})
     one_bin = decode_output(_log_probabilities({20: 1.0}), spec)
     assert one_bin["age"] == pytest.approx(62.5) and one_bin["sd"] == pytest.approx(0, abs=1e-4)
     # Half on 50.5, half on 52.5: mean 51.5, SD 1.
@@ -84,14 +78,14 @@ def test_decoding_log_probabilities_by_hand():
 
 
 def test_decoding_rejects_outputs_that_do_not_fit_the_spec():
-    spec = {"type": "age-log-probabilities", "bins": SFCN_BINS}
+    spec = OutputDecoding.from_spec({"type": "age-log-probabilities", "bins": SFCN_BINS})
     with pytest.raises(BrainzooError, match="39 values but output.bins defines 40"):
         decode_output(np.zeros((1, 39)), spec)
     with pytest.raises(BrainzooError, match="not log-probabilities"):
         decode_output(np.zeros((1, 40)), spec)
-    assert decode_output(np.array([[57.25]]), {"type": "age"}) == {"age": 57.25}
+    assert decode_output(np.array([[57.25]]), OutputDecoding("age")) == {"age": 57.25}
     with pytest.raises(BrainzooError, match="needs one"):
-        decode_output(np.array([[57.25, 3.0]]), {"type": "age"})
+        decode_output(np.array([[57.25, 3.0]]), OutputDecoding("age"))
 
 
 def test_ensemble_mean_and_spread():

@@ -15,7 +15,7 @@ from brainzoo import catalogue
 from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
-from brainzoo.predict.brain_age import bin_centres
+from brainzoo.outputs import AgeBins
 
 FLAIR_SFCN = "neuronets/flair-brainage-sfcn/1.0.0/flair"
 
@@ -32,7 +32,7 @@ def test_the_network_input_is_the_preprocessed_volume(raw_scan):
 
     def network(batch):
         seen.append(batch[0, ..., 0])
-        n_bins = len(bin_centres(spec_inference["output"]["bins"]))
+        n_bins = AgeBins.from_spec(spec_inference["output"]["bins"]).count
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
     record = predict_brain_age(raw_scan, [network], spec_inference=spec_inference)

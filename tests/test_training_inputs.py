@@ -20,7 +20,7 @@ from test_engine import final_weights
 
 from brainzoo import catalogue, validate
 from brainzoo.predict import predict_brain_age, preprocess_scan
-from brainzoo.predict.brain_age import bin_centres
+from brainzoo.outputs import AgeBins
 from brainzoo.training import run
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.tfrecords import write_tfrecords
@@ -55,7 +55,7 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
         seen.append(batch[0, ..., 0])
         if output["type"] == "age":
             return np.array([[50.0]])
-        n_bins = len(bin_centres(output["bins"]))
+        n_bins = AgeBins.from_spec(output["bins"]).count
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
     scan = scan_for(shape)
@@ -65,7 +65,7 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
     (tmp_path / "table.csv").write_text("path,age,sex\nscan.nii.gz,50,F\n")
     write_tfrecords(tmp_path / "table.csv", tmp_path / "records", kind="regression", progress=False)
 
-    plan = TrainingPlan.from_spec(spec["training"], batch_size=1)
+    plan = TrainingPlan.from_spec(spec, batch_size=1)
     _, validation = run.datasets(data, plan, tmp_path / "records", tmp_path / "records", run.network_orientation(spec))
     (x, y), = list(validation())
     assert y.numpy().tolist() == [[50.0]]
@@ -132,7 +132,7 @@ def reduced_builder(spec: dict) -> callable:
     """The reduced spec's own builder, or the stand-in for a network too large for this suite."""
     if spec["architecture"]["builder"] in STAND_IN:
         return lambda: stand_in((32, 32, 32, 1))
-    return run.model_builder(spec["architecture"], run.model_input_shape(spec["training"]["data"]))
+    return run.model_builder(spec, run.model_input_shape(spec["training"]["data"]))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def heads(tmp_path_factory):
 def test_every_catalogue_training_section_trains_and_checkpoints(version, heads, tmp_path):
     spec = reduced(SECTIONS[version])
     data = spec["training"]["data"]
-    plan = TrainingPlan.from_spec(spec["training"])
+    plan = TrainingPlan.from_spec(spec)
     records = heads / data["kind"]
     train_data, validation_data = run.datasets(data, plan, records, records, run.network_orientation(spec))
 

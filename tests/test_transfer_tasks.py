@@ -174,7 +174,7 @@ def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, 
     from brainzoo.models import BUILDERS
     from brainzoo.predict.brain_age import brain_age_gap
     from brainzoo.training.engine import TrainingPlan
-    from brainzoo.training.objectives import Objective
+    from brainzoo.outputs import builder_options
     from brainzoo.training.synthetic import write_synthetic_dataset
     from brainzoo.training.tfrecords import write_tfrecords
 
@@ -199,12 +199,12 @@ def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, 
     correction = spec["inference"]["output"]["bias_correction"]
     assert correction["method"] == "de-lange-cole-2020" and "n=4" in correction["citation"]
     training = spec["training"]
-    model = BUILDERS["sfcn"](input_shape=(32, 32, 32, 1), **spec["architecture"]["options"])
+    model = BUILDERS["sfcn"](input_shape=(32, 32, 32, 1), **builder_options(spec))
     model.load_weights(dest / "weights" / "model.h5")
-    plan = TrainingPlan.from_spec(training, batch_size=2)
+    plan = TrainingPlan.from_spec(spec, batch_size=2)
     _, held_out = run.datasets(training["data"], plan, records["held-out"], records["held-out"],
                                run.network_orientation(spec))
-    objective = Objective(training["loss"])
+    objective = plan.objective
     predicted = np.concatenate([objective.predicted_age(model(x)).numpy() for x, _ in held_out()])
     ages = np.concatenate([y.numpy()[:, 0] for _, y in held_out()])
     np.testing.assert_allclose(np.polyfit(ages, predicted, 1), [correction["slope"], correction["intercept"]],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
-from brainzoo.validate import conversion_record_problems, validate
+from brainzoo.validate import conversion_record_problems, spec_problems, training_data_problems, validate
 from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
 
 TOY = "neuronets/toy/0.1.0"
@@ -226,3 +227,45 @@ def test_a_model_folder_outside_the_dataset_is_an_error(catalogue, tmp_path):
     shutil.copytree(catalogue / TOY, outside, symlinks=True)
     result = brainzoo("info", str(outside), cwd=catalogue)
     assert result.returncode == 1 and "is not inside the dataset" in result.stderr and "Traceback" not in result.stderr
+
+
+SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
+
+
+def converted_to(**keras_model) -> dict:
+    """What `get --upstream` adds to a weights entry, its record's Keras model changed (deepbet's record, reused)."""
+    record = json.loads((REPO / "neuronets" / "deepbet" / "1.0.2" / "conversion" / "bbox.json").read_text())
+    record["keras_model"].update(keras_model)
+    return {"size": 1, "sha256": "0" * 64, "conversion": record}
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s["architecture"]["options"].update(n_bins=40),
+     "architecture.options: n_bins follow(s) from inference.output"),
+    (lambda s: s["training"]["loss"].update(bins={"start": 42, "stop": 82, "step": 1}),
+     "training.loss.bins: the soft labels lie on inference.output.bins"),
+    (lambda s: s["inference"]["output"]["bins"].update(step=3), "inference.output.bins: "),
+    (lambda s: s["inference"]["output"].pop("bins"), "inference.output.bins: an age-log-probabilities output"),
+    (lambda s: s["weights"][0].update(converted_to(output_shapes={"log_probabilities": [20]})),
+     "weights[0] (weights/model.h5), its conversion record: the network gives 20 values, but inference.output.bins "
+     "has 40"),
+])
+def test_the_age_bins_are_said_once_and_soundly(change, problem):
+    """The bins live in inference.output alone: a second copy (the head's n_bins, the loss's bins) could disagree."""
+    spec = yaml.safe_load((REPO / SFCN / "spec.yaml").read_text())
+    assert not list(spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
+    change(spec)
+    assert any(problem in p for p in spec_problems(spec, Path(SFCN) / "spec.yaml", REPO / SFCN))
+
+
+@pytest.mark.parametrize("normalization, where", [
+    ("divide-by-maen", "training.data.normalization"),
+    ([{"step": "zscore"}, {"step": "min-max"}], "training.data.normalization[1]"),
+])
+def test_a_misspelt_training_normalisation_is_named_with_the_allowed_steps(normalization, where):
+    """The allowed names are the training pipeline's, taken from the inference steps: written once, not in the schema."""
+    spec = yaml.safe_load((REPO / SFCN / "spec.yaml").read_text())
+    spec["training"]["data"]["normalization"] = normalization
+    wrong = normalization if isinstance(normalization, str) else normalization[1]["step"]
+    [problem] = training_data_problems(spec)
+    assert problem.startswith(f"{where}: {wrong!r} is not one of zscore, divide-by-mean, minmax, percentile (")

@@ -25,14 +25,16 @@ from tqdm import tqdm
 
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output
+from brainzoo.outputs import AgeBins, OutputDecoding
 from brainzoo.training.objectives import Objective, optimizer as make_optimizer
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingPlan:
-    """The parts of a spec's ``training`` section that drive the loop."""
+    """The parts of a spec's ``training`` section that drive the loop, with the age bins (``inference.output.bins``)
+    that an ``sfcn-kl`` loss's soft labels lie on."""
 
     epochs: int
     steps_per_epoch: int
@@ -43,16 +45,25 @@ class TrainingPlan:
     checkpoint_every_steps: int = 50
     early_stopping: dict | None = None
     precise_bn_batches: int = 0
+    bins: AgeBins | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_spec(cls, training: dict, **overrides) -> "TrainingPlan":
+    def from_spec(cls, spec: dict, **overrides) -> "TrainingPlan":
+        """The plan of a whole spec (its ``training`` section and output); ``overrides`` (not None) win."""
+        training = spec["training"]
         merged = {**training, **{k: v for k, v in overrides.items() if v is not None}}
-        known = {k: v for k, v in merged.items() if k in cls.__dataclass_fields__ and k != "extra"}
+        known = {k: v for k, v in merged.items() if k in cls.__dataclass_fields__ and k not in ("bins", "extra")}
         missing = {"epochs", "steps_per_epoch", "batch_size", "loss", "optimizer"} - known.keys()
         if missing:
             raise BrainzooError(f"training: missing {', '.join(sorted(missing))}")
-        return cls(**known, extra={k: v for k, v in training.items() if k not in cls.__dataclass_fields__})
+        output = spec.get("inference", {}).get("output")
+        bins = OutputDecoding.from_spec(output).bins if output else None
+        return cls(**known, bins=bins, extra={k: v for k, v in training.items() if k not in cls.__dataclass_fields__})
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.loss, self.bins)
 
 
 def strategy_from_environment() -> tf.distribute.Strategy:
@@ -107,7 +118,7 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     out_dir = Path(out_dir)
     scratch = worker_dir(out_dir)
     scratch.mkdir(parents=True, exist_ok=True)
-    objective = Objective(plan.loss)
+    objective = plan.objective
     l2 = float(plan.optimizer.get("l2", 0.0))
     total_steps = plan.epochs * plan.steps_per_epoch
 

@@ -10,27 +10,32 @@ import numpy as np
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
-from brainzoo.models.sfcn import TARGET_EPSILON, bin_centres
+from brainzoo.models.sfcn import TARGET_EPSILON
+from brainzoo.outputs import AgeBins
 
 SMOOTH = 1e-6
 
 
-def gaussian_soft_labels(ages: tf.Tensor, centres: np.ndarray, step: float, sigma: float) -> tf.Tensor:
+def gaussian_soft_labels(ages: tf.Tensor, bins: AgeBins, sigma: float) -> tf.Tensor:
     """TensorFlow twin of :func:`brainzoo.models.sfcn.soft_labels` (CDF differences over each bin)."""
     ages = tf.reshape(tf.cast(ages, tf.float32), (-1, 1))
-    centres = tf.constant(centres, tf.float32)[None, :]
+    centres = tf.constant(bins.centres, tf.float32)[None, :]
 
     def erf(edge):
         return tf.math.erf((edge - ages) / (sigma * np.sqrt(2.0)))
 
     # Rounding can make a far-tail difference slightly negative, and log() of it NaN: clip at zero.
-    return tf.maximum(0.5 * (erf(centres + step / 2) - erf(centres - step / 2)), 0.0)
+    return tf.maximum(0.5 * (erf(centres + bins.step / 2) - erf(centres - bins.step / 2)), 0.0)
 
 
 class Objective:
-    """A loss plus the metric a card reports, for one kind of model output."""
+    """A loss plus the metric a card reports, for one kind of model output.
 
-    def __init__(self, config: dict):
+    ``config`` is the spec's ``training.loss``; ``bins`` its ``inference.output.bins``, the support of
+    ``sfcn-kl``'s soft labels.
+    """
+
+    def __init__(self, config: dict, bins: AgeBins | None = None):
         self.name = config["name"]
         # Segmentation outputs: 1 channel is a sigmoid mask; 2 or more, softmax classes whose labels are the
         # label volume's values 0..classes-1 (one-hot here), background included.
@@ -39,9 +44,10 @@ class Objective:
             raise BrainzooError(f"training.loss.classes: {config.get('classes')!r} needs a positive count and a "
                                 "dice or jaccard loss")
         if self.name == "sfcn-kl":
-            bins = config["bins"]
-            self.step = float(bins["step"])
-            self.centres = bin_centres(bins["start"], bins["stop"], bins["step"])
+            if bins is None or "bins" in config:
+                raise BrainzooError("training.loss: sfcn-kl's soft labels lie on the age bins of inference.output.bins,"
+                                    " and only there")
+            self.bins = bins
             self.sigma = float(config.get("sigma", 1.0))
         elif self.name not in ("mse", "mae", "dice", "jaccard", "bce-logits"):
             raise BrainzooError(f"training.loss.name: unknown loss {self.name!r} "
@@ -56,7 +62,7 @@ class Objective:
     def per_example_loss(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.cast(y_pred, tf.float32)
         if self.name == "sfcn-kl":
-            target = gaussian_soft_labels(y_true, self.centres, self.step, self.sigma) + TARGET_EPSILON
+            target = gaussian_soft_labels(y_true, self.bins, self.sigma) + TARGET_EPSILON
             return tf.reduce_sum(target * (tf.math.log(target) - y_pred), axis=-1)
         if self.name == "bce-logits":  # binary labels (0 or 1) against one logit per label
             labels = tf.reshape(tf.cast(y_true, tf.float32), tf.shape(y_pred))
@@ -99,7 +105,7 @@ class Objective:
 
     def predicted_age(self, y_pred: tf.Tensor) -> tf.Tensor:
         if self.name == "sfcn-kl":
-            return tf.reduce_sum(tf.exp(y_pred) * tf.constant(self.centres, tf.float32)[None, :], axis=-1)
+            return tf.reduce_sum(tf.exp(y_pred) * tf.constant(self.bins.centres, tf.float32)[None, :], axis=-1)
         return tf.reshape(y_pred, (-1,))
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import tensorflow as tf
 
 from brainzoo.errors import BrainzooError
+from brainzoo.predict import steps
 from brainzoo.predict.steps import PERCENTILE_WINDOW, check_options, check_step_options
 
 SAMPLINGS = ("random", "grid", "brain")
@@ -73,23 +74,33 @@ def _percentile_window(volume: tf.Tensor, low: float = PERCENTILE_WINDOW[0],
     return (tf.clip_by_value(volume, floor, ceiling) - floor) / tf.maximum(ceiling - floor, _EPSILON)
 
 
-# The inference steps (brainzoo.predict.steps) a training pipeline can run, with the same options.
+# The TensorFlow twin of each inference intensity step a training pipeline can run, with the same options.
+_TWINS = {steps.zscore: _zscore, steps.divide_by_mean: _divide_by_mean, steps.minmax: _minmax,
+          steps.percentile_window: _percentile_window}
+# Named by the inference steps' vocabulary (brainzoo.predict.steps.INTENSITY_STEPS), the one place names are written.
 NORMALIZATION_STEPS: dict[str, Callable[..., tf.Tensor]] = {
-    "zscore": _zscore, "divide-by-mean": _divide_by_mean, "minmax": _minmax, "percentile": _percentile_window,
-}
+    name: _TWINS[step] for name, step in steps.INTENSITY_STEPS.items() if step in _TWINS}
 
 
-def normalization_steps(normalization: str | Sequence[dict] | None) -> list[dict]:
-    """A spec's ``normalization`` as a list of steps: ``null`` (none), a step name, or steps with options."""
+def normalization_steps(normalization: str | Sequence[dict] | None, where: str = "normalization") -> list[dict]:
+    """A spec's ``normalization`` as a list of steps: ``null`` (none), a step name, or steps with options.
+
+    ``where`` names the spec's field in errors (``brainzoo validate`` checks specs with this).
+    """
     if normalization is None:
         return []
-    steps = [{"step": normalization}] if isinstance(normalization, str) else [dict(s) for s in normalization]
-    for step in steps:
+    named = isinstance(normalization, str)
+    listed = [{"step": normalization}] if named else [dict(s) for s in normalization]
+    for i, step in enumerate(listed):
+        at = where if named else f"{where}[{i}]"
         if step.get("step") not in NORMALIZATION_STEPS:
-            raise BrainzooError(f"normalization: {step.get('step')!r} is not one of "
-                                f"{', '.join(NORMALIZATION_STEPS)} (the inference steps a training pipeline runs)")
-        check_step_options(step)
-    return steps
+            raise BrainzooError(f"{at}: {step.get('step')!r} is not one of {', '.join(NORMALIZATION_STEPS)} "
+                                "(the inference intensity steps a training pipeline runs)")
+        try:
+            check_step_options(step)
+        except BrainzooError as err:
+            raise BrainzooError(f"{at}: {err}") from None
+    return listed
 
 
 def normalize(volume: tf.Tensor, normalization: str | Sequence[dict] | None) -> tf.Tensor:

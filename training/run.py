@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -26,6 +27,7 @@ from brainzoo.fileio import atomic_output, sha256_of
 from brainzoo.model_files import load_keras_model, open_model_file, verified_weights_path
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
+from brainzoo.outputs import BIN_KEYS, AgeBins, builder_options
 from brainzoo.training.adversarial import ADVERSARIAL_LOSS, generated_pairs, train_gan
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.objectives import Objective
@@ -45,11 +47,12 @@ def model_input_shape(data: dict) -> tuple[int, int, int, int]:
     return (*shape, 1)
 
 
-def model_builder(architecture: dict, input_shape) -> Callable[[], tf.keras.Model]:
-    name = architecture["builder"]
+def model_builder(spec: dict, input_shape) -> Callable[[], tf.keras.Model]:
+    name = spec["architecture"]["builder"]
     if name not in BUILDERS:
         raise BrainzooError(f"architecture.builder: unknown builder {name!r} (known: {', '.join(sorted(BUILDERS))})")
-    return lambda: BUILDERS[name](input_shape=input_shape, **architecture.get("options", {}))
+    options = builder_options(spec)
+    return lambda: BUILDERS[name](input_shape=input_shape, **options)
 
 
 def datasets(data: dict, plan: TrainingPlan, train_records, validation_records, orientation: str = "RAS"):
@@ -194,12 +197,12 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
         check_training_records(train_records, validation_records)
     claim_run_folder(out_dir, run, force)
     training = spec["training"]
-    plan = TrainingPlan.from_spec(training, **overrides)
+    plan = TrainingPlan.from_spec(spec, **overrides)
     if adversarial:
         return train_gan(spec, train_records, out_dir, plan, progress=progress)
     train_data, validation_data = datasets(training["data"], plan, train_records, validation_records,
                                            network_orientation(spec))
-    builder = model_builder(spec["architecture"], model_input_shape(training["data"]))
+    builder = model_builder(spec, model_input_shape(training["data"]))
     if init_weights is not None:
         fresh = builder
 
@@ -210,7 +213,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
     grid = whole_grid_shape(spec)
     if grid and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
-        whole = model_builder(spec["architecture"], (*grid, 1))()
+        whole = model_builder(spec, (*grid, 1))()
         whole.set_weights(load_keras_model(out_dir / "model.h5").get_weights())
         with atomic_output(out_dir / "model.h5", force=True) as tmp:
             whole.save(tmp, save_format="h5")
@@ -258,8 +261,8 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
              fit_bias_correction: bool = False, force: bool = False, progress: bool = True, **overrides) -> dict:
     """Fine-tune a catalogue version on the user's TFRecords and write a new version folder ``dest``.
 
-    ``options`` change the architecture (e.g. new age bins: ``n_bins``); the training section's loss
-    follows a ``bins`` option, and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
+    ``options`` change the architecture; a ``bins`` option (start, stop, step) gives new age bins
+    (``inference.output.bins``, which size the network's head and the loss's soft labels), and a ``labels`` option (class names, see :func:`label_names`) moves a U-Net to a
     new label set: a new head, a segmentation task and a label-map output. For ``freeze_epochs`` epochs only
     layers matching ``trainable`` (and the replaced ones) learn; then everything does. ``fit_bias_correction``
     (brain age) fits the age-bias line on the held-out validation records with the fine-tuned network and writes
@@ -281,21 +284,18 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         raise BrainzooError(f"{source.id}: its spec has no training section to fine-tune with")
     architecture = spec["architecture"]
     architecture["options"] = {**architecture.get("options", {}), **(options or {})}
-    bins = (options or {}).get("bins")
+    bins = architecture["options"].pop("bins", None)
     if bins:
-        architecture["options"].pop("bins")
-        start, stop, step = bins
-        architecture["options"]["n_bins"] = int(round((stop - start) / step))
-        training["loss"]["bins"] = {"start": start, "stop": stop, "step": step}
-        spec["inference"]["output"]["bins"] = {"start": start, "stop": stop, "step": step}
+        spec["inference"]["output"]["bins"] = dict(zip(BIN_KEYS, bins))
+        AgeBins.from_spec(spec["inference"]["output"]["bins"], "--bins")
     spec["inference"]["output"].pop("bias_correction", None)  # the source's line, not the fine-tuned network's
     labels = architecture["options"].pop("labels", None)
     architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
     if labels:
         replace = [*replace, *_relabel(spec, labels)]
-    plan = TrainingPlan.from_spec(training, **overrides)
+    plan = TrainingPlan.from_spec(spec, **overrides)
     input_shape = model_input_shape(training["data"])
-    build = model_builder(architecture, input_shape)
+    build = model_builder(spec, input_shape)
     if "parameters" in architecture:
         architecture["parameters"] = pytorch_parameter_count(build())
     source_weights = verified_weights_path(source.id)
@@ -317,7 +317,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     for phase, epochs in phases:
         if epochs <= 0:
             continue
-        phase_plan = TrainingPlan(**{**plan.__dict__, "epochs": epochs})
+        phase_plan = dataclasses.replace(plan, epochs=epochs)
         train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records,
                                                network_orientation(spec))
         patterns = list(trainable) + list(replace) if phase == "frozen" else None
@@ -340,7 +340,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         model = build()
         model.load_weights(previous)
         spec["inference"]["output"]["bias_correction"] = fitted_bias_correction(
-            model, validation_data, Objective(training["loss"]), validation_records)
+            model, validation_data, plan.objective, validation_records)
     record = _write_version(root, dest_id, source, spec, previous, results[-1], source_ref, train_records,
                             validation_records, options, replace, freeze_epochs, trainable, overrides)
     shutil.rmtree(work)
@@ -413,7 +413,7 @@ def _relabel(spec: dict, labels: list[str]) -> list[str]:
 
 
 def _source_model(source: catalogue.Version, weights: Path, input_shape) -> tf.keras.Model:
-    model = model_builder(source.spec["architecture"], input_shape)()
+    model = model_builder(source.spec, input_shape)()
     model.load_weights(weights)
     return model
 

@@ -105,6 +105,7 @@ def convert(name: str, src: str | os.PathLike | None, dst: str | os.PathLike, op
         "keras_model": {
             "file": dst.name,
             "input_shapes": {n: list(t.shape[1:]) for n, t in zip(model.input_names, model.inputs)},
+            "output_shapes": {n: list(t.shape[1:]) for n, t in zip(model.output_names, model.outputs)},
             "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),  # as PyTorch counts them
         },
         "versions": {"brainzoo": brainzoo.__version__, "tensorflow": tf.__version__, "torch": check.get("torch"),

@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 
 from brainzoo.errors import BrainzooError
+from brainzoo.outputs import OutputDecoding
 from brainzoo.predict import brain_age, classification
 from brainzoo.predict.blocks import Model, predict_block_below_head_top, predict_blocks, run_model
 from brainzoo.predict.postprocess import clean_mask
@@ -180,11 +181,12 @@ def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inferen
         raise BrainzooError(f"chronological age must be a non-negative number of years, not {age!r}")
     with _Recorder(img, "brain-age") as recorder:
         volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
+        decoding = OutputDecoding.from_spec(spec_inference["output"])
         predictions = []
         for index, model in enumerate(models):
             with recorder.timed("predict"):
                 output = run_model(model, volume.data[np.newaxis, ..., np.newaxis])
-            predictions.append({"model": index} | brain_age.decode_output(output, spec_inference["output"]))
+            predictions.append({"model": index} | brain_age.decode_output(output, decoding))
         recorder.record["predictions"] = predictions
         recorder.record["result"] = brain_age.ensemble([p["age"] for p in predictions])
         if age is not None:

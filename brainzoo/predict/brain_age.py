@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from brainzoo.errors import BrainzooError
+from brainzoo.outputs import AgeBins, OutputDecoding
 
 BIAS_CORRECTION_METHODS = {
     "de-lange-cole-2020": lambda age, slope, intercept: slope * age + intercept,
@@ -26,19 +27,10 @@ BIAS_CORRECTION_METHODS = {
 }
 
 
-def bin_centres(bins: dict) -> np.ndarray:
-    """Centres of the age bins ``{start, stop, step}``: start + step/2, ..., stop - step/2."""
-    start, stop, step = (float(bins[key]) for key in ("start", "stop", "step"))
-    count = int(round((stop - start) / step)) if step > 0 else 0
-    if count < 1 or not np.isclose(start + count * step, stop):
-        raise BrainzooError(f"output.bins {bins}: (stop - start) must be a positive whole number of steps")
-    return start + step * (np.arange(count) + 0.5)
-
-
-def decode_log_probabilities(output: np.ndarray, bins: dict) -> dict:
+def decode_log_probabilities(output: np.ndarray, bins: AgeBins) -> dict:
     """Expected age and standard deviation of the age distribution a model gives as log-probabilities."""
     log_p = np.asarray(output, dtype=np.float64).reshape(-1)
-    centres = bin_centres(bins)
+    centres = bins.centres
     if log_p.size != centres.size:
         raise BrainzooError(f"the model returned {log_p.size} values but output.bins defines {centres.size} bins")
     p = np.exp(log_p)
@@ -50,11 +42,11 @@ def decode_log_probabilities(output: np.ndarray, bins: dict) -> dict:
     return {"age": age, "sd": float(np.sqrt(p @ (centres - age) ** 2))}
 
 
-def decode_output(output: np.ndarray, output_spec: dict) -> dict:
-    """The prediction of one model for one scan, decoded as ``output_spec`` (the spec's inference.output) says."""
-    kind = output_spec["type"]
-    if kind == "age-log-probabilities":
-        return decode_log_probabilities(output, output_spec["bins"])
+def decode_output(output: np.ndarray, decoding: OutputDecoding) -> dict:
+    """The prediction of one model for one scan, decoded as the spec's inference.output says."""
+    kind = decoding.type
+    if decoding.bins:
+        return decode_log_probabilities(output, decoding.bins)
     if kind == "age":
         values = np.asarray(output, dtype=np.float64).reshape(-1)
         if values.size != 1:

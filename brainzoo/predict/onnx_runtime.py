@@ -443,6 +443,11 @@ class OnnxModel:
                                                      providers=["CPUExecutionProvider"])
         self._inputs = [value.name for value in self._session.get_inputs()]
 
+    @property
+    def output_shape(self) -> tuple:
+        """The first output's shape, as Keras gives a model's (the batch size a name or None)."""
+        return tuple(self._session.get_outputs()[0].shape)
+
     def __call__(self, batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
         batches = [batch] if len(self._inputs) == 1 else list(batch)
         if len(batches) != len(self._inputs):

@@ -33,6 +33,7 @@ from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, output_folder, save_nifti,
                              write_csv)
+from brainzoo.outputs import OutputDecoding
 from brainzoo.predict.volumes import check_field_of_view, check_intensity_profile, load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -116,7 +117,8 @@ def load_networks(version: Version, runtime: str = "auto") -> Networks:
 
     Before either runtime reads a file, its size and sha256 are checked against the spec and its architecture
     against brainzoo's allow-list of layers (:mod:`brainzoo.model_files`): damaged weights and files that could
-    run code are refused, whichever runtime was asked for.
+    run code are refused, whichever runtime was asked for. A network whose output does not fit the spec's
+    ``inference.output`` (another number of age bins) is refused by file before it predicts anything.
     """
     from brainzoo.model_files import open_model_file, verified_sha256
 
@@ -126,6 +128,17 @@ def load_networks(version: Version, runtime: str = "auto") -> Networks:
         paths[w.name] = catalogue.resolve_weights(version.id, w.name)
         verified_sha256(w)
         open_model_file(paths[w.name]).close()
+    networks = _run_by(paths, runtime)
+    output = version.spec["inference"].get("output")
+    if output:
+        decoding = OutputDecoding.from_spec(output)
+        for name, model in networks.models.items():
+            decoding.check_output_size(model.output_shape[-1], str(paths[name]))
+    return networks
+
+
+def _run_by(paths: dict[str, Path], runtime: str) -> Networks:
+    """The files at ``paths`` as callables of ``runtime`` (see :func:`load_networks`)."""
     if runtime != "keras":
         import onnxruntime
 
