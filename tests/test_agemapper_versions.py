@@ -15,6 +15,7 @@ from conftest import REPO, brainzoo, clone_main, load_fixture, seeded_state_dict
 from test_convert import expected_output, fixture_input
 
 from brainzoo import catalogue
+from brainzoo.errors import BrainzooError
 from brainzoo.models import agemapper
 from brainzoo.predict import preprocess_scan
 
@@ -34,9 +35,8 @@ def test_the_contrast_table_is_the_upstreams_and_each_runnable_contrast_has_a_va
     assert len(CONTRASTS) == 57 and len({c["name"] for c in CONTRASTS}) == 57
     assert {c["resolution"] for c in CONTRASTS} == {"1mm", "2mm"}
     by_variant = {v.spec["variant"]: v for v in agemapper_versions()}
-    runnable = [c for c in CONTRASTS if c.get("volume", 0) == 0]
-    assert len(runnable) == 33 and len(by_variant) == 66
-    for contrast in runnable:
+    assert len(by_variant) == 114
+    for contrast in CONTRASTS:
         for sex in ("female", "male"):
             version = by_variant.pop(f"{contrast['name'].lower().replace('_', '-')}-{sex}")
             assert [w.name for w in version.weights] == [f"{sex}-1", f"{sex}-2", f"{sex}-3"]
@@ -51,7 +51,10 @@ def test_the_contrast_table_is_the_upstreams_and_each_runnable_contrast_has_a_va
 
 
 def upstream_preprocessing(volume: np.ndarray, contrast: dict) -> np.ndarray:
-    """AgeMapper's utils/data_utils.py load_and_preprocess_evaluation, on an array (its arithmetic, in float64)."""
+    """AgeMapper's utils/data_utils.py load_and_preprocess_evaluation, on an array (its arithmetic, in float64): an
+    rsfMRI component is its volume of the 4D series (``[:, :, :, rsfmri_volume]``), taken before the crop."""
+    if "volume" in contrast:
+        volume = volume[..., contrast["volume"]]
     crop = UPSTREAM_CROP[contrast["resolution"]]
     volume = volume[crop[0]:crop[1], crop[2]:crop[3], crop[4]:crop[5]]
     if contrast["name"] in ("T1_nonlinear", "T1_linear", "T2_nonlinear"):
@@ -59,19 +62,36 @@ def upstream_preprocessing(volume: np.ndarray, contrast: dict) -> np.ndarray:
     return np.float32(volume / contrast["scale_factor"])
 
 
-@pytest.mark.parametrize("variant", ["t1-nonlinear-male", "tbss-fa-female", "vbm-female", "tfmri-c-1-male"])
+@pytest.mark.parametrize("variant", ["t1-nonlinear-male", "tbss-fa-female", "vbm-female", "tfmri-c-1-male",
+                                     "rsfmri-0-female", "rsfmri-17-male", "rsfmri-24-female"])
 def test_the_spec_preprocessing_is_the_upstreams(variant, tmp_path):
+    """On a map of the full grid (for rsfMRI, a 4D series of the 25 components, each different)."""
     version = catalogue.find_version(f"neuronets/agemapper/1.0.0/{variant}", REPO)
     contrast = {f"{c['name'].lower().replace('_', '-')}-{version.spec['variant'].rsplit('-', 1)[1]}": c
                 for c in CONTRASTS}[variant]
     spacing = 1.0 if contrast["resolution"] == "1mm" else 2.0
-    data = np.random.default_rng(0).gamma(2.0, 300.0, FULL_GRID[contrast["resolution"]]).astype(np.float32)
+    components = (25,) if "volume" in contrast else ()
+    data = np.random.default_rng(0).gamma(2.0, 300.0, FULL_GRID[contrast["resolution"]] + components).astype(
+        np.float32)
     affine = np.diag([-spacing, spacing, spacing, 1.0])
     path = tmp_path / "map.nii.gz"
     nib.Nifti1Image(data, affine).to_filename(path)
-    ready, _ = preprocess_scan(path, spec_inference=version.spec["inference"])
+    ready, record = preprocess_scan(path, spec_inference=version.spec["inference"])
     np.testing.assert_allclose(np.asarray(ready.dataobj), upstream_preprocessing(data.astype(np.float64), contrast),
                                rtol=1e-5)
+    assert not any("4D series" in warning for warning in record["warnings"])  # the volume is chosen, not defaulted
+
+
+def test_an_rsfmri_component_needs_the_series_that_holds_it(tmp_path):
+    """Component 17 of a single 3D map or of a series of 10 volumes does not exist: refused, naming the file."""
+    version = catalogue.find_version("neuronets/agemapper/1.0.0/rsfmri-17-female", REPO)
+    rng = np.random.default_rng(1)
+    for name, shape, held in (("component.nii.gz", (91, 109, 91), "a single 3D volume"),
+                              ("short.nii.gz", (91, 109, 91, 10), "a 4D series of 10 volumes")):
+        nib.Nifti1Image(rng.gamma(2.0, 30.0, shape).astype(np.float32), np.diag([-2.0, 2, 2, 1])).to_filename(
+            tmp_path / name)
+        with pytest.raises(BrainzooError, match=f"{name}: is {held}; this model takes volume 17 \\(counted from 0\\)"):
+            preprocess_scan(tmp_path / name, spec_inference=version.spec["inference"])
 
 
 def write_upstream_checkpoint(torch, path: Path) -> Path:
