@@ -154,3 +154,36 @@ def test_get_says_the_networks_are_unpublished_and_names_each_member():
     assert all(hint.startswith("the upstream has not published its trained networks") for hint in hints)
     assert [hint.rsplit(" ", 1)[1] for hint in hints] == [f"female-{n}=CHECKPOINT" for n in (1, 2, 3)]
     assert all("--allow-unverified" in hint for hint in hints)
+
+
+def test_an_rsfmri_component_predicts_from_the_4d_file_through_the_cli(clone, tmp_path):
+    """rsfmri-17-female's three members converted by ``get --upstream``; ``brainzoo predict brain-age`` on a 25-volume
+    dr_stage2 file gives the mean of the three networks on the upstream's preprocessing of volume 17."""
+    torch = pytest.importorskip("torch", reason="writing an upstream-format checkpoint needs torch")
+    version_id = "neuronets/agemapper/1.0.0/rsfmri-17-female"
+    state = seeded_state_dict(load_fixture("agemapper_2mm")["state_dict"])
+    arguments = []
+    for run, scale in ((1, 1.0), (2, 1.01), (3, 1.02)):
+        checkpoint = tmp_path / f"rs17-{run}.pth.tar"
+        torch.save({key: torch.from_numpy(value * scale if value.dtype == np.float32 else value)
+                    for key, value in state.items()}, checkpoint)
+        arguments.append(f"female-{run}={checkpoint}")
+    proc = brainzoo("get", version_id, "--upstream", *arguments, "--allow-unverified", cwd=clone)
+    assert proc.returncode == 0, proc.stderr
+
+    contrast = next(c for c in CONTRASTS if c["name"] == "rsfmri_17")
+    series = np.random.default_rng(2).gamma(2.0, 30.0, (*FULL_GRID["2mm"], 25)).astype(np.float32)
+    nib.Nifti1Image(series, np.diag([-2.0, 2, 2, 1])).to_filename(tmp_path / "dr_stage2.nii.gz")
+    proc = brainzoo("predict", "brain-age", str(tmp_path / "dr_stage2.nii.gz"), "--model", version_id, "--contrast",
+                    "bold", "--out", str(tmp_path / "age.json"), cwd=clone)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "age.json").read_text())
+    assert not any("4D series" in warning for warning in record["warnings"])
+
+    network_input = upstream_preprocessing(series.astype(np.float64), contrast)[None, ..., None]
+    spec = yaml.safe_load((clone / version_id / "spec.yaml").read_text())
+    ages = [float(agemapper(resolution="2mm", weights=clone / version_id / entry["path"])(network_input,
+                                                                                          training=False)[0, 0])
+            for entry in spec["weights"]]
+    assert record["result"]["n_models"] == 3 and np.ptp(ages) > 0
+    assert record["result"]["brain_age"] == pytest.approx(np.mean(ages), rel=1e-4, abs=1e-4)
