@@ -3,12 +3,15 @@ inverts the generator, the sex classifier) converted from PyTorch, checked again
 
 The fixtures in fixtures/seeds/gan3d_*.json are copied from the shared seed fixtures: the original state_dict keys
 and shapes, and what the original returned in eval mode for the seeded tensors and the rule-made inputs (64^3
-volumes, or latents drawn from the GAN's U(0, 1) prior).
+volumes, or latents drawn from the GAN's U(0, 1) prior). The catalogue's generator and encoder go the whole way in
+a user's clone: upstream-format checkpoints through `brainzoo get --upstream`, then `brainzoo generate` and
+`brainzoo encode` through the CLI, their outputs compared with the original's.
 """
 
 import json
 import re
 
+import nibabel as nib
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,7 +22,8 @@ from brainzoo.convert.names import ARCHITECTURES
 from brainzoo.convert.state_dict import convert_state_dict
 from brainzoo.errors import BrainzooError
 from brainzoo.models import pytorch_parameter_count
-from conftest import REPO, seeded_state_dict
+from brainzoo.predict.generative import LATENTS_NAME, read_latents
+from conftest import REPO, brainzoo, clone_main, seeded_state_dict, sh
 from test_convert import fixture_input
 from test_convert_ml_mri import (assert_fails_by_the_published_change, keras_outputs, largest_difference,
                                  load_seed_fixture, spatially_flipped_kernels)
@@ -152,3 +156,74 @@ def test_the_mri_autoencoder_is_pytorchs_with_its_output_paddings(input_shape):
     tolerance = 1e-4 * max(1.0, float(np.abs(expected).max()))
     assert output.shape == expected.shape == (1, 1, *input_shape[:3])
     assert np.abs(output - expected).max() <= tolerance < np.abs(flipped - expected).max() / 100
+
+
+GENERATOR, ENCODER = "neuronets/brain-aging-gan3d/1.0.0/generator", "neuronets/brain-aging-gan3d/1.0.0/encoder"
+
+
+@pytest.fixture(scope="module")
+def converted_gan(tmp_path_factory):
+    """A user's clone of main with the generator and encoder converted by ``get --upstream`` from checkpoints in
+    the upstream's format (plain state_dicts under the upstream's file names) holding the fixtures' seeded tensors."""
+    torch = pytest.importorskip("torch", reason="writing upstream-format checkpoints needs torch")
+    root = tmp_path_factory.mktemp("gan-user")
+    clone = clone_main(REPO, root / "brainzoo")
+    for version_id, fixture_name in ((GENERATOR, "gan3d_generator"), (ENCODER, "gan3d_encoder")):
+        spec = yaml.safe_load((clone / version_id / "spec.yaml").read_text())
+        checkpoint = root / spec["weights"][0]["upstream"]["file"].rsplit("/", 1)[1]
+        state = seeded_state_dict(load_seed_fixture(fixture_name)["state_dict"])
+        torch.save({key: torch.from_numpy(value) for key, value in state.items()}, checkpoint)
+        proc = brainzoo("get", version_id, "--upstream", str(checkpoint), "--allow-unverified", "--json", cwd=clone)
+        assert proc.returncode == 0, proc.stderr
+        [record] = [r for r in map(json.loads, proc.stdout.splitlines()) if r["action"] == "get"]
+        assert record["status"] == "ok" and record["upstream_verified"] is False
+        entry = yaml.safe_load((clone / version_id / "spec.yaml").read_text())["weights"][0]
+        assert entry["conversion"]["self_check"]["status"] == "passed"
+    assert sh("git", "status", "--porcelain", cwd=clone).stdout == ""  # saved with DataLad
+    return clone
+
+
+def test_generate_on_the_converted_generator_makes_the_original_codes_volumes(converted_gan, tmp_path):
+    """``brainzoo generate --n 2 --seed 777`` draws the fixture's latents (U(0, 1) from numpy's generator seeded with
+    777): the samples written are the original PyTorch generator's output for them, on the spec's 3.4 mm grid."""
+    proc = brainzoo("generate", GENERATOR, str(tmp_path / "samples"), "--n", "2", "--seed", "777", cwd=converted_gan)
+    assert proc.returncode == 0, proc.stderr
+    fixture = load_seed_fixture("gan3d_generator")
+    np.testing.assert_array_equal(read_latents(tmp_path / "samples" / LATENTS_NAME), fixture_input_array(fixture))
+    samples = [nib.load(tmp_path / "samples" / f"sample-{i:03d}.nii.gz") for i in range(2)]
+    assert all(np.allclose(nib.affines.voxel_sizes(s.affine), 3.4) for s in samples)
+    images = np.stack([np.asarray(s.dataobj) for s in samples])[:, None]
+    assert largest_difference(images, fixture["expected_outputs"]["image"]) <= 1
+
+
+def test_encode_on_the_converted_encoder_gives_the_original_codes_latents(converted_gan, tmp_path):
+    """``brainzoo encode --preprocessed`` on the fixture's two volumes (as 64^3 NIfTI files) writes what the original
+    PyTorch encoder returned for them; on volumes ``generate`` made, what the PyTorch reference returns."""
+    torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+    from brainzoo.models.torch_reference import REFERENCES
+
+    fixture = load_seed_fixture("gan3d_encoder")
+    volumes = fixture_input_array(fixture)[..., 0]
+    scans = [tmp_path / f"volume-{i}.nii.gz" for i in range(len(volumes))]
+    for volume, scan in zip(volumes, scans):
+        nib.Nifti1Image(volume, np.diag([3.4, 3.4, 3.4, 1.0])).to_filename(scan)
+    proc = brainzoo("encode", ENCODER, *map(str, scans), "--preprocessed", "--out", str(tmp_path / "z.csv"),
+                    cwd=converted_gan)
+    assert proc.returncode == 0, proc.stderr
+    assert largest_difference(read_latents(tmp_path / "z.csv"), fixture["expected_outputs"]["latent"]) <= 1
+
+    proc = brainzoo("generate", GENERATOR, str(tmp_path / "samples"), "--n", "3", "--seed", "4", cwd=converted_gan)
+    assert proc.returncode == 0, proc.stderr
+    samples = sorted((tmp_path / "samples").glob("sample-*.nii.gz"))
+    proc = brainzoo("encode", ENCODER, *map(str, samples), "--preprocessed", "--out", str(tmp_path / "g.csv"),
+                    cwd=converted_gan)
+    assert proc.returncode == 0, proc.stderr
+    reference = REFERENCES[ARCHITECTURES["gan3d-encoder"].builder]().eval()
+    reference.load_state_dict({key: torch.from_numpy(value)
+                               for key, value in seeded_state_dict(fixture["state_dict"]).items()}, strict=True)
+    images = np.stack([np.asarray(nib.load(sample).dataobj, dtype=np.float32) for sample in samples])[:, None]
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images)).numpy()
+    latents = read_latents(tmp_path / "g.csv")
+    assert latents.shape == (3, 100)
+    assert np.abs(latents - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))

@@ -170,6 +170,9 @@ def test_brain_age_with_a_mask_on_a_small_grid():
 @pytest.mark.parametrize("change, message", [
     (lambda spec: spec["preprocessing"].append({"step": "skull-strip"}), "not supported"),
     (lambda spec: spec["preprocessing"].append({"step": "conform", "shape": [8, 8, 8]}), "takes no options"),
+    (lambda spec: spec["preprocessing"].insert(0, {"step": "volume"}), "'volume' takes one option, index"),
+    (lambda spec: spec["preprocessing"].insert(0, {"step": "volume", "index": -1}), "'volume' takes one option"),
+    (lambda spec: spec["preprocessing"].append({"step": "volume", "index": 1}), "'volume' must come first"),
     (lambda spec: spec["preprocessing"].append({"step": "crop", "shape": [60, 64, 64]}),
      "makes a 60x64x64 volume but input.shape is 64x64x64"),
     (lambda spec: spec["input"].update(contrast=["T1w", "FLAIR"]), "several contrasts"),

@@ -105,6 +105,19 @@ def test_4d_series_gives_its_first_volume_with_a_warning(tmp_path):
     np.testing.assert_array_equal(img.affine, np.diag([2.0, 2, 2, 1]))
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_named_volume_of_a_series_is_read_without_a_warning(tmp_path, suffix):
+    """``volume``: that volume (the last too, whose bytes end the gzip stream), not the first; silently."""
+    series = np.stack([_noise((9, 10, 11), seed) for seed in range(3)], axis=-1)
+    path = _write(tmp_path / f"series{suffix}", series, np.diag([2.0, 2, 2, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for index in range(3):
+            np.testing.assert_array_equal(load_volume(path, volume=index).get_fdata(), series[..., index])
+    with pytest.raises(BrainzooError, match=r"is a 4D series of 3 volumes; this model takes volume 3 \(counted"):
+        load_volume(path, volume=3)
+
+
 def test_loaded_volume_keeps_values_affine_and_header(tmp_path):
     data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
     original = nib.Nifti1Image(data, LIA)

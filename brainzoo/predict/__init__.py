@@ -5,7 +5,8 @@ The spec's ``inference`` section (a plain dict here) says what the model expects
 spacing, shape, optional block shape), ``preprocessing`` (steps run in the listed order) and ``output`` (how to
 decode). A model is a Keras model or any callable on float32 arrays shaped (batch, D, H, W, 1).
 
-Preprocessing steps: ``first-volume`` (always done on loading), ``n4`` (bias-field correction),
+Preprocessing steps: ``first-volume`` (always done on loading unless a ``volume`` step, the first, names another
+volume of a 4D series by its ``index`` counted from 0), ``n4`` (bias-field correction),
 ``brain-extraction`` (multiply by the brain mask passed in), ``register`` (affine to MNI152 1 mm, 182x218x182:
 ``template: mni152-brain``, a brain to the template brain, or ``mni152-head``, a whole head to a whole head),
 ``reorient`` / ``resample`` / ``conform`` (= both, to ``input``'s orientation, spacing and shape), and the
@@ -66,7 +67,7 @@ def predict_label_map(img: ImageSource, model: Model, *, spec_inference: dict, o
     classes = [entry["label"] for entry in spec_inference["output"]["classes"]]
     with _Recorder(img, "segmentation") as recorder:
         with recorder.timed("load"):
-            image = load_volume(img, max_voxels=max_voxels)
+            image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
         recorder.describe_input(image)
         volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
         with recorder.timed("predict"):
@@ -99,7 +100,7 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
     _check_spec(spec_inference, {"probability-mask"})
     with _Recorder(img, "brain-extraction") as recorder:
         with recorder.timed("load"):
-            image = load_volume(img, max_voxels=max_voxels)
+            image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
         recorder.describe_input(image)
         volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
         threshold = spec_inference["output"].get("threshold", 0.5)
@@ -232,7 +233,7 @@ def _load_and_preprocess(img: ImageSource, spec_inference: dict, brain_mask: Ima
     if registration not in REGISTRATIONS:
         raise BrainzooError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {registration!r}")
     with recorder.timed("load"):
-        image = load_volume(img, max_voxels=max_voxels)
+        image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
         context = _Context(brain_mask=None if brain_mask is None else load_mask(brain_mask, image,
                                                                                 max_voxels=max_voxels),
                            registration=registration)
@@ -309,11 +310,26 @@ class _Context:
     template_to_input: np.ndarray | None = None  # a register step's map from template world to scan world
 
 
+def series_volume(spec_inference: dict) -> int | None:
+    """The volume of a 4D series the model takes (its ``volume`` step's index), or None: the first, as loading
+    always keeps it (with a warning for a series). The steps are checked first: this runs before loading."""
+    steps = spec_inference.get("preprocessing") or []
+    check_preprocessing(steps)
+    return next((step["index"] for step in steps if step["step"] == "volume"), None)
+
+
 def check_preprocessing(steps: list[dict]) -> None:
     """Every step is one this library runs, with exactly the options it takes (checked before any work)."""
-    for step in steps:
+    for position, step in enumerate(steps):
         name = step["step"]
-        if name in ARRAY_STEPS:
+        if name == "volume":
+            index = step.get("index")
+            if set(step) != {"step", "index"} or isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                raise BrainzooError(f"preprocessing step 'volume' takes one option, index: the volume of a 4D "
+                                    f"series, counted from 0 (got {dict(step)})")
+            if position != 0:
+                raise BrainzooError("preprocessing step 'volume' must come first: the volume is chosen on loading")
+        elif name in ARRAY_STEPS:
             check_step_options(step)
         elif name not in _IMAGE_STEPS:
             raise BrainzooError(f"preprocessing step {name!r} is not supported by brainzoo.predict")
@@ -355,6 +371,11 @@ def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context, 
 
 def _first_volume(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
     """Nothing left to do: loading always keeps the first volume of a series (and warns)."""
+    return volume
+
+
+def _volume(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+    """Nothing left to do: loading kept the step's volume of the series (see :func:`series_volume`)."""
     return volume
 
 
@@ -400,7 +421,7 @@ def _conform(volume: GriddedVolume, model_input: dict, context: _Context, record
 
 
 _IMAGE_STEPS: dict[str, Callable[[GriddedVolume, dict, _Context, dict], GriddedVolume]] = {
-    "first-volume": _first_volume, "n4": _n4, "brain-extraction": _brain_extraction, "register": _register,
+    "first-volume": _first_volume, "volume": _volume, "n4": _n4, "brain-extraction": _brain_extraction, "register": _register,
     "reorient": _reorient, "resample": _resample, "conform": _conform,
 }
 

@@ -34,6 +34,7 @@ from brainzoo.errors import BrainzooError
 from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, output_folder, save_nifti,
                              write_csv)
 from brainzoo.outputs import OutputDecoding
+from brainzoo.predict import series_volume
 from brainzoo.predict.volumes import check_field_of_view, check_intensity_profile, load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -63,7 +64,7 @@ def check_scan(version: Version, path: Path, contrast: str | None, force: bool) 
     contrast than the model's, a field of view too small for a head, and (when no contrast is declared or named by
     a BIDS suffix) inverted intensities."""
     check_contrast(version, path, contrast, force)
-    scan = load_volume(path)
+    scan = load_volume(path, volume=series_volume(version.spec["inference"]))
     if not force:
         grid = version.spec["inference"]["input"]
         model_extent = np.asarray(grid.get("shape", [np.inf])) * np.asarray(grid.get("spacing_mm", [1.0]))

@@ -48,13 +48,16 @@ def source_name(source: ImageSource) -> str:
     return str(source)
 
 
-def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> nib.Nifti1Image:
+def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS,
+                volume: int | None = None) -> nib.Nifti1Image:
     """Read a NIfTI scan and return it as a float32 3D image with the input's affine and header.
 
     Refuses (with a BrainzooError naming the file) anything a model cannot sensibly be run on: other formats,
     unreadable, damaged or truncated files (a gzip stream is read to its end, so its CRC and length are checked),
     malformed headers, 2D images, volumes larger than ``max_voxels``, no usable orientation, absurd voxel sizes,
-    NaN or infinite voxels, and constant volumes. A 4D series gives its first volume, with a warning.
+    NaN or infinite voxels, and constant volumes. A 4D series gives its first volume, with a warning; or, given
+    ``volume`` (a model's ``volume`` step: a component of a series), that volume, and a series too short for it or
+    a single 3D volume (unless ``volume`` is 0) is refused.
     """
     name = source_name(source)
     from_file = not isinstance(source, nib.spatialimages.SpatialImage)
@@ -63,7 +66,7 @@ def load_volume(source: ImageSource, *, max_voxels: int = DEFAULT_MAX_VOXELS) ->
         if not isinstance(img, nib.Nifti1Image):
             raise BrainzooError(f"{name}: not a NIfTI image (read as {type(img).__name__}); "
                                 "convert it to .nii or .nii.gz")
-        data, stored = _read_first_volume(img, name, max_voxels)
+        data, stored = _read_volume(img, name, max_voxels, volume)
         if from_file:  # an in-memory image's header may have been fixed since it was read
             _check_orientation(_stored_header(img, name, stored), name)
         _check_geometry(img.affine, name)
@@ -119,9 +122,10 @@ def _read_gzip_checked(name: str, needed: int) -> bytes:
     return bytes(kept)
 
 
-def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> tuple[np.ndarray, bytes | None]:
-    """The first volume as float32, and (for a gzip file) the decompressed bytes up to that volume's end, from
-    the one pass that checked the whole stream."""
+def _read_volume(img: nib.Nifti1Image, name: str, max_voxels: int,
+                 index: int | None) -> tuple[np.ndarray, bytes | None]:
+    """Volume ``index`` (None: the first, with a warning for a series) as float32, and (for a gzip file) the
+    decompressed bytes up to that volume's end, from the one pass that checked the whole stream."""
     shape = img.shape
     if len(shape) < 3 or min(shape[:3]) < 2:
         raise BrainzooError(f"{name}: a 2D image (shape {shape}); a 3D volume is needed")
@@ -134,16 +138,22 @@ def _read_first_volume(img: nib.Nifti1Image, name: str, max_voxels: int) -> tupl
     dtype = img.get_data_dtype()
     if dtype.fields is not None or dtype.kind not in "biuf":
         raise BrainzooError(f"{name}: voxel type {dtype} is not a scalar intensity")
-    if len(shape) == 4 and shape[3] > 1:
-        warnings.warn(f"{name}: a 4D series of {shape[3]} volumes; using the first", stacklevel=3)
+    count = shape[3] if len(shape) == 4 else 1
+    if index is None:
+        if count > 1:
+            warnings.warn(f"{name}: a 4D series of {count} volumes; using the first", stacklevel=3)
+        index = 0
+    elif not 0 <= index < count:
+        held = f"a 4D series of {count} volumes" if len(shape) == 4 else "a single 3D volume"
+        raise BrainzooError(f"{name}: is {held}; this model takes volume {index} (counted from 0) of a 4D series")
     voxels, stored = img.dataobj, None
     if nib.is_proxy(voxels) and img.get_filename() is not None and _is_gzip(img.get_filename()):
         # The same voxels nibabel would read, from the one pass over the whole stream.
-        stored = _read_gzip_checked(name, voxels.offset + n_voxels * voxels.dtype.itemsize)
+        stored = _read_gzip_checked(name, voxels.offset + (index + 1) * n_voxels * voxels.dtype.itemsize)
         voxels = nib.arrayproxy.ArrayProxy(io.BytesIO(stored), (voxels.shape, voxels.dtype, voxels.offset,
                                                                  voxels.slope, voxels.inter))
     try:
-        data = voxels[..., 0] if len(shape) == 4 else voxels[...]
+        data = voxels[..., index] if len(shape) == 4 else voxels[...]
         return np.asarray(data, dtype=np.float32), stored
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise BrainzooError(f"{name}: cannot read the voxel data ({exc}); the file may be truncated") from exc

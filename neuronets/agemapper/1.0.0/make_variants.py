@@ -2,9 +2,10 @@
 
 One variant per contrast and sex: the upstream trained separate networks per sex, three per contrast and sex, and
 advises averaging the three per subject; `brainzoo predict brain-age` averages every weights entry of a version, so
-a version holding both sexes would average male and female networks together. The rsfMRI components 1-24 are
-volumes 1-24 of a 4D file, which brainzoo cannot select yet (loading keeps the first volume): they stay in the
-table but get no variant. Rerun after editing contrasts.yaml; variants of this version are rewritten, nothing else.
+a version holding both sexes would average male and female networks together. The 25 rsfMRI contrasts are the
+volumes 0-24 of one 4D file (fMRI/rfMRI_25.dr/dr_stage2.nii.gz): their specs start with a ``volume`` step naming
+the component, as the upstream's data_utils.py indexes the series before it crops. Rerun after editing
+contrasts.yaml; variants of this version and their index entries are rewritten, nothing else.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT))
-from brainzoo.catalogue import write_yaml  # noqa: E402
+from brainzoo.catalogue import INDEX_FILE, INDEX_HEADER, read_yaml, write_yaml  # noqa: E402
 
 VERSION = "1.0.0"
 UPSTREAM_URL = "https://github.com/AndreiRoibu/AgeMapper#network-architecture--pre-trained-networks"
@@ -42,17 +43,21 @@ def slug(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def runnable(contrast: dict) -> bool:
-    return contrast.get("volume", 0) == 0
-
-
 def preprocessing(contrast: dict) -> list[dict]:
     grid = GRID[contrast["resolution"]]
-    steps = [{"step": "crop", "shape": list(grid["shape"]), "start": list(grid["start"])}]
+    steps = [{"step": "volume", "index": contrast["volume"]}] if "volume" in contrast else []
+    steps.append({"step": "crop", "shape": list(grid["shape"]), "start": list(grid["start"])})
     if contrast["divide_by_mean"]:
         steps.append({"step": "divide-by-mean"})
     steps.append({"step": "scale", "factor": 1 / contrast["scale_factor"]})
     return steps
+
+
+def series_note(contrast: dict) -> str:
+    """For an rsfMRI component: which volume of the 4D file the network takes."""
+    if "volume" not in contrast:
+        return ""
+    return f"; a 4D series, of which volume {contrast['volume']} (counted from 0) is used"
 
 
 def spec(contrast: dict, sex: str) -> dict:
@@ -89,7 +94,8 @@ def spec(contrast: dict, sex: str) -> dict:
                 "options": {
                     "infile": {"type": "path", "required": True,
                                "help": f"the subject's UK Biobank {contrast['ukb_file']} ({grid['full']}, MNI152 "
-                                       f"{res}, FSL grid), as the UK Biobank pipeline wrote it"},
+                                       f"{res}, FSL grid), as the UK Biobank pipeline wrote it"
+                                       + series_note(contrast)},
                     "model": {"type": "str", "default": version_id, "help": "catalogue id"},
                     "outfile": {"type": "path", "required": True, "help": "JSON record of the prediction"},
                 },
@@ -126,8 +132,8 @@ def card(contrast: dict, sex: str) -> dict:
     name = contrast["name"]
     published = contrast["published"][sex]
     mean_step = ", divided by its mean" if contrast["divide_by_mean"] else ""
-    preprocessing = (f"UK Biobank pipeline output {contrast['ukb_file']} in MNI152 space ({grid['full']} at {res}), "
-                     f"cropped to voxels [{grid['start'][0]}:{grid['start'][0] + grid['shape'][0]}, "
+    preprocessing = (f"UK Biobank pipeline output {contrast['ukb_file']} in MNI152 space ({grid['full']} at {res})"
+                     f"{series_note(contrast)}, cropped to voxels [{grid['start'][0]}:{grid['start'][0] + grid['shape'][0]}, "
                      f"{grid['start'][1]}:{grid['start'][1] + grid['shape'][1]}, 0:{grid['shape'][2]}]{mean_step}, "
                      f"divided by the contrast's scale factor {contrast['scale_factor']!r}"
                      + (" (the 2 mm network upsamples x2 itself)" if res == "2mm" else "") + ".")
@@ -191,8 +197,7 @@ def card(contrast: dict, sex: str) -> dict:
             "reproduce the original PyTorch outputs). The input must be the UK Biobank pipeline's file: brainzoo "
             "does not reproduce that pipeline. Why one variant per contrast and sex: each contrast has its own "
             "scaling, and brainzoo predict averages every member of a version and cannot yet pick members by sex, "
-            "so a variant holds exactly the three networks the upstream averages. The rsfMRI components 1-24 have no "
-            "variant (brainzoo keeps only the first volume of a 4D file). The published figures come from the "
+            "so a variant holds exactly the three networks the upstream averages. The published figures come from the "
             "authors' analysis notebooks; the SDS 2023 paper itself was not read here. Apply an age-bias "
             "correction fitted on your own data before interpreting deltas."),
         "License": {"weights": "BSD-3-Clause (upstream repository licence)",
@@ -201,11 +206,21 @@ def card(contrast: dict, sex: str) -> dict:
     }
 
 
+def list_in_index(version_ids: list[str]) -> None:
+    """The top-level index lists exactly these variants of this version (each recommended: each is the only
+    network set for its contrast and sex), sorted like the rest."""
+    index = read_yaml(ROOT / INDEX_FILE)
+    prefix = f"neuronets/agemapper/{VERSION}/"
+    entries = [e for e in index["catalogue"] if not e["path"].startswith(prefix)]
+    entries += [{"id": v, "path": v, "task": "brain-age", "recommended": True} for v in version_ids]
+    index["catalogue"] = sorted(entries, key=lambda e: e["path"])
+    write_yaml(ROOT / INDEX_FILE, index, header=INDEX_HEADER)
+
+
 def main() -> None:
     contrasts = yaml.safe_load((HERE / "contrasts.yaml").read_text())["contrasts"]
+    written = []
     for contrast in contrasts:
-        if not runnable(contrast):
-            continue
         for sex in SEXES:
             data = spec(contrast, sex)
             folder = HERE / data["variant"]
@@ -213,6 +228,8 @@ def main() -> None:
             header = SPEC_HEADER.format(name=contrast["name"], sex=sex, id=data["id"])
             write_yaml(folder / "spec.yaml", data, header=header)
             write_yaml(folder / "model_card.yaml", card(contrast, sex))
+            written.append(data["id"])
+    list_in_index(written)
 
 
 if __name__ == "__main__":
