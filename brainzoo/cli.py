@@ -327,9 +327,9 @@ def predict_records(args: argparse.Namespace) -> Iterator[dict]:
             contrast=args.contrast, force=args.force)
         message = f"brain volume {record['prediction']['brain_volume_ml']} ml"
     elif args.predict_command == "segment":
-        record = inference.predict_label_map_file(args.model, Path(args.infile), Path(args.outfile),
-                                                  record_json=optional(args.record), contrast=args.contrast,
-                                                  runtime=args.runtime, force=args.force)
+        record = runners.predict_label_map_file(args.model, Path(args.infile), Path(args.outfile),
+                                                record_json=optional(args.record), contrast=args.contrast,
+                                                runtime=args.runtime, force=args.force)
         message = ", ".join(f"{name} {count} voxels" for name, count in record["prediction"]["voxels"].items())
     elif args.predict_command == "classify":
         record = runners.predict_classification_file(

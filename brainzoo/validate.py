@@ -199,6 +199,7 @@ def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[
             yield f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder"
     entry_point = spec["inference"]["entry_point"]
     yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point"))
+    yield from (f"{spec_rel}: {p}" for p in method_problems(spec))
     yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
     yield from (f"{spec_rel}: {p}" for p in output_problems(spec))
     for i, entry in enumerate(spec["weights"]):
@@ -237,6 +238,18 @@ def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:
     elif CONVERTERS[arch].builder != spec["architecture"]["builder"]:
         yield (f"{where}.argv: --arch {arch} fills a {CONVERTERS[arch].builder} network, but the spec's architecture "
                f"is {spec['architecture']['builder']}")
+
+
+def method_problems(spec: dict) -> Iterator[str]:
+    """The method names a runner, one that serves the spec's task."""
+    from brainzoo.predict.runners import RUNNERS
+
+    method = spec["inference"]["method"]
+    if method not in RUNNERS:
+        yield f"inference.method: {method!r} is no runner's (known: {', '.join(RUNNERS)})"
+    elif spec["task"] not in RUNNERS[method].tasks:
+        yield (f"inference.method: {method} runs {', '.join(RUNNERS[method].tasks)} models, not a {spec['task']} "
+               "model")
 
 
 def preprocessing_problems(spec: dict) -> Iterator[str]:

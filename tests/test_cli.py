@@ -23,7 +23,7 @@ def json_records(proc) -> list[dict]:
 def add_unconverted_version(root):
     spec, card = fixture_spec(), fixture_card()
     spec.update(id="neuronets/toy-age/1.0.0", model="toy-age", version="1.0.0", task="brain-age", weights=[RECIPE_WEIGHTS])
-    spec["inference"]["output"] = {"type": "age"}
+    spec["inference"].update(method="whole-volume", output={"type": "age"})
     spec["architecture"] = {"builder": "sfcn", "options": {}}  # what the recipe's --arch sfcn fills
     card["Model_details"]["Model_version"] = "1.0.0"
     write_version(root, spec, card)

@@ -314,7 +314,7 @@ def test_predict_classify_runs_the_converted_classifier_on_a_whole_head(converte
     ([], f"{TWO_CLASS}: takes the sex as an input beside the scan: pass --sex M or F"),
     (["--sex", "X"], f"{TWO_CLASS}: sex 'X' is not one of M or F"),
     (["--sex", "F", "--model", FOUR_CLASS], f"{FOUR_CLASS}: no prediction without its weights"),
-    (["--sex", "F", "--model", "neuronets/sfcn-ukbiobank/1.0.0"], "is a brain-age model, not a classifier"),
+    (["--sex", "F", "--model", "neuronets/sfcn-ukbiobank/1.0.0"], "its task is brain-age"),
 ])
 def test_bad_classify_requests_fail_with_a_message_and_no_output(converted_clone, head_and_mask, tmp_path,
                                                                  arguments, message):

@@ -99,6 +99,31 @@ def test_brain_age_without_weights_says_how_to_get_them(tmp_path, atlas):
     assert not (tmp_path / "age.json").exists()
 
 
+@pytest.mark.parametrize("version", catalogue.versions(REPO), ids=lambda v: v.id)
+def test_every_catalogue_version_runs_by_a_runner_of_its_task(version):
+    command = runners.TASK_COMMANDS[version.task]
+    found, runner = runners.runnable_version(version.id, command)
+    assert found.id == version.id and runner is runners.RUNNERS[version.spec["inference"]["method"]]
+    assert version.task in runner.tasks
+    assert (runner.brain_mask is not None) == (version.task == "brain-extraction")
+
+
+@pytest.mark.parametrize("command, model, does", [
+    ("brain-age", DEEPBET, "its task is brain-extraction (deepbet's two stages, a brain box then the brain in it); "
+                           "`brainzoo predict brain-mask` runs it, not `brainzoo predict brain-age`"),
+    ("classify", "neuronets/sfcn-ukbiobank/1.0.0", "its task is brain-age (each network once over the whole "
+                                                   "preprocessed volume, its output decoded); `brainzoo predict "
+                                                   "brain-age` runs it, not `brainzoo predict classify`"),
+    ("brain-mask", "neuronets/brain-aging-gan3d/1.0.0/generator", "its task is image-generation"),
+])
+def test_a_command_that_does_not_run_the_version_says_what_does(command, model, does, atlas, tmp_path):
+    out = tmp_path / "out.json"
+    outputs = ["--out", str(out)] if command != "brain-mask" else [str(out.with_suffix(".nii.gz"))]
+    proc = brainzoo("predict", command, str(atlas), *outputs, "--model", model, cwd=REPO)
+    assert proc.returncode == 1 and f"{model}: {does}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.iterdir())
+
+
 def test_study_keeps_going_past_a_failing_scan_and_shards(masker, atlas, tmp_path):
     broken = tmp_path / "broken_T1w.nii.gz"
     broken.write_text("junk")

@@ -68,6 +68,14 @@ def test_toy_catalogue_is_valid(catalogue):
      f"{TOY}/spec.yaml: inference.deepbet: a deepbet spec needs this block"),
     ("spec.yaml", lambda s: s["inference"].update(deepbet={"bbox_margin": 0.1}),
      f"{TOY}/spec.yaml: inference.deepbet: only a spec whose inference.method is deepbet"),
+    ("spec.yaml", lambda s: s["inference"].update(method="sliding-window"),
+     f"{TOY}/spec.yaml: inference.method: 'sliding-window' is no runner's (known: blocks, deepbet, whole-volume, "
+     "generation)"),
+    ("spec.yaml", lambda s: s["inference"].update(method="whole-volume"),
+     f"{TOY}/spec.yaml: inference.method: whole-volume runs brain-age, age-group, sex-classification models, not a "
+     "brain-extraction model"),
+    ("spec.yaml", lambda s: s["inference"].pop("method"),
+     f"{TOY}/spec.yaml: inference: 'method' is a required property"),
 ])
 def test_each_problem_names_file_and_field(catalogue, file, change, expected):
     edit_yaml(catalogue / TOY / file, change)

@@ -35,13 +35,16 @@ def latent_prior(n: int, latent_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, latent_size)).astype(np.float32)
 
 
-def _load(ref: str | os.PathLike) -> tuple[object, catalogue.Version | None]:
-    """The Keras model of a catalogue id or a model file, and the catalogue version (None for a file)."""
+def _load(ref: str | os.PathLike, command: str) -> tuple[object, catalogue.Version | None]:
+    """The Keras model of a catalogue id that ``brainzoo COMMAND`` runs, or of a model file, and the catalogue
+    version (None for a file)."""
     from brainzoo.model_files import load_keras_model, verified_weights_path
+    from brainzoo.predict.runners import runnable_version
 
     if Path(ref).is_file():
         return load_keras_model(ref), None
-    return load_keras_model(verified_weights_path(str(ref))), catalogue.find_version(str(ref))
+    version, _ = runnable_version(str(ref), command)
+    return load_keras_model(verified_weights_path(version.id)), version
 
 
 def _centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -86,7 +89,7 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
         existing = [name for name in names if (out_dir / name).exists()]
         if existing:
             raise BrainzooError(f"{out_dir / existing[0]}: already exists; pass --force to overwrite it")
-    generator, version = _load(ref)
+    generator, version = _load(ref, "generate")
     latents = latent_prior(n, generator.input_shape[-1], seed)
     images = _run_batches(generator, latents)[..., 0]
     spacing = version.spec["inference"]["input"]["spacing_mm"] if version else DEFAULT_SPACING_MM
@@ -147,7 +150,7 @@ def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: 
     for scan in scans:
         if not scan.is_file():
             raise BrainzooError(f"{scan}: no such scan")
-    encoder, version = _load(ref)
+    encoder, version = _load(ref, "encode")
     if any(layer.name == CODE_LAYER for layer in encoder.layers):  # an autoencoder: its code, not its reconstruction
         import tensorflow as tf
 

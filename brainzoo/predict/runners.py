@@ -1,10 +1,10 @@
 """`brainzoo predict`: catalogue versions run on scans, one at a time or a whole study.
 
 The version's spec decides everything: which networks to load (every weights entry; several make an
-ensemble), how its brain-extraction model runs (``inference.method``, a key of ``BRAIN_EXTRACTION_RUNNERS``:
-``blocks`` for U-Nets, ``deepbet`` for the deepbet port), preprocessing and output decoding. Every record names the model
-versions, the sha256 of each weights file used and the runtime that ran them, so a result can be traced to
-exact bytes.
+ensemble), how they run (``inference.method``, a key of ``RUNNERS``), preprocessing and output decoding. Its
+``task`` decides which command runs it (``TASK_COMMANDS``): one check, :func:`runnable_version`, turns away a
+version asked for something it does not do. Every record names the model versions, the sha256 of each weights file
+used and the runtime that ran them, so a result can be traced to exact bytes.
 
 Runtimes: every network runs by ONNX Runtime where every layer of its .h5 maps (:mod:`brainzoo.predict.onnx_runtime`;
 ``auto``, the default), which spares the process TensorFlow's import; every network of the catalogue maps, so Keras
@@ -194,9 +194,42 @@ def _deepbet_runner(version: Version, networks: Callable[[], Networks], threshol
     return run
 
 
-# How a brain-extraction version runs, by its spec's ``inference.method`` (``blocks`` when not given).
-BRAIN_EXTRACTION_RUNNERS: dict[str, Callable[[Version, Callable[[], Networks], float], MaskRun]] = {
-    "blocks": _blocks_runner, "deepbet": _deepbet_runner}
+@dataclass(frozen=True)
+class Runner:
+    """One ``inference.method``: how its networks run, and the spec tasks it serves (checked by validate)."""
+
+    how: str
+    tasks: tuple[str, ...]
+    brain_mask: Callable[[Version, Callable[[], Networks], float], MaskRun] | None = None  # brain-extraction
+
+
+# How a version's networks run, by its spec's ``inference.method``.
+RUNNERS = {
+    "blocks": Runner("a U-Net over the model grid, whole or in blended blocks", ("brain-extraction", "segmentation"),
+                     _blocks_runner),
+    "deepbet": Runner("deepbet's two stages, a brain box then the brain in it", ("brain-extraction",),
+                      _deepbet_runner),
+    "whole-volume": Runner("each network once over the whole preprocessed volume, its output decoded",
+                           ("brain-age", "age-group", "sex-classification")),
+    "generation": Runner("a generator from latents, or an encoder from volumes to latents",
+                         ("image-generation", "latent-encoding")),
+}
+
+# The command that runs a version, by its spec's task.
+TASK_COMMANDS = {"brain-extraction": "predict brain-mask", "segmentation": "predict segment",
+                 "brain-age": "predict brain-age", "age-group": "predict classify",
+                 "sex-classification": "predict classify", "image-generation": "generate",
+                 "latent-encoding": "encode"}
+
+
+def runnable_version(ref: str, command: str) -> tuple[Version, Runner]:
+    """The version ``ref`` names and its runner, if ``brainzoo COMMAND`` is what runs it."""
+    version = catalogue.find_version(ref)
+    runner = RUNNERS[version.spec["inference"]["method"]]  # validate vouches for the key
+    if TASK_COMMANDS[version.task] != command:
+        raise BrainzooError(f"{version.id}: its task is {version.task} ({runner.how}); `brainzoo "
+                            f"{TASK_COMMANDS[version.task]}` runs it, not `brainzoo {command}`")
+    return version, runner
 
 
 @dataclass
@@ -209,16 +242,13 @@ class BrainMasker:
 
     @classmethod
     def load(cls, ref: str, threshold: float | None = None, runtime: str = "auto") -> BrainMasker:
-        version = catalogue.find_version(ref)
-        if version.task != "brain-extraction":
-            raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-extraction model")
+        version, runner = runnable_version(ref, "predict brain-mask")
         check_runtime(runtime)
-        inference = version.spec["inference"]
-        threshold = threshold if threshold is not None else inference["output"].get("threshold", 0.5)
+        if threshold is None:
+            threshold = version.spec["inference"]["output"].get("threshold", 0.5)
         # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
         networks = functools.cache(lambda: load_networks(version, runtime))
-        runner = BRAIN_EXTRACTION_RUNNERS[inference.get("method", "blocks")]
-        return cls(version, runner(version, networks, threshold), networks)
+        return cls(version, runner.brain_mask(version, networks, threshold), networks)
 
     def brain(self, scan: nib.Nifti1Image | Path) -> np.ndarray:
         """The scan's brain mask as a boolean array on its own grid."""
@@ -264,10 +294,7 @@ def predict_label_map_file(ref: str, infile: Path, outfile: Path, *, record_json
     """``brainzoo predict segment``: a segmentation version's label map of one scan (and its record), all or none."""
     from brainzoo.predict import predict_label_map
 
-    version = catalogue.find_version(ref)
-    if version.spec["inference"]["output"]["type"] != "label-map":
-        raise BrainzooError(f"{version.id}: its output is {version.spec['inference']['output']['type']}, not a "
-                            "label map")
+    version, _ = runnable_version(ref, "predict segment")
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",))], [infile], force)
     scan = check_scan(version, infile, input_contrast(infile, contrast), force)
     with all_or_nothing(outputs):
@@ -280,13 +307,6 @@ def predict_label_map_file(ref: str, infile: Path, outfile: Path, *, record_json
         if record_json is not None:
             _save_json(record, record_json, force)
         return record
-
-
-def brain_age_version(ref: str) -> Version:
-    version = catalogue.find_version(ref)
-    if version.task != "brain-age":
-        raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-age model")
-    return version
 
 
 def check_converted(version: Version) -> None:
@@ -370,7 +390,7 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
     ``flair_outputs``: a folder for the container result files the spec declares."""
     from brainzoo.predict import predict_brain_age
 
-    version = brain_age_version(ref)
+    version, _ = runnable_version(ref, "predict brain-age")
     check_converted(version)
     age_file, results_file = _container_files(version, flair_outputs)
     outputs = check_outputs([(out_json, (".json",)), (qc_png, (".png",)), (age_file, (".txt",)),
@@ -395,16 +415,6 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
         return record
 
 
-def classifier_version(ref: str) -> Version:
-    """A version whose spec's output is class logits (the task comes from the spec, not the command)."""
-    from brainzoo.predict.classification import CLASS_OUTPUTS
-
-    version = catalogue.find_version(ref)
-    if version.spec["inference"]["output"]["type"] not in CLASS_OUTPUTS:
-        raise BrainzooError(f"{version.id}: is a {version.task} model, not a classifier")
-    return version
-
-
 def predict_classification_file(ref: str, infile: Path, *, covariates: dict[str, str | None],
                                 masker: BrainMasker | None = None, out_json: Path | None = None,
                                 contrast: str | None = None, mask: Path | None = None, force: bool = False,
@@ -414,7 +424,7 @@ def predict_classification_file(ref: str, infile: Path, *, covariates: dict[str,
     from brainzoo.predict import predict_classification
     from brainzoo.predict.classification import covariate_values
 
-    version = classifier_version(ref)
+    version, _ = runnable_version(ref, "predict classify")
     coded = covariate_values(version.spec["inference"]["input"], covariates, version.id)
     check_converted(version)
     outputs = check_outputs([(out_json, (".json",))], [infile, mask], force)
@@ -515,8 +525,7 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
         check_output(table, (".csv",), inputs=[source], force=force)
         masker = BrainMasker.load(model if task == "brain-mask" else catalogue.DEFAULT_BRAIN_MASK_MODEL,
                                   runtime=runtime)
-        version = (brain_age_version(model) if task == "brain-age" else
-                   classifier_version(model) if task == "classify" else None)
+        version = runnable_version(model, f"predict {task}")[0] if task in ("brain-age", "classify") else None
         # Unconverted weights: every row then records predict_brain_age_file's explanation.
         networks = load_networks(version) if version and all(w.published for w in version.weights) else None
     rows = []

@@ -100,6 +100,7 @@ def spec(contrast: dict, sex: str) -> dict:
                     "outfile": {"type": "path", "required": True, "help": "JSON record of the prediction"},
                 },
             },
+            "method": "whole-volume",
             "input": {"contrast": [contrast["bids_contrast"]], "orientation": "LAS",
                       "spacing_mm": [grid["spacing"]] * 3, "shape": list(grid["shape"]), "channels": 1,
                       "template": f"MNI152 {res}, FSL grid: UK Biobank pipeline output {contrast['ukb_file']}"},
