@@ -251,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: teacher/, contrasts/ and student.csv")
     p.add_argument("--force", action="store_true", help="rewrite an existing set")
 
+    p = sub.add_parser("synth-heads", parents=[common],
+                       help="synthetic whole heads and brain masks drawn from label maps (SynthSeg-style)")
+    p.add_argument("table", help="CSV/TSV: a labels column (label maps, > 0 brain), optional path (the scan whose "
+                                 "intensity classes label the head), mask (the teacher's mask) and age columns")
+    p.add_argument("--out", required=True, help="output folder: head-NNNN_T1w/_mask.nii.gz and heads.csv")
+    p.add_argument("--n", type=int, required=True, help="how many heads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-column", help="column of brain masks (default: the label map's labels > 0)")
+    p.add_argument("--age-doubling", type=float, default=10.0,
+                   help="years over which a subject's chance to be drawn doubles (default 10)")
+    p.add_argument("--force", action="store_true", help="rewrite an existing set")
+
     p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
     p.add_argument("--arch", required=True, choices=list(CONVERTERS),
                    help="architecture of the checkpoint (deepbet-*: read from the installed deepbet package)")
@@ -427,6 +439,15 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
             rows = sum(1 for _ in handle) - 1
         yield {"action": "distill", "path": str(table), "status": "ok",
                "message": f"{rows} rows; next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
+    elif args.command == "synth-heads":
+        from brainzoo.training.head_synthesis import read_sources, write_synthetic_heads
+
+        sources = read_sources(args.table, mask_column=args.mask_column)
+        table = write_synthetic_heads(sources, args.out, args.n, seed=args.seed, doubling_years=args.age_doubling,
+                                      force=args.force)
+        yield {"action": "synth-heads", "path": str(table), "status": "ok",
+               "message": f"{args.n} heads from {len(sources)} label map(s); "
+                          f"next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
     elif args.command == "train":
         result = training_run.train(args.spec, args.train, args.validation, args.out,
                                     init_weights=args.init_weights, force=args.force,
@@ -446,7 +467,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("tfrecords", "distill", "train", "transfer"):
+    if args.command in ("tfrecords", "distill", "synth-heads", "train", "transfer"):
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)
