@@ -44,7 +44,9 @@ TABLE = "heads.csv"
 HEAD_LABEL_OFFSET = 1000  # head_label_map: intensity class k outside the brain becomes label 1000 + k
 OUTSIDE_FOV = -1  # the label of voxels a cropped field of view left out
 # DLMUSE (MUSE / Neuromorphometrics numbering): 4 and 11 the 3rd and 4th ventricles, 49-52 the inferior and
-# lateral ventricles; 1 is the CSF between the gyri (the darkest label in T1, inside the brain mask).
+# lateral ventricles. Label 1 is not in DLMUSE's ROI table (the shared IXI_dlmuse.csv lists 4 and up); measured
+# on IXI012 at 2 mm it is the darkest label in T1 (mean 540; lateral ventricles 640-680, brain 1108) and half of
+# its voxels lie within 2 voxels of the brain mask's surface: the CSF between the gyri.
 DLMUSE_VENTRICLES = (4, 11, 49, 50, 51, 52)
 DLMUSE_SULCAL_CSF = (1,)
 VENTRICLE_GROWTH_MM = 8.0  # largest ventricle growth (atrophy 1)
