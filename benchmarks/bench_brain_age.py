@@ -53,6 +53,13 @@ def set_up(folder: Path, env: dict) -> Path:
     return clone
 
 
+def child_environment(folder: Path, threads: int) -> dict[str, str]:
+    """The environment of each timed ``brainzoo`` process: the venv's ``bin/`` on PATH (git-annex), ``threads``
+    for TensorFlow and ONNX Runtime, and a template cache of its own in ``folder`` (so the first run is cold)."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_NUM_INTRAOP_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "1", "BRAINZOO_CACHE": str(folder / "cache")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads (default 2)")
@@ -61,9 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_brain_age."))
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_NUM_INTRAOP_THREADS": str(args.threads),
-           "OMP_NUM_THREADS": str(args.threads), "TF_CPP_MIN_LOG_LEVEL": "1",
-           "BRAINZOO_CACHE": str(folder / "cache")}
+    env = child_environment(folder, args.threads)
     clone = set_up(folder, env)
 
     rows, records = [], []

@@ -32,7 +32,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench_brain_age import SFCN, set_up
+from bench_brain_age import SFCN, child_environment, set_up
 from bench_brain_mask import BIN, REPO, measure
 
 IXI_2MM = REPO.parent / "shared" / "data" / "ixi" / "t1_2mm"
@@ -89,9 +89,7 @@ def main() -> None:
         raise SystemExit(f"{IXI_2MM} is absent: the scans come from ../shared/data beside the repository")
     folder = args.keep or Path(tempfile.mkdtemp(prefix="bench_training."))
     folder.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TF_NUM_INTRAOP_THREADS": str(args.threads),
-           "OMP_NUM_THREADS": str(args.threads), "TF_CPP_MIN_LOG_LEVEL": "1",
-           "BRAINZOO_CACHE": str(folder / "cache")}
+    env = child_environment(folder, args.threads)
     clone = set_up(folder, env)
     tables = write_tables(folder, args.heldout)
     scans = {split: len(table.read_text().splitlines()) - 1 for split, table in tables.items()}
