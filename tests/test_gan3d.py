@@ -13,11 +13,14 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
 import yaml
 
 from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
-from brainzoo.predict.generative import LATENTS_NAME, SHEET_NAME, encode, generate, read_latents
+from brainzoo.model_files import load_keras_model
+from brainzoo.predict.generative import (CODE_LAYER, LATENTS_NAME, SHEET_NAME, encode, generate,
+                                         read_latents)
 from brainzoo.training.run import train
 
 SHAPE = [16, 16, 16]
@@ -179,9 +182,14 @@ def test_the_mri_autoencoder_trains_on_reconstruction_and_encodes_to_its_bottlen
     nib.Nifti1Image(np.asarray(head.dataobj), np.diag([3.0, 3.0, 3.0, 1.0])).to_filename(tmp_path / "head.nii.gz")
     record = encode(tmp_path / "run" / "model.h5", [tmp_path / "head.nii.gz"], tmp_path / "codes.csv",
                     preprocessed=True)
-    assert record == {"model": str(tmp_path / "run" / "model.h5"), "scans": 1, "latent_size": 8,
-                      "out": str(tmp_path / "codes.csv")}
-    assert np.isfinite(read_latents(tmp_path / "codes.csv")).all()
+    assert record == {"model": str(tmp_path / "run" / "model.h5"), "runtime": record["runtime"], "scans": 1,
+                      "latent_size": 8, "out": str(tmp_path / "codes.csv")}
+    assert record["runtime"].startswith("onnxruntime ")  # the code layer taken as the ONNX graph's output
+    trained = load_keras_model(tmp_path / "run" / "model.h5")
+    bottleneck = tf.keras.Model(trained.input, trained.get_layer(CODE_LAYER).output)
+    volume = np.asarray(nib.load(tmp_path / "head.nii.gz").dataobj, np.float32)[None, ..., None]
+    np.testing.assert_allclose(read_latents(tmp_path / "codes.csv"), bottleneck(volume).numpy(), rtol=1e-4,
+                               atol=1e-5)
     nib.Nifti1Image(np.ones((16, 16, 15), np.float32) + np.eye(16)[:, :, None][:, :, :15], np.eye(4)).to_filename(
         tmp_path / "other-grid.nii.gz")
     with pytest.raises(BrainzooError, match=f"{tmp_path / 'other-grid.nii.gz'}: is 16x16x15; without a catalogue "

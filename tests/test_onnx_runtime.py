@@ -127,6 +127,18 @@ def test_every_architecture_matches_keras(architecture, tmp_path):
                                    atol=tolerance or RELATIVE_TOLERANCE * max(1.0, float(np.abs(keras).max())))
 
 
+def test_an_inner_layer_is_taken_as_the_output_when_asked_and_a_missing_one_is_named(tmp_path):
+    """An autoencoder's code: the ONNX graph ends at the named layer, as a Keras model cut there does."""
+    tf.keras.utils.set_random_seed(5)
+    model = mri_autoencoder((17, 20, 18, 1), n_features=2, bottleneck=4)
+    model.save(tmp_path / "autoencoder.h5")
+    batch = np.random.default_rng(5).normal(size=(2, 17, 20, 18, 1)).astype(np.float32)
+    code = tf.keras.Model(model.input, model.get_layer("bottleneck").output)(batch).numpy()
+    np.testing.assert_allclose(OnnxModel(tmp_path / "autoencoder.h5", ["bottleneck"])(batch), code, atol=1e-5)
+    with pytest.raises(BrainzooError, match=f"{tmp_path / 'autoencoder.h5'}: has no layer 'code' to take an output"):
+        OnnxModel(tmp_path / "autoencoder.h5", ["code"])
+
+
 def test_the_pipeline_reads_the_brain_channel_the_networks_write():
     assert deepbet_runner.BRAIN_CHANNEL == BRAIN_CHANNEL
 

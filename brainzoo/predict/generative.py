@@ -2,8 +2,9 @@
 
 A model is named by a catalogue id (its weights checked against the spec, the sample grid's voxel size and, for
 ``encode``, the preprocessing taken from the spec) or by a saved Keras model file, such as a training run's
-``model.h5`` (then the voxel size is 1 mm and ``encode`` takes only scans already on the network's grid). Every
-output is written atomically and all or none; nothing existing is replaced without ``force``.
+``model.h5`` (then the voxel size is 1 mm and ``encode`` takes only scans already on the network's grid). Either
+runs in ONNX Runtime where every layer maps, as predictions do (:mod:`brainzoo.predict.runners`). Every output is
+written atomically and all or none; nothing existing is replaced without ``force``.
 """
 
 from __future__ import annotations
@@ -35,16 +36,31 @@ def latent_prior(n: int, latent_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (n, latent_size)).astype(np.float32)
 
 
-def _load(ref: str | os.PathLike, command: str) -> tuple[object, catalogue.Version | None]:
-    """The Keras model of a catalogue id that ``brainzoo COMMAND`` runs, or of a model file, and the catalogue
-    version (None for a file)."""
-    from brainzoo.model_files import load_keras_model, verified_weights_path
-    from brainzoo.predict.runners import runnable_version
+def _load(ref: str | os.PathLike, command: str,
+          outputs: Sequence[str] | None = None) -> tuple[object, str, catalogue.Version | None]:
+    """The network ``brainzoo COMMAND`` runs, named by a catalogue id (its weights checked against the spec) or a
+    model file, run by ONNX Runtime where every layer maps (else Keras); its runtime; and the catalogue version
+    (None for a file). ``outputs``: as :func:`~brainzoo.predict.runners.load_networks`'s."""
+    from brainzoo.predict.runners import load_network_file, load_networks, runnable_version
 
     if Path(ref).is_file():
-        return load_keras_model(ref), None
-    version, _ = runnable_version(str(ref), command)
-    return load_keras_model(verified_weights_path(version.id)), version
+        networks, version = load_network_file(Path(ref), outputs=outputs), None
+    else:
+        version, _ = runnable_version(str(ref), command)
+        networks = load_networks(version, outputs=outputs)
+    (network,) = networks.models.values()
+    return network, networks.runtime, version
+
+
+def _architecture(ref: str | os.PathLike, command: str) -> dict:
+    """The Keras functional config of a model file or of the one weights file of a catalogue id that ``brainzoo
+    COMMAND`` runs (checked, not built)."""
+    from brainzoo.model_files import open_model_file, verified_weights_path
+    from brainzoo.predict.runners import runnable_version
+
+    path = Path(ref) if Path(ref).is_file() else verified_weights_path(runnable_version(str(ref), command)[0].id)
+    with open_model_file(path) as file:
+        return json.loads(file.attrs["model_config"])["config"]
 
 
 def _centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -55,8 +71,7 @@ def _centred_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarra
 
 
 def _run_batches(model, inputs: np.ndarray) -> np.ndarray:
-    return np.concatenate([model(inputs[i:i + BATCH_SIZE], training=False).numpy()
-                           for i in range(0, len(inputs), BATCH_SIZE)])
+    return np.concatenate([np.asarray(model(inputs[i:i + BATCH_SIZE])) for i in range(0, len(inputs), BATCH_SIZE)])
 
 
 def sample_sheet(volumes: Sequence[np.ndarray], path: Path, *, title: str, force: bool = False) -> Path:
@@ -89,7 +104,7 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
         existing = [name for name in names if (out_dir / name).exists()]
         if existing:
             raise BrainzooError(f"{out_dir / existing[0]}: already exists; pass --force to overwrite it")
-    generator, version = _load(ref, "generate")
+    generator, runtime, version = _load(ref, "generate")
     latents = latent_prior(n, generator.input_shape[-1], seed)
     images = _run_batches(generator, latents)[..., 0]
     spacing = version.spec["inference"]["input"]["spacing_mm"] if version else DEFAULT_SPACING_MM
@@ -101,7 +116,7 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
                 for name, z in zip(names, latents)]
         write_csv(out_dir / LATENTS_NAME, rows, list(rows[0]), force=True)
         sample_sheet(images, out_dir / SHEET_NAME, title=f"{ref}: seed {seed}, {n} samples", force=True)
-        record = {"model": str(ref), "n": n, "seed": seed, "latent_prior": "uniform(0, 1)",
+        record = {"model": str(ref), "runtime": runtime, "n": n, "seed": seed, "latent_prior": "uniform(0, 1)",
                   "latent_size": int(latents.shape[1]), "shape": list(images.shape[1:]), "spacing_mm": list(spacing),
                   "range": [float(images.min()), float(images.max())], "samples": names[:n],
                   "latents": LATENTS_NAME, "sheet": SHEET_NAME}
@@ -150,17 +165,18 @@ def encode(ref: str | os.PathLike, scans: Sequence[str | os.PathLike], out_csv: 
     for scan in scans:
         if not scan.is_file():
             raise BrainzooError(f"{scan}: no such scan")
-    encoder, version = _load(ref, "encode")
-    if any(layer.name == CODE_LAYER for layer in encoder.layers):  # an autoencoder: its code, not its reconstruction
-        import tensorflow as tf
-
-        encoder = tf.keras.Model(encoder.input, encoder.get_layer(CODE_LAYER).output)
-    volumes = _network_inputs(scans, version, encoder.input_shape[1:4], preprocessed)
+    architecture = _architecture(ref, "encode")
+    layers = {layer["name"]: layer["config"] for layer in architecture["layers"]}
+    code = [CODE_LAYER] if CODE_LAYER in layers else None  # an autoencoder: its code, not its reconstruction
+    encoder, runtime, version = _load(ref, "encode", code)
+    input_shape = layers[architecture["input_layers"][0][0]]["batch_input_shape"][1:4]
+    volumes = _network_inputs(scans, version, input_shape, preprocessed)
     latents = _run_batches(encoder, volumes[..., None])
     columns = [f"z_{j:03d}" for j in range(latents.shape[1])]
     rows = [{"scan": str(scan), **{c: f"{v:.9g}" for c, v in zip(columns, z)}} for scan, z in zip(scans, latents)]
     write_csv(out_csv, rows, ["scan", *columns], force=force)
-    return {"model": str(ref), "scans": len(scans), "latent_size": len(columns), "out": str(out_csv)}
+    return {"model": str(ref), "runtime": runtime, "scans": len(scans), "latent_size": len(columns),
+            "out": str(out_csv)}
 
 
 def read_latents(path: str | os.PathLike) -> np.ndarray:

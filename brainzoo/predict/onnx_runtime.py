@@ -388,8 +388,9 @@ def _inbound(b: GraphBuilder, layer: dict, tensors: dict[str, Tensor]) -> list[T
     return inbound
 
 
-def keras_h5_to_onnx(path: str | os.PathLike):
-    """The ONNX model (an ``onnx.ModelProto``) computing what the Keras .h5 model at ``path`` computes.
+def keras_h5_to_onnx(path: str | os.PathLike, outputs: Sequence[str] | None = None):
+    """The ONNX model (an ``onnx.ModelProto``) computing what the Keras .h5 model at ``path`` computes, or, given
+    ``outputs`` (layer names), what those layers of it compute (an autoencoder's code).
 
     ONNX Runtime checks the graph as it loads it; ``onnx.checker`` (a second check, a second of a 200 MB network's
     load) is left to the tests.
@@ -413,13 +414,15 @@ def keras_h5_to_onnx(path: str | os.PathLike):
             tensors[name] = LAYERS[kind](b, name, layer["config"], weights.get(name, []), _inbound(b, layer, tensors))
         else:
             raise b.unsupported(name, f"{kind} layers are not mapped to ONNX")
-    outputs = []
-    for name, *_ in config["output_layers"]:
+    graph_outputs = []
+    for name in outputs or [name for name, *_ in config["output_layers"]]:
+        if name not in tensors:
+            raise BrainzooError(f"{source}: has no layer {name!r} to take an output from")
         value, rank = b.layout(tensors[name], False), tensors[name].rank
-        outputs.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT,
-                                                          [f"{value}:{axis}" for axis in range(rank)]))
+        graph_outputs.append(onnx.helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT,
+                                                                [f"{value}:{axis}" for axis in range(rank)]))
     graph = onnx.helper.make_graph(b.nodes, Path(source).stem, [inputs[name] for name, *_ in config["input_layers"]],
-                                   outputs, b.initializers)
+                                   graph_outputs, b.initializers)
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="brainzoo")
 
 
@@ -430,18 +433,24 @@ class OnnxModel:
     Threads: ``OMP_NUM_THREADS`` if set, else ONNX Runtime's default (one per physical core).
     """
 
-    def __init__(self, model):
-        """``model``: a Keras .h5 file's path, or the ONNX model :func:`keras_h5_to_onnx` made of one."""
+    def __init__(self, model, outputs: Sequence[str] | None = None):
+        """``model``: a Keras .h5 file's path (``outputs``: as :func:`keras_h5_to_onnx`'s), or the ONNX model
+        :func:`keras_h5_to_onnx` made of one."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         threads = os.environ.get("OMP_NUM_THREADS", "")
         options.intra_op_num_threads = int(threads) if threads.isdigit() else 0  # "4,2" (nested OpenMP): default
         options.inter_op_num_threads = 1
-        graph = model if hasattr(model, "SerializeToString") else keras_h5_to_onnx(model)
+        graph = model if hasattr(model, "SerializeToString") else keras_h5_to_onnx(model, outputs)
         self._session = onnxruntime.InferenceSession(graph.SerializeToString(), options,
                                                      providers=["CPUExecutionProvider"])
         self._inputs = [value.name for value in self._session.get_inputs()]
+
+    @property
+    def input_shape(self) -> tuple:
+        """The first input's shape, as Keras gives a model's, but with every size but the channels free (None)."""
+        return tuple(size if isinstance(size, int) else None for size in self._session.get_inputs()[0].shape)
 
     @property
     def output_shape(self) -> tuple:

@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -112,9 +112,10 @@ def check_runtime(runtime: str) -> None:
         raise BrainzooError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
 
 
-def load_networks(version: Version, runtime: str = "auto") -> Networks:
+def load_networks(version: Version, runtime: str = "auto", outputs: Sequence[str] | None = None) -> Networks:
     """Every weights file of a version, run by ONNX Runtime (``onnxruntime``; ``auto`` if every layer of every
-    file maps, else Keras) or as Keras models (``keras``).
+    file maps, else Keras) or as Keras models (``keras``); each returns its model's outputs or, given ``outputs``
+    (layer names), those layers' (an autoencoder's code).
 
     Before either runtime reads a file, its size and sha256 are checked against the spec and its architecture
     against brainzoo's allow-list of layers (:mod:`brainzoo.model_files`): damaged weights and files that could
@@ -129,7 +130,7 @@ def load_networks(version: Version, runtime: str = "auto") -> Networks:
         paths[w.name] = catalogue.resolve_weights(version.id, w.name)
         verified_sha256(w)
         open_model_file(paths[w.name]).close()
-    networks = _run_by(paths, runtime)
+    networks = _run_by(paths, runtime, outputs)
     output = version.spec["inference"].get("output")
     if output:
         decoding = OutputDecoding.from_spec(output)
@@ -138,7 +139,17 @@ def load_networks(version: Version, runtime: str = "auto") -> Networks:
     return networks
 
 
-def _run_by(paths: dict[str, Path], runtime: str) -> Networks:
+def load_network_file(path: Path, runtime: str = "auto", outputs: Sequence[str] | None = None) -> Networks:
+    """A Keras .h5 file that no spec describes (a training run's ``model.h5``), its architecture checked, run as
+    :func:`load_networks` runs a version's; its one network is named ``model``."""
+    from brainzoo.model_files import open_model_file
+
+    check_runtime(runtime)
+    open_model_file(path).close()
+    return _run_by({"model": path}, runtime, outputs)
+
+
+def _run_by(paths: dict[str, Path], runtime: str, outputs: Sequence[str] | None = None) -> Networks:
     """The files at ``paths`` as callables of ``runtime`` (see :func:`load_networks`)."""
     if runtime != "keras":
         import onnxruntime
@@ -146,7 +157,7 @@ def _run_by(paths: dict[str, Path], runtime: str) -> Networks:
         from brainzoo.predict.onnx_runtime import OnnxModel, UnsupportedModel
 
         try:
-            return Networks({name: OnnxModel(path) for name, path in paths.items()},
+            return Networks({name: OnnxModel(path, outputs) for name, path in paths.items()},
                             f"onnxruntime {onnxruntime.__version__}")
         except UnsupportedModel:
             if runtime == "onnxruntime":
@@ -155,7 +166,22 @@ def _run_by(paths: dict[str, Path], runtime: str) -> Networks:
 
     from brainzoo.model_files import load_keras_models
 
-    return Networks(load_keras_models(paths), f"tensorflow {tf.__version__}")
+    models = load_keras_models(paths)
+    if outputs:
+        models = {name: _layer_outputs(model, outputs, paths[name]) for name, model in models.items()}
+    return Networks(models, f"tensorflow {tf.__version__}")
+
+
+def _layer_outputs(model, outputs: Sequence[str], path: Path):
+    """The Keras model computing the ``outputs`` layers of ``model`` (loaded from ``path``)."""
+    import tensorflow as tf
+
+    names = {layer.name for layer in model.layers}
+    for name in outputs:
+        if name not in names:
+            raise BrainzooError(f"{path}: has no layer {name!r} to take an output from")
+    taken = [model.get_layer(name).output for name in outputs]
+    return tf.keras.Model(model.input, taken if len(taken) > 1 else taken[0])
 
 
 MaskRun = Callable[[nib.Nifti1Image | Path], tuple[nib.Nifti1Image, nib.Nifti1Image, dict]]
