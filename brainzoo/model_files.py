@@ -6,7 +6,8 @@ layer that JSON names. A ``Lambda`` layer carries marshalled Python bytecode tha
 package (tensorflow-probability's ``DistributionLambda``, say) runs that package's code. So
 :func:`check_model_config` reads the JSON with h5py first and refuses every layer, nested model and setting
 object whose class is not on the allow-lists below: Keras built-ins whose config is data only, and brainzoo's
-own registered layers. :func:`load_keras_model` builds the model only then, from the same open file.
+own registered layers. :func:`load_keras_model` builds the model only then, from that checked JSON, and reads
+the weight arrays from the same open file.
 
 :func:`verified_sha256` checks a catalogue weights file's size and sha256 against its spec before it is used.
 The verdict is kept in the user's cache folder keyed by the file's identity (real path, device, inode, size,
@@ -132,8 +133,9 @@ def open_model_file(path: str | os.PathLike) -> h5py.File:
 
 
 def load_keras_model(path: str | os.PathLike):
-    """A ``tf.keras.Model`` from a .h5 file, built (uncompiled, in Keras' safe mode) only once its architecture
-    has passed :func:`check_model_config`; the check and the build read the same open file."""
+    """A ``tf.keras.Model`` from a .h5 file: built (uncompiled, in Keras' safe mode) from the very architecture
+    :func:`check_model_config` passed, then given the file's weight arrays. Nothing in the file is deserialised
+    any other way: no ``load_model``, which would rebuild whatever the file names."""
     import tensorflow as tf
     from keras.src.saving.serialization_lib import SafeModeScope
 
@@ -141,10 +143,20 @@ def load_keras_model(path: str | os.PathLike):
     import brainzoo.models.deepbet  # noqa: F401
 
     with open_model_file(path) as file, SafeModeScope(True):
-        try:  # the one Keras load in brainzoo: the open file's architecture has passed the allow-list above
-            return tf.keras.models.load_model(file, compile=False)
+        try:
+            model = tf.keras.models.model_from_config(json.loads(file.attrs["model_config"]))
+            _load_weights(model, file)
         except (ValueError, TypeError, KeyError, OSError) as err:
             raise BrainzooError(f"{path}: cannot build the Keras model: {err}") from None
+    return model
+
+
+def _load_weights(model, file: h5py.File) -> None:
+    """The weight arrays of a whole-model .h5 (its ``model_weights`` group) into ``model``, layer by layer in
+    the file's order: arrays only, no code."""
+    from keras.src.saving.legacy import hdf5_format
+
+    hdf5_format.load_weights_from_hdf5_group(file["model_weights"], model)
 
 
 class EnsembleMember:
@@ -184,7 +196,8 @@ def load_keras_models(paths: dict[str, Path]) -> dict[str, object]:
             models[name] = load_keras_model(path)
             continue
         if config in graphs:
-            graphs[config].load_weights(path)
+            with open_model_file(path) as file:
+                _load_weights(graphs[config], file)
         else:
             graphs[config] = load_keras_model(path)
         models[name] = EnsembleMember(graphs[config], graphs[config].get_weights())
