@@ -37,8 +37,8 @@ from scipy import ndimage
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import all_or_nothing, output_folder, save_nifti, write_csv
 from brainzoo.training.contrast_synthesis import random_contrast, tissue_label_map
-from brainzoo.training.synthetic import _smooth_field
-from brainzoo.training.tfrecords import _read_rows
+from brainzoo.training.synthetic import smooth_field
+from brainzoo.training.tfrecords import read_rows
 
 TABLE = "heads.csv"
 HEAD_LABEL_OFFSET = 1000  # head_label_map: intensity class k outside the brain becomes label 1000 + k
@@ -149,7 +149,7 @@ def synthesize_head(labels: np.ndarray, brain: np.ndarray, *, seed: int, index: 
 
     values, compact = np.unique(labels, return_inverse=True)
     image = random_contrast(compact.reshape(labels.shape), rng, texture=ranges.texture, blur_voxels=0.0)
-    image = image * np.exp(_smooth_field(rng, labels.shape, terms=3, amplitude=rng.uniform(0.0, ranges.bias)))
+    image = image * np.exp(smooth_field(rng, labels.shape, terms=3, amplitude=rng.uniform(0.0, ranges.bias)))
     target = rng.uniform(*ranges.in_plane_mm, size=3)
     slice_axis = int(rng.integers(3))
     target[slice_axis] = rng.uniform(*ranges.slice_mm)
@@ -189,7 +189,7 @@ def _deformed_indices(shape: Sequence[int], spacing: np.ndarray, rng: np.random.
     shift = rng.uniform(-ranges.shift_mm, ranges.shift_mm, size=(3, 1))
     points_mm = rotation @ ((grid - centre) / scale) + centre + shift
     for axis in range(3):
-        points_mm[axis] += _smooth_field(rng, shape, terms=4, amplitude=ranges.warp_mm).ravel()
+        points_mm[axis] += smooth_field(rng, shape, terms=4, amplitude=ranges.warp_mm).ravel()
     points = np.rint(points_mm / spacing[:, None]).astype(np.intp)
     upper = np.array(shape)[:, None] - 1
     return tuple(np.clip(points, 0, upper).reshape(3, *shape))
@@ -216,7 +216,7 @@ def read_sources(table: str | os.PathLike, *, labels_column: str = "labels", sca
     wanted = [labels_column] + [column for column in (scan_column, mask_column, age_column)
                                 if column and column in present]
     sources = []
-    for where, row in _read_rows(table, wanted):
+    for where, row in read_rows(table, wanted):
         if not row[labels_column]:
             raise BrainzooError(f"{where}: column {labels_column!r} is empty")
         age = None
@@ -232,7 +232,7 @@ def read_sources(table: str | os.PathLike, *, labels_column: str = "labels", sca
 
 
 def _columns(table: Path) -> list[str]:
-    """The header of a CSV/TSV (empty if it cannot be read: :func:`_read_rows` then says why)."""
+    """The header of a CSV/TSV (empty if it cannot be read: :func:`read_rows` then says why)."""
     try:
         with open(table, newline="") as handle:
             return next(csv.reader(handle, delimiter="\t" if table.suffix.lower() == ".tsv" else ","), [])

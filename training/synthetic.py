@@ -84,7 +84,7 @@ def synthetic_head(age: float, *, sex: int = 0, shape: Sequence[int] = (48, 48, 
     shell = (maps.csf_level * inside_skull + rng.uniform(0.03, 0.1) * (inside_bone - inside_skull)
              + rng.uniform(0.5, 0.9) * (inside_scalp - inside_bone))
     volume = (brain * t1 + (1 - brain) * shell) ** contrast
-    volume *= rng.uniform(0.8, 1.2) * np.exp(_smooth_field(rng, shape, terms=3, amplitude=0.15))
+    volume *= rng.uniform(0.8, 1.2) * np.exp(smooth_field(rng, shape, terms=3, amplitude=0.15))
     sigma = rng.uniform(0.01, 0.04)
     volume = np.hypot(volume + rng.normal(0, sigma, shape), rng.normal(0, sigma, shape))
     return SyntheticHead(volume.astype(np.float32), (brain > 0.5).astype(np.uint8), maps.affine.copy())
@@ -122,7 +122,7 @@ def write_synthetic_dataset(
     return write_csv(out_dir / "subjects.csv", rows, ["path", "mask", "age", "sex"], force)
 
 
-def _smooth_field(rng: np.random.Generator, shape: Sequence[int], *, terms: int, amplitude: float) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape: Sequence[int], *, terms: int, amplitude: float) -> np.ndarray:
     """A random field smooth on the scale of the grid, largest magnitude ``amplitude``.
 
     A sum of products of low-frequency cosines (``terms`` per axis) with random weights: separable, so it
@@ -164,7 +164,7 @@ def _subject_points(maps: _Maps, rng: np.random.Generator, head_scale: float) ->
     points = rotation @ (grid - centre) / scale + centre + shift
     warp_voxels = 3.0 / maps.voxel_mm  # about 3 mm of smooth deformation
     for axis in range(3):
-        points[axis] += _smooth_field(rng, shape, terms=4, amplitude=warp_voxels).ravel()
+        points[axis] += smooth_field(rng, shape, terms=4, amplitude=warp_voxels).ravel()
     return points
 
 

@@ -88,7 +88,7 @@ def read_table(
             return Example(where, volume, label=path.parent / row[label_column])
         return Example(where, volume, scalars=_parse_scalars(where, row, scalar_columns))
 
-    return _every_row(path, _read_rows(path, wanted), example)
+    return _every_row(path, read_rows(path, wanted), example)
 
 
 def read_bids(root: str | os.PathLike, *, scalar_columns: Sequence[str] = ("age", "sex")) -> list[Example]:
@@ -101,7 +101,7 @@ def read_bids(root: str | os.PathLike, *, scalar_columns: Sequence[str] = ("age"
     if not participants.is_file():
         raise BrainzooError(f"{participants}: not found; a BIDS folder needs participants.tsv for the scalars")
     _check_scalar_names(participants, scalar_columns)
-    rows = _read_rows(participants, ["participant_id", *scalar_columns])
+    rows = read_rows(participants, ["participant_id", *scalar_columns])
     by_subject = dict(_every_row(participants, rows, lambda where, row: (
         row["participant_id"], (where, _parse_scalars(where, row, scalar_columns)))))
     images = sorted({*root.glob("sub-*/anat/*_T1w.nii*"), *root.glob("sub-*/ses-*/anat/*_T1w.nii*")})
@@ -282,7 +282,7 @@ def _check_scalar_names(where: str | Path, names: Sequence[str]) -> None:
         raise BrainzooError(f"{where}: scalar column {clashes[0]!r} clashes with a dataset key; rename it")
 
 
-def _read_rows(path: Path, wanted: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+def read_rows(path: Path, wanted: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
     """Rows of a CSV/TSV as ``(where, row)``, with every wanted cell present and stripped.
 
     ``where`` is ``"<table> row <n>"``, counting data rows from 1 (the header is not a row).

@@ -284,10 +284,10 @@ def head_mask(data: np.ndarray, threshold: float) -> np.ndarray:
 # iterations. Block matching at 1 mm (``BLOCK_MATCHING_LEVELS``) then makes the result sub-millimetre: the
 # template brain registered to a rotated, shifted copy of itself comes back within 0.2 mm, and Colin27's brain
 # rotated 12 degrees in its header lands within 1 mm of its unrotated fit (tests/test_predict_brain_age.py). A
-# 1 mm mutual-information level before it (1% of the voxels, 50 steps) cost 2-4.5 s of a 10-16 s fit and left
-# the fit further from reg_aladin's on 8 of the 10 bench_registration.py rows it was tried on (median 1.13 mm with
-# it, 1.05 mm without; benchmarks/README.md). A head starts further away (tilts of 20-30 degrees, heads 10-15%
-# smaller).
+# 1 mm mutual-information level before it (1% of the voxels, 50 steps) took 2-4.5 s of a 10-16 s fit; dropping it
+# was chosen ad hoc on 10 bench_registration.py rows (named in benchmarks/README.md), where it brought our fit no
+# nearer reg_aladin's; the whole benchmark with the level gone is the measurement. A head starts further away
+# (tilts of 20-30 degrees, heads 10-15% smaller).
 REGISTRATION_LEVELS = ((4.0, 0.3, 300), (2.0, 0.05, 200))
 # A head's tilt is searched before the fit, on 8 mm copies: pitch angles about the left-right axis (degrees),
 # each fitted as a similarity transform, the best kept. Gradient descent from no tilt stops in the wrong
@@ -475,7 +475,7 @@ class _BlockSet:
     """The blocks of one image that block matching follows (``select_blocks``), with their centres in RAS world."""
 
     def __init__(self, image: sitk.Image, inside: np.ndarray):
-        self.image, self.values = image, from_sitk(image)
+        self.image, self.values = image, np.ascontiguousarray(from_sitk(image))  # block_displacements' order
         self.corners = select_blocks(self.values, inside, BLOCK_SHARE, BLOCK_SEARCH_VOXELS)
         voxel_to_lps = np.eye(4)
         voxel_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
