@@ -34,6 +34,7 @@ from brainzoo.models import (agemapper, densenet169_3d, gan3d_classifier, gan3d_
 from brainzoo.models.deepbet import BRAIN_CHANNEL, deepbet_bbox
 from brainzoo.models.unet import unet
 from brainzoo.predict.onnx_runtime import LAYERS, OnnxModel, UnsupportedModel, keras_h5_to_onnx
+from brainzoo.predict.generative import read_latents
 from brainzoo.predict.registration import FSL_MNI152_AFFINE, mni152_brain
 from brainzoo.predict.steps import percentile_window
 from brainzoo.predict.volumes import GriddedVolume, conform, load_volume
@@ -275,6 +276,19 @@ def _brain_age_catalogue(root, seed=0):
     write_index(root)
 
 
+def _seeded_gan(folder) -> tuple[tf.keras.Model, tf.keras.Model]:
+    """A small generator and encoder of the GAN's architectures, seeded, their batch norms randomised, saved as
+    generator.h5 and encoder.h5 in ``folder``."""
+    tf.keras.utils.set_random_seed(4)
+    networks = (gan3d_generator(latent_size=4, n_features=2, output_shape=(16, 16, 16)),
+                gan3d_encoder((16, 16, 16, 1), latent_size=4, base_channels=2))
+    for name, network in zip(("generator", "encoder"), networks):
+        _randomise_batch_norms(network, np.random.default_rng(4))
+        network.save(folder / f"{name}.h5")
+    return networks
+
+
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file")
 def test_prediction_processes_never_import_tensorflow(student_weights, deepbet_weights, tmp_path):
     head = synthetic_head(40.0, shape=(96, 112, 96), seed=6)
     nib.save(nib.Nifti1Image(head.volume, head.affine), tmp_path / "head_T1w.nii.gz")
@@ -290,10 +304,21 @@ def test_prediction_processes_never_import_tensorflow(student_weights, deepbet_w
     commands.append([str(tmp_path / "root"), "predict", "brain-age", str(tmp_path / "brain_T1w.nii.gz"), "--model",
                      UKBIOBANK_SFCN, "--mask", str(tmp_path / "brain_mask.nii.gz"), "--age", "60",
                      "--out", str(tmp_path / "age.json")])
+    generator, encoder = _seeded_gan(tmp_path)
+    samples = [str(tmp_path / "samples" / f"sample-{i:03d}.nii.gz") for i in range(2)]
+    commands += [[str(tmp_path), "generate", str(tmp_path / "generator.h5"), str(tmp_path / "samples"), "--n", "2"],
+                 [str(tmp_path), "encode", str(tmp_path / "encoder.h5"), *samples, "--preprocessed", "--out",
+                  str(tmp_path / "latents.csv")]]
     environment = {key: value for key, value in os.environ.items() if key != "BRAINZOO_ROOT"}
     proc = subprocess.run([sys.executable, "-c", WITHOUT_TENSORFLOW, json.dumps(commands)], capture_output=True,
                           text=True, env=environment, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "samples" / "generate.json").read_text())["runtime"].startswith("onnxruntime ")
+    volumes = np.stack([np.asarray(nib.load(sample).dataobj) for sample in samples])[..., None]
+    np.testing.assert_allclose(volumes, generator(read_latents(tmp_path / "samples" / "latents.csv")).numpy(),
+                               atol=RELATIVE_TOLERANCE)
+    np.testing.assert_allclose(read_latents(tmp_path / "latents.csv"), encoder(volumes).numpy(),
+                               atol=RELATIVE_TOLERANCE)
     records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("student", "deepbet", "age")}
     assert all(record["model"]["runtime"].startswith("onnxruntime ") for record in records.values()), records
     assert len(records["student"]["prediction"]["brain_block_start"]) == 3
