@@ -43,6 +43,7 @@ from brainzoo.training.synthetic import synthetic_head
 STUDENT = "neuronets/brainzoo-unet/0.5.0"
 DEEPBET = "neuronets/deepbet/1.0.2"
 UKBIOBANK_SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
+AGE_GROUPS = "neuronets/ml-mri-age-group-cnn/1.0.0/2class"
 RELATIVE_TOLERANCE = 1e-5
 DEEPBET_TOLERANCE = 1e-4
 
@@ -261,18 +262,20 @@ for folder, *args in json.loads(sys.argv[1]):
 """
 
 
-def _brain_age_catalogue(root, seed=0):
-    """A dataset holding the UK Biobank SFCN's spec with a seeded SFCN of a few channels as its weights (the real
-    ones are converted by each user); the input and the steps are the published ones."""
+def _seeded_catalogue(root, seed=0):
+    """A dataset holding the UK Biobank SFCN's and the two-class age-group CNN's specs with seeded networks as their
+    weights (the real ones are converted by each user): an SFCN of a few channels, the classifier as published; the
+    inputs and the steps are the published ones."""
     tf.keras.utils.set_random_seed(seed)
-    model = sfcn(channels=(2, 2, 2, 2, 2, 2))
-    _randomise_batch_norms(model, np.random.default_rng(seed))
-    model.save(root.parent / "sfcn.h5")
-    version = catalogue.find_version(UKBIOBANK_SFCN, REPO)
-    spec = json.loads(json.dumps(version.spec))
-    spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
-                        "sources": [{"type": "inrepo-store"}]}]
-    write_version(root, spec, version.card, weights={"weights/model.h5": (root.parent / "sfcn.h5").read_bytes()})
+    for version_id, network in ((UKBIOBANK_SFCN, sfcn(channels=(2, 2, 2, 2, 2, 2))),
+                                (AGE_GROUPS, s500mri_classifier(num_classes=2))):
+        _randomise_batch_norms(network, np.random.default_rng(seed))
+        network.save(root.parent / "seeded.h5")
+        version = catalogue.find_version(version_id, REPO)
+        spec = json.loads(json.dumps(version.spec))
+        spec["weights"] = [{"name": "model", "path": "weights/model.h5", "format": "keras-h5",
+                            "sources": [{"type": "inrepo-store"}]}]
+        write_version(root, spec, version.card, weights={"weights/model.h5": (root.parent / "seeded.h5").read_bytes()})
     write_index(root)
 
 
@@ -297,13 +300,16 @@ def test_prediction_processes_never_import_tensorflow(student_weights, deepbet_w
     affine = FSL_MNI152_AFFINE @ np.diag([2, 2, 2, 1])
     nib.save(nib.Nifti1Image(np.round(brain * 1000).astype(np.int16), affine), tmp_path / "brain_T1w.nii.gz")
     nib.save(nib.Nifti1Image(brain_mask.astype(np.uint8), affine), tmp_path / "brain_mask.nii.gz")
-    _brain_age_catalogue(tmp_path / "root")
+    _seeded_catalogue(tmp_path / "root")
     commands = [[str(REPO), "predict", "brain-mask", str(tmp_path / "head_T1w.nii.gz"),
                  str(tmp_path / f"{name}.nii.gz"), "--model", model, "--record", str(tmp_path / f"{name}.json")]
                 for name, model in (("student", STUDENT), ("deepbet", DEEPBET))]
     commands.append([str(tmp_path / "root"), "predict", "brain-age", str(tmp_path / "brain_T1w.nii.gz"), "--model",
                      UKBIOBANK_SFCN, "--mask", str(tmp_path / "brain_mask.nii.gz"), "--age", "60",
                      "--out", str(tmp_path / "age.json")])
+    commands.append([str(tmp_path / "root"), "predict", "classify", str(tmp_path / "brain_T1w.nii.gz"), "--model",
+                     AGE_GROUPS, "--mask", str(tmp_path / "brain_mask.nii.gz"), "--sex", "F",
+                     "--out", str(tmp_path / "group.json")])
     generator, encoder = _seeded_gan(tmp_path)
     samples = [str(tmp_path / "samples" / f"sample-{i:03d}.nii.gz") for i in range(2)]
     commands += [[str(tmp_path), "generate", str(tmp_path / "generator.h5"), str(tmp_path / "samples"), "--n", "2"],
@@ -319,9 +325,11 @@ def test_prediction_processes_never_import_tensorflow(student_weights, deepbet_w
                                atol=RELATIVE_TOLERANCE)
     np.testing.assert_allclose(read_latents(tmp_path / "latents.csv"), encoder(volumes).numpy(),
                                atol=RELATIVE_TOLERANCE)
-    records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in ("student", "deepbet", "age")}
+    records = {name: json.loads((tmp_path / f"{name}.json").read_text())
+               for name in ("student", "deepbet", "age", "group")}
     assert all(record["model"]["runtime"].startswith("onnxruntime ") for record in records.values()), records
     assert len(records["student"]["prediction"]["brain_block_start"]) == 3
     for name in ("student", "deepbet"):
         assert dice(np.asarray(nib.load(tmp_path / f"{name}.nii.gz").dataobj) > 0, head.mask > 0) > 0.8, name
     assert 42 < records["age"]["result"]["brain_age"] < 82
+    assert np.isclose(sum(records["group"]["result"]["probabilities"].values()), 1)
