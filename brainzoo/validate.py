@@ -101,7 +101,10 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
     if not problems:  # the explain section's layer is looked up in the architecture the schema vouches for
         from brainzoo.explain import explain_problems
 
-        yield from (f"{spec_rel}: {p}" for p in explain_problems(spec))
+        architecture = [f"{spec_rel}: {p}" for p in architecture_problems(spec)]
+        yield from architecture
+        if not architecture:
+            yield from (f"{spec_rel}: {p}" for p in explain_problems(spec))
     yield from schema_problems("card", card, card_rel)
 
     parts = rel.parts  # neuronets/<model>/<semver>[/<variant>]
@@ -222,6 +225,21 @@ def output_problems(spec: dict) -> Iterator[str]:
         yield str(err)
     if "bins" in ((spec.get("training") or {}).get("loss") or {}):
         yield "training.loss.bins: the soft labels lie on inference.output.bins; remove these"
+
+
+def architecture_problems(spec: dict) -> Iterator[str]:
+    """Every ``architecture.options`` key is an option of the builder: a misspelt depth or width would otherwise
+    surface as a TypeError when the network is first built for training or explaining."""
+    from brainzoo.models import BUILDERS, option_names
+
+    builder = spec["architecture"]["builder"]
+    if builder not in BUILDERS:
+        return  # deepbet's networks: converted from the package, never built from a spec
+    known = option_names(builder)
+    unknown = sorted(set(spec["architecture"].get("options") or {}) - known)
+    if unknown:
+        yield (f"architecture.options: {builder} takes no option {', '.join(unknown)} "
+               f"(it takes {', '.join(sorted(known))})")
 
 
 def recipe_problems(recipe: dict, spec: dict, where: str) -> Iterator[str]:

@@ -8,6 +8,8 @@ registers the custom layers; a saved model is read back through :func:`brainzoo.
 which refuses anything not allow-listed first.
 """
 
+import inspect
+
 from brainzoo.models.agemapper import agemapper
 from brainzoo.models.densenet3d import densenet169_3d
 from brainzoo.models.gan3d import (gan3d_classifier, gan3d_discriminator, gan3d_encoder, gan3d_generator,
@@ -34,6 +36,12 @@ BUILDERS = {
     "mri_autoencoder": mri_autoencoder,
 }
 
+
+def option_names(builder: str) -> set[str]:
+    """The architecture options a registered builder takes: its keywords but the weights file and the model name."""
+    return set(inspect.signature(BUILDERS[builder]).parameters) - {"weights", "name"}
+
+
 __all__ = [
     "BUILDERS",
     "ScaledResidual",
@@ -47,6 +55,7 @@ __all__ = [
     "inception_resnet_v2_3d",
     "kl_divergence_loss",
     "mri_autoencoder",
+    "option_names",
     "pytorch_parameter_count",
     "s500mri_classifier",
     "sfcn",

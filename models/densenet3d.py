@@ -9,22 +9,23 @@ from brainzoo.models.layers import batch_norm, check_input_shape, conv3d, finish
 
 layers = tf.keras.layers
 
-BLOCK_LAYERS = (6, 12, 32, 32)
-GROWTH_RATE = 32
-BOTTLENECK_WIDTH = 4 * GROWTH_RATE  # MONAI bn_size 4
-STEM_FEATURES = 64
-# Stride-2 stem conv and pool, then three 2x average pools that need at least 2 voxels each.
-MINIMUM_INPUT_SIZE = 29
+BOTTLENECK_SIZE = 4  # MONAI bn_size: a dense layer's bottleneck has 4 x growth_rate channels
 
 
-def dense_layer(x, dropout: float, name: str):
+def minimum_input_size(n_blocks: int) -> int:
+    """The stride-2 stem conv and pool quarter the input, then each of the n_blocks - 1 transitions halves it;
+    the last of those pools needs 2 voxels (29 for DenseNet-169's 4 blocks)."""
+    return 2 ** (n_blocks + 1) - 3
+
+
+def dense_layer(x, growth_rate: int, dropout: float, name: str):
     """BN-ReLU-Conv 1^3 (bottleneck) then BN-ReLU-Conv 3^3 (growth), concatenated to the input."""
     y = batch_norm(x, name=f"{name}_norm1")
     y = layers.ReLU(name=f"{name}_relu1")(y)
-    y = conv3d(y, BOTTLENECK_WIDTH, 1, use_bias=False, name=f"{name}_conv1")
+    y = conv3d(y, BOTTLENECK_SIZE * growth_rate, 1, use_bias=False, name=f"{name}_conv1")
     y = batch_norm(y, name=f"{name}_norm2")
     y = layers.ReLU(name=f"{name}_relu2")(y)
-    y = conv3d(y, GROWTH_RATE, 3, padding=1, use_bias=False, name=f"{name}_conv2")
+    y = conv3d(y, growth_rate, 3, padding=1, use_bias=False, name=f"{name}_conv2")
     if dropout:
         y = layers.Dropout(dropout, name=f"{name}_dropout")(y)
     return layers.Concatenate(name=f"{name}_concat")([x, y])
@@ -39,21 +40,24 @@ def transition(x, name: str):
 
 
 def densenet169_3d(input_shape=(118, 142, 118, 1), n_outputs: int = 1, dropout: float = 0.0,
+                   block_layers=(6, 12, 32, 32), growth_rate: int = 32, stem_features: int = 64,
                    weights=None, name: str = "densenet169_3d") -> tf.keras.Model:
     """DenseNet169-3D regression network.
 
     ``dropout`` acts inside every dense layer during training only (the FLAIR project trained with 0.1).
+    ``block_layers``, ``growth_rate`` and ``stem_features`` (MONAI's block_config, growth_rate and init_features)
+    default to DenseNet-169's; smaller ones give the same layer pattern and names at a size that trains in seconds.
     """
-    input_shape = check_input_shape(input_shape, MINIMUM_INPUT_SIZE, "densenet169_3d")
+    input_shape = check_input_shape(input_shape, minimum_input_size(len(block_layers)), "densenet169_3d")
     inputs = tf.keras.Input(input_shape, name="volume")
-    x = conv3d(inputs, STEM_FEATURES, 7, strides=2, padding=3, use_bias=False, name="conv0")
+    x = conv3d(inputs, stem_features, 7, strides=2, padding=3, use_bias=False, name="conv0")
     x = batch_norm(x, name="norm0")
     x = layers.ReLU(name="relu0")(x)
     x = max_pool_after_relu(x, 3, strides=2, padding=1, name="pool0")
-    for block, n_layers in enumerate(BLOCK_LAYERS, start=1):
+    for block, n_layers in enumerate(block_layers, start=1):
         for layer in range(1, n_layers + 1):
-            x = dense_layer(x, dropout, name=f"denseblock{block}_denselayer{layer}")
-        if block < len(BLOCK_LAYERS):
+            x = dense_layer(x, growth_rate, dropout, name=f"denseblock{block}_denselayer{layer}")
+        if block < len(block_layers):
             x = transition(x, name=f"transition{block}")
     x = batch_norm(x, name="norm5")
     x = layers.ReLU(name="class_layers_relu")(x)

@@ -125,9 +125,11 @@ class _DenseNet3d(nn.Module):
         return self.class_layers(self.features(x))
 
 
-def DenseNet169(n_outputs: int = 1, dropout: float = 0.0) -> nn.Sequential:
+def DenseNet169(n_outputs: int = 1, dropout: float = 0.0, block_layers: Sequence[int] = (6, 12, 32, 32),
+                growth_rate: int = 32, stem_features: int = 64) -> nn.Sequential:
     """The FLAIR project's ``Sequential(monai densenet169(...), Linear(1, 1))``."""
-    return nn.Sequential(_DenseNet3d((6, 12, 32, 32), n_outputs, dropout), nn.Linear(n_outputs, n_outputs))
+    return nn.Sequential(_DenseNet3d(block_layers, n_outputs, dropout, stem_features, growth_rate),
+                         nn.Linear(n_outputs, n_outputs))
 
 
 class _Unit(nn.Module):

@@ -98,6 +98,18 @@ def test_pytorch_reference_reproduces_the_original_output(torch, fixture_name):
     assert_reproduces(output, expected_output(fixture))
 
 
+def test_a_shallow_narrow_densenet_computes_what_the_reference_with_those_options_does(torch):
+    """The depth and width options mean what MONAI's block_config, growth_rate and init_features mean."""
+    from brainzoo.convert.state_dict import self_check
+    from brainzoo.models.torch_reference import DenseNet169
+
+    options = {"block_layers": (2, 1, 3, 1), "growth_rate": 4, "stem_features": 8}
+    shapes = {key: list(tensor.shape) for key, tensor in DenseNet169(**options).state_dict().items()}
+    state = seeded_state_dict(shapes)
+    model = convert_state_dict("densenet169", state, {**options, "input_shape": (29, 33, 31, 1)})
+    assert self_check("densenet169", model, state, options)["status"] == "passed"
+
+
 @pytest.fixture(scope="module")
 def agemapper_state():
     return seeded_state_dict(load_fixture("agemapper_1mm")["state_dict"])

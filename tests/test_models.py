@@ -5,11 +5,14 @@ test_convert.py, where the models are built at the published input shapes anyway
 """
 
 import math
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from brainzoo.convert.names import torch_module_path
 from brainzoo.errors import BrainzooError
 from brainzoo.models import (BUILDERS, ScaledResidual, TrilinearUpsampling3D, agemapper, densenet169_3d,
                              inception_resnet_v2_3d, kl_divergence_loss, pytorch_parameter_count, sfcn, soft_labels)
@@ -35,6 +38,35 @@ def test_builds_and_runs_at_a_small_size(builder, input_shape, options, output_s
     output = model(np.random.default_rng(0).standard_normal((2, *input_shape)).astype(np.float32)).numpy()
     assert output.shape == output_shape
     assert np.isfinite(output).all()
+
+
+def blocks_of(model: tf.keras.Model, pattern: str) -> Counter:
+    """The model's distinct layer-name prefixes that match ``pattern``, counted by its first group."""
+    prefixes = {match[0]: match[1] for layer in model.layers if (match := re.match(pattern, layer.name))}
+    return Counter(prefixes.values())
+
+
+def test_a_shallow_narrow_densenet_keeps_the_published_layer_pattern():
+    """The depth and width options shrink DenseNet169-3D without renaming a layer, so a reduced network (the one
+    test_training_inputs trains) runs the builder code of the published one and converts with its name table."""
+    model = densenet169_3d(input_shape=(29, 29, 29, 1), block_layers=(2, 1, 3, 1), growth_rate=4, stem_features=8)
+    assert blocks_of(model, r"denseblock(\d)_denselayer\d+_") == {"1": 2, "2": 1, "3": 3, "4": 1}
+    assert model.get_layer("conv0").filters == 8
+    assert model.get_layer("denseblock3_denselayer3_conv1").filters == 16  # the bottleneck: 4 x growth
+    assert model.get_layer("denseblock3_denselayer3_conv2").filters == 4
+    # 8 + 2 * 4 = 16 -> 8, + 4 = 12 -> 6, + 3 * 4 = 18 -> 9, + 4 = 13 channels into the head.
+    assert model.get_layer("class_layers_out").kernel.shape == (13, 1)
+    assert all(torch_module_path("densenet169", layer.name) for layer in model.layers if layer.weights)
+
+
+def test_a_shallow_narrow_inception_resnet_keeps_the_published_layer_pattern():
+    model = inception_resnet_v2_3d(input_shape=(8, 8, 8, 1), block_repeats=(2, 1, 3), width_multiplier=1 / 8)
+    assert blocks_of(model, r"(block_[abc])\d+_") == {"block_a": 2, "block_b": 1, "block_c": 3}
+    assert model.get_layer("stem_features_0_conv").filters == 4 and model.get_layer("head_conv").filters == 192
+    assert model.get_layer("block_a2_scale_add").scale == 0.2 and model.get_layer("block_c3_scale_add").scale == 1.0
+    assert "block_c2_relu" in [layer.name for layer in model.layers]
+    assert "block_c3_relu" not in [layer.name for layer in model.layers]  # the last block C has no ReLU
+    assert all(torch_module_path("inception-resnet-v2", layer.name) for layer in model.layers if layer.weights)
 
 
 def test_sfcn_outputs_log_probabilities():

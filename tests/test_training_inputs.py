@@ -74,41 +74,36 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
 
 
 def catalogue_training_sections() -> dict[str, dict]:
-    """Every distinct training section of the catalogue's brain-age and brain-extraction specs, by the first
-    version that has it (variants of one model share theirs), with that version's spec."""
+    """Every distinct (builder, training section) pair of the catalogue's brain-age and brain-extraction specs, by
+    the first version that has it (variants of one model share theirs), with that version's spec."""
     sections = {}
     for spec_file in sorted((REPO / "neuronets").rglob("spec.yaml")):
         spec = catalogue.read_yaml(spec_file)
         training = spec.get("training")
         if training and spec["task"] in ("brain-age", "brain-extraction"):
-            key = json.dumps({k: v for k, v in training.items() if k != "stages"}, sort_keys=True)
+            key = json.dumps([spec["architecture"]["builder"], {k: v for k, v in training.items() if k != "stages"}],
+                             sort_keys=True)
             sections.setdefault(key, spec)
     return {spec["id"]: spec for spec in sections.values()}
 
 
 SECTIONS = catalogue_training_sections()
-# Networks too large to train within this suite's budget on 2 cores, even at a reduced input size. Measured at 32^3,
-# batch 2 (2026-12, shared cores): DenseNet169-3D's training step takes ~55 s to build as a graph, then 15-19 s a
-# step (its Conv3D gradients; forward alone is 0.7 s), and 50-70 s a step run eagerly; Inception-ResNet-v2-3D's
-# takes ~50 s to build (36 s without grappler), then 1-2.5 s a step, 3-5 s eagerly (49 M parameters; at 16^3 too).
-# A small network with the same head stands in for them; every other part of their training section (which the two
-# share, so it runs once) is as written. test_models runs both real builders on small inputs.
-STAND_IN = {"densenet169_3d", "inception_resnet_v2_3d"}
-
-
-def stand_in(input_shape) -> tf.keras.Model:
-    """Conv, global mean, Linear(n, 1), Linear(1, 1): the FLAIR networks' regression head on a tiny body."""
-    inputs = tf.keras.Input(input_shape)
-    x = tf.keras.layers.Conv3D(4, 3, strides=2, activation="relu")(inputs)
-    x = tf.keras.layers.GlobalAveragePooling3D()(x)
-    outputs = tf.keras.layers.Dense(1)(tf.keras.layers.Dense(1)(x))
-    return tf.keras.Model(inputs, outputs)
+# Each builder's own options make its network small: SFCN with 4 channels per block, a 4-filter U-Net with batch
+# normalisation (whose graph builds in seconds where instance normalisation's takes ten), DenseNet169-3D with one
+# dense layer per block, growth 4 and an 8-channel stem, Inception-ResNet-v2-3D with one block of each kind at 1/16
+# of its channels. Depth sets the time to build a training graph (Inception's stem and reductions, which no option
+# removes, are 23 of its 40 units here), width the time of a step and the size of the checkpoint written after each;
+# `pytest tests/test_training_inputs.py -k trains_and --durations=0` shows what each case takes.
+REDUCED_OPTIONS = {
+    "unet": {"base_filters": 4, "norm": "batch"},
+    "densenet169_3d": {"block_layers": [1, 1, 1, 1], "growth_rate": 4, "stem_features": 8},
+    "inception_resnet_v2_3d": {"block_repeats": [1, 1, 1], "width_multiplier": 1 / 16},
+}
 
 
 def reduced(spec: dict) -> dict:
     """The spec with its training section at 32^3 volumes (16^3 blocks), 2 epochs of 2 steps of 2, a checkpoint
-    every step, and a small network of its own builder (SFCN with 4 channels per block, a 4-filter U-Net with batch
-    normalisation, whose graph builds in seconds where instance normalisation's takes ten)."""
+    every step, and a small network of its own builder (:data:`REDUCED_OPTIONS`)."""
     spec = copy.deepcopy(spec)
     training = spec["training"]
     training.pop("stages", None)
@@ -120,19 +115,12 @@ def reduced(spec: dict) -> dict:
     else:
         data.update(block_shape=[16, 16, 16], shuffle_buffer=0)
     training.update(epochs=2, steps_per_epoch=2, batch_size=2, checkpoint_every_steps=1)
+    builder = spec["architecture"]["builder"]
     options = spec["architecture"].setdefault("options", {})
-    if spec["architecture"]["builder"] == "sfcn":
+    if builder == "sfcn":
         options["channels"] = [4] * len(options.get("channels", [0] * 6))
-    elif spec["architecture"]["builder"] == "unet":
-        options.update(base_filters=4, norm="batch")
+    options.update(REDUCED_OPTIONS.get(builder, {}))
     return spec
-
-
-def reduced_builder(spec: dict) -> callable:
-    """The reduced spec's own builder, or the stand-in for a network too large for this suite."""
-    if spec["architecture"]["builder"] in STAND_IN:
-        return lambda: stand_in((32, 32, 32, 1))
-    return run.model_builder(spec, run.model_input_shape(spec["training"]["data"]))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +145,8 @@ def test_every_catalogue_training_section_trains_and_checkpoints(version, heads,
     records = heads / data["kind"]
     train_data, validation_data = run.datasets(data, plan, records, records, run.network_orientation(spec))
 
-    result = fit(reduced_builder(spec), train_data, validation_data, plan, tmp_path, tf.distribute.get_strategy(),
+    builder = run.model_builder(spec, run.model_input_shape(data))
+    result = fit(builder, train_data, validation_data, plan, tmp_path, tf.distribute.get_strategy(),
                  progress=False)
     losses = [epoch["loss"] for epoch in result["history"]]
     assert result["steps"] == 4 and np.isfinite(losses).all() and losses[0] != losses[1]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainzoo.validate import conversion_record_problems, spec_problems, training_data_problems, validate
+from brainzoo.validate import (conversion_record_problems, spec_problems, training_data_problems, validate,
+                               version_problems)
 from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
 
 TOY = "neuronets/toy/0.1.0"
@@ -235,6 +236,23 @@ def test_a_model_folder_outside_the_dataset_is_an_error(catalogue, tmp_path):
     shutil.copytree(catalogue / TOY, outside, symlinks=True)
     result = brainzoo("info", str(outside), cwd=catalogue)
     assert result.returncode == 1 and "is not inside the dataset" in result.stderr and "Traceback" not in result.stderr
+
+
+DENSENET = "neuronets/flair-brainage-densenet169/1.0.0/flair"
+
+
+def test_an_architecture_option_the_builder_does_not_take_is_named(tmp_path):
+    """A depth or width option is the builder's own (test_training_inputs shrinks networks with them); a misspelt
+    one is named with those the builder takes, instead of a TypeError when the network is built to explain it."""
+    version = tmp_path / DENSENET
+    version.mkdir(parents=True)
+    for name in ("spec.yaml", "model_card.yaml"):
+        shutil.copy(REPO / DENSENET / name, version / name)
+    edit_yaml(version / "spec.yaml",
+              lambda s: s["architecture"]["options"].update(block_layers=[1, 1, 1, 1], growth=4))
+    assert [p for p in version_problems(version, tmp_path) if "architecture" in p] == [
+        f"{DENSENET}/spec.yaml: architecture.options: densenet169_3d takes no option growth (it takes block_layers, "
+        "dropout, growth_rate, input_shape, n_outputs, stem_features)"]
 
 
 SFCN = "neuronets/sfcn-ukbiobank/1.0.0"

@@ -21,7 +21,7 @@ import tensorflow as tf
 from brainzoo.convert.names import architecture, torch_module_path
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import sha256_of
-from brainzoo.models import BUILDERS
+from brainzoo.models import BUILDERS, option_names
 
 layers = tf.keras.layers
 
@@ -37,16 +37,16 @@ LISTED_KEYS = 12
 def resolved_options(arch: str, options: Mapping | None = None) -> dict:
     """Every builder option for ``arch``: its defaults, then ``options``, then what the name implies."""
     spec = architecture(arch)
-    builder = BUILDERS[spec.builder]
-    parameters = inspect.signature(builder).parameters
-    unknown = set(options or {}) - (set(parameters) - {"weights", "name"})
+    names = option_names(spec.builder)
+    unknown = set(options or {}) - names
     if unknown:
         raise BrainzooError(f"{arch}: unknown options {', '.join(sorted(unknown))}")
     clashing = {key for key, value in (options or {}).items()
                 if key in spec.fixed_options and spec.fixed_options[key] != value}
     if clashing:
         raise BrainzooError(f"{arch}: options {', '.join(sorted(clashing))} contradict the architecture name")
-    defaults = {key: p.default for key, p in parameters.items() if key not in ("weights", "name")}
+    parameters = inspect.signature(BUILDERS[spec.builder]).parameters
+    defaults = {key: p.default for key, p in parameters.items() if key in names}
     return {**defaults, **(options or {}), **spec.fixed_options}
 
 
