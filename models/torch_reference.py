@@ -2,7 +2,9 @@
 
 They exist to check the Keras ports and the converter against something independent of both:
 their module trees reproduce the original ``state_dict`` keys exactly, so an original checkpoint
-loads with ``strict=True``, and ``REFERENCES`` takes the same options as ``brainzoo.models.BUILDERS``.
+loads with ``strict=True``, and ``REFERENCES`` takes the same options as ``brainzoo.models.BUILDERS``,
+except Inception-ResNet-v2-3D's depth and width (``block_repeats``, ``width_multiplier``: training options;
+its checkpoints convert at the published size only).
 Import this module only where torch is installed (``brainzoo[torch]``).
 """
 
@@ -471,7 +473,7 @@ class MRIAutoencoder(nn.Module):
         return self.decoder.main(self.fc(code).reshape(-1, *self.feature_shape))
 
 
-# Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs).
+# Keyed like brainzoo.models.BUILDERS, taking the same options (those each architecture needs; see the module's doc).
 REFERENCES = {
     "sfcn": SFCN,
     "agemapper": AgeMapper,
