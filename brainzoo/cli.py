@@ -241,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace shards already in OUT")
 
     p = sub.add_parser("distill", parents=[common],
-                       help="a brain-extraction student's training table: teacher masks and synthetic contrasts")
-    p.add_argument("scans", nargs="+", metavar="SCAN", help="whole-head NIfTI scans")
+                       help="a brain-extraction student's training table: teacher masks, synthetic contrasts "
+                            "and synthetic heads")
+    p.add_argument("scans", nargs="*", metavar="SCAN",
+                   help="whole-head NIfTI scans, or CSV/TSV tables of them (a path column, relative to the table)")
+    p.add_argument("--heads", help="a brainzoo synth-heads table (heads.csv): synthetic heads that keep their masks")
     p.add_argument("--student", required=True, help="the student's version or spec.yaml: its inference grid")
     p.add_argument("--teacher", default=catalogue.DEFAULT_BRAIN_MASK_MODEL, help="brain-extraction version")
     p.add_argument("--contrasts", type=int, default=0, help="synthetic contrasts of each scan")
@@ -426,13 +429,14 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                "shards": [str(s) for s in shards]}
     elif args.command == "distill":
         from brainzoo.predict.runners import BrainMasker
-        from brainzoo.training.distill import Teacher, write_student_set
+        from brainzoo.training.distill import Teacher, scan_arguments, write_student_set
 
         grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")
         if not grid:
             raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
         masker = BrainMasker.load(args.teacher)  # its networks load at the first scan without a mask
-        table = write_student_set(args.scans, args.out, grid=grid, teacher=Teacher(masker.version.id, masker.brain),
+        table = write_student_set(scan_arguments(args.scans), args.out, grid=grid,
+                                  teacher=Teacher(masker.version.id, masker.brain), heads=args.heads,
                                   contrasts=args.contrasts, real_copies=args.real_copies, seed=args.seed,
                                   force=args.force)
         with table.open() as handle:
