@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="catalogue id, version folder or spec.yaml")
     p.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, model.h5, metrics.json")
     p.add_argument("--init-weights", help="start from this saved model's weights (matched by layer name)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N steps at a checkpoint; the same command again goes on (a chunk of the run)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop at a checkpoint after the first step past SECONDS (counted from the model's build); "
+                        "the same command again goes on; leave a step's time and a checkpoint's below a job's limit")
     p = sub.add_parser("transfer", parents=[common, training_options],
                        help="fine-tune a catalogue version and write a new version folder")
     p.add_argument("source", help="catalogue id to start from")
@@ -455,9 +460,13 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
     elif args.command == "train":
         result = training_run.train(args.spec, args.train, args.validation, args.out,
                                     init_weights=args.init_weights, force=args.force,
-                                    progress=not args.no_progress, **training_overrides(args))
-        yield {"action": "train", "path": args.out, "status": "ok",
-               "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),
+                                    progress=not args.no_progress, max_steps=args.max_steps,
+                                    time_budget_s=args.time_budget, **training_overrides(args))
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n")
+        if not result["finished"]:
+            metrics = (f"stopped at step {result['steps']} of {result['planned_steps']} ({result['steps_this_run']} "
+                       f"this run); run the same command again to go on" + (f"; last epoch {metrics}" if metrics else ""))
+        yield {"action": "train", "path": args.out, "status": "ok", "message": metrics,
                **{k: v for k, v in result.items() if k != "history"}}
     else:
         options = {"bins": args.bins} if args.bins else {}
