@@ -266,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="years over which a subject's chance to be drawn doubles (default 10)")
     p.add_argument("--force", action="store_true", help="rewrite an existing set")
 
+    p = sub.add_parser("lower-resolution", parents=[common],
+                       help="scans of a table as a scanner with coarser voxels or thicker slices would record them")
+    p.add_argument("table", help="CSV/TSV: a path column (optional id; cells naming NIfTI files, such as reference "
+                                 "label maps, are carried over)")
+    p.add_argument("--spacing", type=float, nargs=3, required=True, action="append", metavar=("X", "Y", "Z"),
+                   help="voxel size in mm along the scans' voxel axes (e.g. 2 2 6: 6 mm slices on the third); "
+                        "repeat for several versions of each scan")
+    p.add_argument("--out", required=True, help="output folder: <id>_<X>x<Y>x<Z>mm.nii.gz and scans.csv")
+    p.add_argument("--force", action="store_true", help="rewrite an existing set")
+
     p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
     p.add_argument("--arch", required=True, choices=list(CONVERTERS),
                    help="architecture of the checkpoint (deepbet-*: read from the installed deepbet package)")
@@ -457,6 +467,15 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "synth-heads", "path": str(table), "status": "ok",
                "message": f"{args.n} heads from {len(sources)} label map(s); "
                           f"next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
+    elif args.command == "lower-resolution":
+        from brainzoo.training.head_synthesis import write_coarser_scans
+
+        table = write_coarser_scans(args.table, args.out, args.spacing, force=args.force)
+        with table.open() as handle:
+            rows = sum(1 for _ in handle) - 1
+        yield {"action": "lower-resolution", "path": str(table), "status": "ok",
+               "message": f"{rows} scan(s) at " + ", ".join(" x ".join(f"{size:g}" for size in spacing)
+                                                            for spacing in args.spacing) + " mm"}
     elif args.command == "train":
         result = training_run.train(args.spec, args.train, args.validation, args.out,
                                     init_weights=args.init_weights, force=args.force,
@@ -480,7 +499,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("tfrecords", "distill", "synth-heads", "train", "transfer"):
+    if args.command in ("tfrecords", "distill", "synth-heads", "lower-resolution", "train", "transfer"):
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)
