@@ -203,13 +203,18 @@ def test_brainzoo_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninter
     succeeded(start("resumed", "interrupted"), "resumed")
     succeeded(straight, "straight")
 
-    expected, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
-    assert expected.keys() == resumed.keys() and len(expected) > 10
+    assert [epoch["step"] for epoch in same_run(tmp_path / "straight", tmp_path / "interrupted")] == [2, 4]
+
+
+def same_run(expected_run, run_folder) -> list[dict]:
+    """Assert that two run folders hold the same weights, bit for bit, and the same history; return the history."""
+    expected, got = final_weights(expected_run), final_weights(run_folder)
+    assert expected.keys() == got.keys() and len(expected) > 10
     for name in expected:
-        np.testing.assert_array_equal(expected[name], resumed[name], err_msg=name)
-    history = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["history"]
-    assert [epoch["step"] for epoch in history] == [2, 4]
-    assert history == json.loads((tmp_path / "straight" / "metrics.json").read_text())["history"]
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+    history = json.loads((run_folder / "metrics.json").read_text())["history"]
+    assert history == json.loads((expected_run / "metrics.json").read_text())["history"]
+    return history
 
 
 def test_brainzoo_train_in_chunks_of_max_steps_ends_with_the_weights_of_an_uninterrupted_run(heads, tmp_path):
@@ -242,13 +247,7 @@ def test_brainzoo_train_in_chunks_of_max_steps_ends_with_the_weights_of_an_unint
     second = record(start("second", "chunked", "--max-steps", "3"), "second")
     assert (second["steps"], second["steps_this_run"], second["finished"]) == (4, 1, True)
     record(straight, "straight")
-
-    expected, chunked = final_weights(tmp_path / "straight"), final_weights(tmp_path / "chunked")
-    assert expected.keys() == chunked.keys() and len(expected) > 10
-    for name in expected:
-        np.testing.assert_array_equal(expected[name], chunked[name], err_msg=name)
-    history = json.loads((tmp_path / "chunked" / "metrics.json").read_text())["history"]
-    assert history == json.loads((tmp_path / "straight" / "metrics.json").read_text())["history"]
+    same_run(tmp_path / "straight", tmp_path / "chunked")
 
 
 def test_a_replaced_run_takes_its_checkpoints_and_outputs_with_it(tmp_path):
