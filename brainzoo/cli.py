@@ -241,8 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace shards already in OUT")
 
     p = sub.add_parser("distill", parents=[common],
-                       help="a brain-extraction student's training table: teacher masks and synthetic contrasts")
-    p.add_argument("scans", nargs="+", metavar="SCAN", help="whole-head NIfTI scans")
+                       help="a brain-extraction student's training table: teacher masks, synthetic contrasts "
+                            "and synthetic heads")
+    p.add_argument("scans", nargs="*", metavar="SCAN",
+                   help="whole-head NIfTI scans, or CSV/TSV tables of them (a path column, relative to the table)")
+    p.add_argument("--heads", help="a brainzoo synth-heads table (heads.csv): synthetic heads that keep their masks")
     p.add_argument("--student", required=True, help="the student's version or spec.yaml: its inference grid")
     p.add_argument("--teacher", default=catalogue.DEFAULT_BRAIN_MASK_MODEL, help="brain-extraction version")
     p.add_argument("--contrasts", type=int, default=0, help="synthetic contrasts of each scan")
@@ -261,6 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-column", help="column of brain masks (default: the label map's labels > 0)")
     p.add_argument("--age-doubling", type=float, default=10.0,
                    help="years over which a subject's chance to be drawn doubles (default 10)")
+    p.add_argument("--force", action="store_true", help="rewrite an existing set")
+
+    p = sub.add_parser("lower-resolution", parents=[common],
+                       help="scans of a table as a scanner with coarser voxels or thicker slices would record them")
+    p.add_argument("table", help="CSV/TSV: a path column (optional id; cells naming NIfTI files, such as reference "
+                                 "label maps, are carried over)")
+    p.add_argument("--spacing", type=float, nargs=3, required=True, action="append", metavar=("X", "Y", "Z"),
+                   help="voxel size in mm along the scans' voxel axes (e.g. 2 2 6: 6 mm slices on the third); "
+                        "repeat for several versions of each scan")
+    p.add_argument("--out", required=True, help="output folder: <id>_<X>x<Y>x<Z>mm.nii.gz and scans.csv")
     p.add_argument("--force", action="store_true", help="rewrite an existing set")
 
     p = sub.add_parser("convert", parents=[common], help="convert a published PyTorch checkpoint to a Keras .h5 model")
@@ -282,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="catalogue id, version folder or spec.yaml")
     p.add_argument("--out", required=True, help="run folder: checkpoints, TensorBoard logs, model.h5, metrics.json")
     p.add_argument("--init-weights", help="start from this saved model's weights (matched by layer name)")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N steps at a checkpoint; the same command again goes on (a chunk of the run)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop at a checkpoint after the first step past SECONDS (counted from the model's build); "
+                        "the same command again goes on; leave a step's time and a checkpoint's below a job's limit")
     p = sub.add_parser("transfer", parents=[common, training_options],
                        help="fine-tune a catalogue version and write a new version folder")
     p.add_argument("source", help="catalogue id to start from")
@@ -426,13 +444,14 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                "shards": [str(s) for s in shards]}
     elif args.command == "distill":
         from brainzoo.predict.runners import BrainMasker
-        from brainzoo.training.distill import Teacher, write_student_set
+        from brainzoo.training.distill import Teacher, scan_arguments, write_student_set
 
         grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")
         if not grid:
             raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
         masker = BrainMasker.load(args.teacher)  # its networks load at the first scan without a mask
-        table = write_student_set(args.scans, args.out, grid=grid, teacher=Teacher(masker.version.id, masker.brain),
+        table = write_student_set(scan_arguments(args.scans), args.out, grid=grid,
+                                  teacher=Teacher(masker.version.id, masker.brain), heads=args.heads,
                                   contrasts=args.contrasts, real_copies=args.real_copies, seed=args.seed,
                                   force=args.force)
         with table.open() as handle:
@@ -448,12 +467,25 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "synth-heads", "path": str(table), "status": "ok",
                "message": f"{args.n} heads from {len(sources)} label map(s); "
                           f"next: brainzoo tfrecords {table} RECORDS --kind segmentation"}
+    elif args.command == "lower-resolution":
+        from brainzoo.training.head_synthesis import write_coarser_scans
+
+        table = write_coarser_scans(args.table, args.out, args.spacing, force=args.force)
+        with table.open() as handle:
+            rows = sum(1 for _ in handle) - 1
+        yield {"action": "lower-resolution", "path": str(table), "status": "ok",
+               "message": f"{rows} scan(s) at " + ", ".join(" x ".join(f"{size:g}" for size in spacing)
+                                                            for spacing in args.spacing) + " mm"}
     elif args.command == "train":
         result = training_run.train(args.spec, args.train, args.validation, args.out,
                                     init_weights=args.init_weights, force=args.force,
-                                    progress=not args.no_progress, **training_overrides(args))
-        yield {"action": "train", "path": args.out, "status": "ok",
-               "message": ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n"),
+                                    progress=not args.no_progress, max_steps=args.max_steps,
+                                    time_budget_s=args.time_budget, **training_overrides(args))
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n")
+        if not result["finished"]:
+            metrics = (f"stopped at step {result['steps']} of {result['planned_steps']} ({result['steps_this_run']} "
+                       f"this run); run the same command again to go on" + (f"; last epoch {metrics}" if metrics else ""))
+        yield {"action": "train", "path": args.out, "status": "ok", "message": metrics,
                **{k: v for k, v in result.items() if k != "history"}}
     else:
         options = {"bins": args.bins} if args.bins else {}
@@ -467,7 +499,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if args.command in ("tfrecords", "distill", "synth-heads", "train", "transfer"):
+    if args.command in ("tfrecords", "distill", "synth-heads", "lower-resolution", "train", "transfer"):
         return emit(training_records(args), args.json)
     if args.command == "convert":
         return emit(convert_records(args), args.json)

@@ -12,7 +12,8 @@ from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.runners import BrainMasker
 from brainzoo.metrics import dice
-from brainzoo.training.distill import STUDENT_TABLE, TABLE, Teacher, write_distillation_set
+from brainzoo.training.distill import (CONTRAST, REAL, STUDENT_TABLE, SYNTHETIC_HEAD, TABLE, Teacher, scan_arguments,
+                                      write_distillation_set, write_student_set)
 from brainzoo.training.synthetic import write_synthetic_dataset
 from brainzoo.training.tfrecords import read_dataset, read_table, write_tfrecords
 
@@ -108,3 +109,69 @@ def test_distill_command_needs_a_student_grid(heads, tmp_path, capsys):
     assert main(["distill", str(heads[0][0]), "--student", str(student), "--out", str(tmp_path / "set")]) == 1
     assert "has no inference.input" in capsys.readouterr().err
     assert not (tmp_path / "set").exists()
+
+
+def _synthetic_heads(folder, n=3):
+    """``brainzoo synth-heads``' set of n heads from two tiny label maps (40^3 at 2 mm, RAS), as test_head_synthesis
+    writes them."""
+    from test_head_synthesis import _write_sources
+
+    from brainzoo.training.head_synthesis import read_sources, write_synthetic_heads
+
+    folder.mkdir()
+    return write_synthetic_heads(read_sources(_write_sources(folder)), folder / "heads", n, seed=2)
+
+
+def test_synthetic_heads_join_the_student_set_with_their_own_masks(heads, tmp_path):
+    heads_table = _synthetic_heads(tmp_path / "sources")
+    drawn = list(csv.DictReader(heads_table.open()))
+    calls = []
+
+    def teacher_mask(image):
+        calls.append(image.shape)
+        return np.asanyarray(image.dataobj) > np.percentile(np.asanyarray(image.dataobj), 60)
+
+    grid = {"orientation": "RAS", "spacing_mm": [2, 2, 2], "shape": [40, 40, 40]}  # the heads' own grid
+    scan = heads[0][0]
+    table = write_student_set([scan], tmp_path / "set", grid=grid, teacher=Teacher("a-teacher", teacher_mask),
+                              heads=heads_table, real_copies=2, contrasts=1)
+    rows = list(csv.DictReader(table.open()))
+    assert [row["kind"] for row in rows] == [REAL, REAL, CONTRAST] + [SYNTHETIC_HEAD] * 3
+    assert len(calls) == 1  # the teacher draws the real scan's mask only
+    assert rows[0]["source"] == str(scan) and rows[0]["label"] == "teacher/scan-001_mask.nii.gz"
+    assert [row["source"] for row in rows[3:]] == [row["source"] for row in drawn]  # each head's label map
+    for row, head in zip(rows[3:], drawn):
+        assert row["path"].startswith("heads/")
+        kept = np.asanyarray(nib.load(table.parent / row["label"]).dataobj)
+        own = np.asanyarray(nib.load(heads_table.parent / head["label"]).dataobj)
+        np.testing.assert_array_equal(kept, own)  # on its own grid, the conformed mask is the head's mask
+    assert len(read_table(table, kind="segmentation")) == 6
+    with pytest.raises(BrainzooError, match="exists"):
+        write_student_set([], tmp_path / "set", grid=grid, heads=heads_table)
+
+
+def test_a_student_set_of_synthetic_heads_alone_and_bad_requests(tmp_path, capsys):
+    heads_table = _synthetic_heads(tmp_path / "sources", n=2)
+    student = tmp_path / "student.yaml"
+    student.write_text(yaml.safe_dump({"inference": {"input": GRID}}))
+    out = tmp_path / "set"
+    assert main(["distill", "--heads", str(heads_table), "--student", str(student), "--out", str(out)]) == 0
+    assert "2 rows" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / STUDENT_TABLE).open()))
+    assert [row["kind"] for row in rows] == [SYNTHETIC_HEAD] * 2
+    assert nib.load(out / rows[0]["path"]).shape == (48, 48, 48)
+    with pytest.raises(BrainzooError, match="no scans and no synthetic heads"):
+        write_student_set([], tmp_path / "none", grid=GRID)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nhead.nii.gz,mask.nii.gz\n")
+    with pytest.raises(BrainzooError, match="no column 'source'"):
+        write_student_set([], tmp_path / "bad", grid=GRID, heads=bad)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_table_argument_stands_for_its_scans(tmp_path):
+    (tmp_path / "split").mkdir()
+    table = tmp_path / "split" / "train.csv"
+    table.write_text("id,path,labels\na,../a.nii.gz,x\nb,b.nii.gz,y\n")
+    assert scan_arguments([str(table), "c.nii.gz"]) == [str(tmp_path / "split" / "../a.nii.gz"),
+                                                        str(tmp_path / "split" / "b.nii.gz"), "c.nii.gz"]

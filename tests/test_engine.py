@@ -109,3 +109,71 @@ def test_two_workers_on_loopback_train_with_multiworker_mirrored_strategy(tmp_pa
     metrics = json.loads((tmp_path / "cluster" / "metrics.json").read_text())
     assert metrics["steps"] == 4
     assert (tmp_path / "cluster" / "model.h5").is_file()
+
+
+def _chunked_fit(out, learning_rate=1e-3, early_stopping=None, **bounds) -> dict:
+    """A tiny regression network with dropout, 3 epochs of 4 steps, trained in this process (named layers, so that
+    model.h5 of two runs compares by name)."""
+    import tensorflow as tf
+    from brainzoo.training.engine import TrainingPlan, fit
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 8, 8, 8, 1)).astype("float32")
+    y = rng.uniform(20, 60, (8, 1)).astype("float32")
+
+    def train_data(epoch):
+        order = np.random.default_rng(100 + epoch).permutation(8)
+        return tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(2)
+
+    def build():
+        inputs = tf.keras.Input((8, 8, 8, 1), name="volume")
+        h = tf.keras.layers.Conv3D(4, 3, strides=2, activation="relu", name="conv")(inputs)
+        h = tf.keras.layers.Dropout(0.5, name="dropout")(tf.keras.layers.GlobalAveragePooling3D(name="pool")(h))
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(1, name="dense")(h), name="tiny")
+
+    plan = TrainingPlan(epochs=3, steps_per_epoch=4, batch_size=2, seed=3, checkpoint_every_steps=100,
+                        loss={"name": "mse"}, early_stopping=early_stopping,
+                        optimizer={"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9})
+    validation = lambda: tf.data.Dataset.from_tensor_slices((x[:4], y[:4])).batch(2)
+    return fit(build, train_data, validation, plan, out, tf.distribute.get_strategy(), progress=False, **bounds)
+
+
+def test_a_run_in_chunks_of_steps_or_time_ends_with_the_weights_of_one_uninterrupted_run(tmp_path):
+    straight = _chunked_fit(tmp_path / "straight")
+    assert straight["finished"] and straight["steps"] == 12
+    chunks = []
+    while not (tmp_path / "chunked" / "model.h5").exists() and len(chunks) < 10:
+        chunks.append(_chunked_fit(tmp_path / "chunked", max_steps=5))
+        if not chunks[-1]["finished"]:
+            assert not (tmp_path / "chunked" / "metrics.json").exists()
+    # 5 steps (mid epoch 2, checkpointed there although checkpoint_every_steps is 100), 10 (mid epoch 3), 12: done.
+    assert [(c["steps"], c["steps_this_run"], c["finished"]) for c in chunks] == [(5, 5, False), (10, 5, False),
+                                                                              (12, 2, True)]
+    assert [h["step"] for h in chunks[1]["history"]] == [4, 8]
+    expected, chunked = final_weights(tmp_path / "straight"), final_weights(tmp_path / "chunked")
+    assert expected.keys() == chunked.keys() and len(expected) == 4
+    for name in expected:
+        np.testing.assert_array_equal(expected[name], chunked[name], err_msg=name)
+    assert json.loads((tmp_path / "chunked" / "metrics.json").read_text())["history"] == straight["history"]
+
+    # A time budget of 0 s: each call takes one step; an epoch's last step ends it after the epoch's checkpoint.
+    timed = [_chunked_fit(tmp_path / "timed", time_budget_s=0) for _ in range(4)]
+    assert [(t["steps"], len(t["history"]), t["finished"]) for t in timed] == [(1, 0, False), (2, 0, False),
+                                                                              (3, 0, False), (4, 1, False)]
+    again = _chunked_fit(tmp_path / "chunked", max_steps=5)  # a finished run called again: nothing more to train
+    assert again["finished"] and again["steps"] == 12 and again["steps_this_run"] == 0
+    np.testing.assert_array_equal(final_weights(tmp_path / "chunked")["dense/dense/kernel:0"],
+                                  expected["dense/dense/kernel:0"])
+    with pytest.raises(Exception, match="at least 1"):
+        _chunked_fit(tmp_path / "bad", max_steps=0)
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_called_again(tmp_path):
+    """Learning rate 0: the validation loss of epoch 2 is no better than epoch 1's, so patience 1 stops the run at
+    step 8 of 12; a cron job's next call must not train a third epoch."""
+    stop = {"patience": 1}
+    first = _chunked_fit(tmp_path, learning_rate=0.0, early_stopping=stop)
+    assert first["stopped_early"] and first["finished"] and first["steps"] == 8
+    again = _chunked_fit(tmp_path, learning_rate=0.0, early_stopping=stop, max_steps=1)
+    assert again["stopped_early"] and again["steps"] == 8 and again["steps_this_run"] == 0
+    assert again["history"] == first["history"]

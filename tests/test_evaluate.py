@@ -7,6 +7,7 @@ import json
 import shlex
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import yaml
@@ -122,3 +123,47 @@ def test_the_card_gets_the_numbers_and_the_command(deepbet_weights, heads, toy_d
     assert timing["command"] == shlex.join(["brainzoo", *args]) and timing["dataset"] == "a synthetic head"
     assert ("Dice vs deepbet package", "min") in metrics  # the card's other metrics stay
     assert brainzoo("validate", cwd=root).returncode == 0
+
+
+def test_the_ixi_split_follows_its_stated_rule_and_synthesis_reads_only_the_train_label_maps():
+    """evaluation/README.md: the 10 IXI DLMUSE subjects ordered by sex (F first), then age from the oldest, are dealt
+    test, train, validation, train, test, ... (fixed 2026-12-03, before any model was measured on them)."""
+    from brainzoo.training.head_synthesis import read_sources
+
+    folder = REPO / "evaluation"
+    tables = {name: list(csv.DictReader((folder / f"ixi-2mm-{name}.csv").open()))
+              for name in ("train", "validation", "test")}
+    rows = [row for split in tables.values() for row in split]
+    every = list(csv.DictReader((folder / "ixi-2mm-dlmuse.csv").open()))
+    assert sorted((row["path"], row["labels"]) for row in rows) == sorted((row["path"], row["mask"]) for row in every)
+    assert all(row["path"].split("/")[-1].startswith(row["id"]) for row in rows)
+    order = sorted(rows, key=lambda row: (row["sex"] != "F", -float(row["age"])))
+    rule = {row["id"]: ("test", "train", "validation", "train")[index % 4] for index, row in enumerate(order)}
+    assert {row["id"]: name for name, split in tables.items() for row in split} == rule
+    assert [len(tables[name]) for name in ("train", "validation", "test")] == [5, 2, 3]
+    sources = read_sources(folder / "ixi-2mm-train.csv")  # what `brainzoo synth-heads` draws heads from
+    assert sorted(source.labels.name for source in sources) == sorted(row["labels"].split("/")[-1]
+                                                                       for row in tables["train"])
+    assert all(source.scan is not None and source.age for source in sources)
+
+
+@pytest.mark.slow
+def test_thick_slice_versions_are_measured_against_their_label_maps(deepbet_weights, tmp_path):
+    """The test split's evaluation at another resolution (evaluation/README.md): `brainzoo lower-resolution` makes
+    thick-slice scans, and evaluate brings the reference masks, left on their own grid, onto them."""
+    from brainzoo.cli import main
+    from brainzoo.training.synthetic import write_synthetic_dataset
+
+    table = write_synthetic_dataset(tmp_path / "heads", 2, shape=(64, 64, 64), seed=4)
+    voxel = float(nib.load(table.parent / "sub-001_T1w.nii.gz").header.get_zooms()[0])
+    assert main(["lower-resolution", str(table), "--spacing", str(voxel), str(voxel), str(2 * voxel),
+                 "--out", str(tmp_path / "thick")]) == 0  # slices two voxels thick
+    records = list(evaluate.evaluate_brain_masks(deepbet_weights, tmp_path / "thick" / "scans.csv", tmp_path / "eval",
+                                                 reference_column="mask", progress=False))
+    assert [r["status"] for r in records] == ["ok"] * 3
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "scans.csv")))
+    assert [row["reference"] for row in rows] == [str(tmp_path / "thick" / f"../heads/sub-00{i}_mask.nii.gz")
+                                                  for i in (1, 2)]
+    for row in rows:
+        assert 0.5 < float(row["dice"]) <= 1
+        assert nib.load(row["path"]).shape == (64, 64, 32)

@@ -6,6 +6,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from brainzoo.cli import main
 from brainzoo.errors import BrainzooError
@@ -197,3 +198,62 @@ def test_ixi_dlmuse_head_mask_is_its_brain_labels():
     np.testing.assert_array_equal(head.mask.astype(bool), inside)
     ventricles = np.isin(head.labels, head_synthesis.DLMUSE_VENTRICLES).sum()
     assert ventricles > 1.5 * np.isin(labels, head_synthesis.DLMUSE_VENTRICLES).sum()
+
+
+def _ball_scan(shape=(40, 40, 42), spacing=(2.0, 2.0, 2.0)) -> nib.Nifti1Image:
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-30.0, 12.0, 5.0]
+    centre = np.array([17.0, 22.0, 19.0])
+    data = (np.linalg.norm(np.indices(shape) - centre[:, None, None, None], axis=0) < 9) * 100.0 + 10.0
+    return nib.Nifti1Image(data.astype(np.float32), affine)
+
+
+def _world_centre(image: nib.Nifti1Image) -> np.ndarray:
+    data = np.asarray(image.dataobj) - np.asarray(image.dataobj).min()
+    return nib.affines.apply_affine(image.affine, np.array(ndimage.center_of_mass(data)))
+
+
+def test_a_coarser_scan_keeps_the_field_of_view_and_the_anatomy_in_place():
+    scan = _ball_scan()
+    for target, shape in (((2.0, 2.0, 6.0), (40, 40, 14)), ((3.0, 3.0, 3.0), (27, 27, 28)), ((1, 1, 1), (40, 40, 42))):
+        coarse = head_synthesis.coarser_scan(scan, target)
+        assert coarse.shape == shape
+        np.testing.assert_allclose(nib.affines.voxel_sizes(coarse.affine), np.maximum(target, 2.0))
+        np.testing.assert_allclose(_world_centre(coarse), _world_centre(scan), atol=0.3)
+        # the first and last coarse voxels' outer faces are the fine grid's: the same field of view
+        for corner in (np.zeros(3), np.array(shape) - 1):
+            outer = nib.affines.apply_affine(coarse.affine, corner + np.sign(corner - 0.1) * 0.5)
+            fine_corner = np.where(corner > 0, np.array(scan.shape) - 1, 0) + np.sign(corner - 0.1) * 0.5
+            np.testing.assert_allclose(outer, nib.affines.apply_affine(scan.affine, fine_corner),
+                                       atol=np.max(target))  # rounding of the voxel count: within one voxel
+    thick = np.asarray(head_synthesis.coarser_scan(scan, (2, 2, 6)).dataobj)
+    assert _high_frequency_power(thick[:, :, 7]) < _high_frequency_power(np.asarray(scan.dataobj)[:, :, 22])
+    constant = nib.Nifti1Image(np.full((12, 12, 12), 7.0, np.float32), np.eye(4))
+    np.testing.assert_allclose(np.asarray(head_synthesis.coarser_scan(constant, (2, 3, 4)).dataobj), 7.0, rtol=1e-6)
+
+
+def test_lower_resolution_command_writes_coarse_scans_whose_label_maps_follow(tmp_path, capsys):
+    from brainzoo.predict.volumes import load_mask
+
+    (tmp_path / "in").mkdir()
+    scan = _ball_scan()
+    nib.save(scan, tmp_path / "in" / "a.nii.gz")
+    labels = (np.asarray(scan.dataobj) > 50).astype(np.uint8) * 3
+    nib.save(nib.Nifti1Image(labels, scan.affine), tmp_path / "in" / "a_labels.nii.gz")
+    table = tmp_path / "in" / "test.csv"
+    table.write_text("id,path,labels,age\nsubject-a,a.nii.gz,a_labels.nii.gz,46.7\n")
+    out = tmp_path / "out" / "thick"
+    argv = ["lower-resolution", str(table), "--spacing", "2", "2", "6", "--spacing", "2", "2", "2", "--out", str(out)]
+    assert main(argv) == 0
+    assert "2 scan(s) at 2 x 2 x 6, 2 x 2 x 2 mm" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "scans.csv").open()))
+    assert rows == [{"id": f"subject-a_{tag}", "path": f"subject-a_{tag}.nii.gz", "labels": "../../in/a_labels.nii.gz",
+                     "age": "46.7", "source_id": "subject-a", "spacing_mm": spacing}
+                    for tag, spacing in (("2x2x6mm", "2 2 6"), ("2x2x2mm", "2 2 2"))]
+    np.testing.assert_array_equal(np.asarray(nib.load(out / rows[1]["path"]).dataobj), np.asarray(scan.dataobj))
+    coarse = nib.load(out / rows[0]["path"])
+    assert coarse.shape == (40, 40, 14)
+    # what evaluate brain-mask --reference-column labels compares with: the label map (> 0) on the coarse grid
+    reference = load_mask(out / rows[0]["labels"], coarse)
+    np.testing.assert_array_equal(reference, np.asarray(scan.dataobj)[:, :, 1::3][..., :14] > 50)
+    assert main(argv) == 1 and "exists" in capsys.readouterr().err

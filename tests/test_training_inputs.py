@@ -19,6 +19,7 @@ from conftest import REPO, brainzoo_command, cli_environment
 from test_engine import final_weights
 
 from brainzoo import catalogue, validate
+from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.outputs import AgeBins
 from brainzoo.training import run
@@ -191,13 +192,64 @@ def test_brainzoo_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninter
     succeeded(start("resumed", "interrupted"), "resumed")
     succeeded(straight, "straight")
 
-    expected, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted")
-    assert expected.keys() == resumed.keys() and len(expected) > 10
+    assert [epoch["step"] for epoch in same_run(tmp_path / "straight", tmp_path / "interrupted")] == [2, 4]
+
+
+def same_run(expected_run, run_folder) -> list[dict]:
+    """Assert that two run folders hold the same weights, bit for bit, and the same history; return the history."""
+    expected, got = final_weights(expected_run), final_weights(run_folder)
+    assert expected.keys() == got.keys() and len(expected) > 10
     for name in expected:
-        np.testing.assert_array_equal(expected[name], resumed[name], err_msg=name)
-    history = json.loads((tmp_path / "interrupted" / "metrics.json").read_text())["history"]
-    assert [epoch["step"] for epoch in history] == [2, 4]
-    assert history == json.loads((tmp_path / "straight" / "metrics.json").read_text())["history"]
+        np.testing.assert_array_equal(expected[name], got[name], err_msg=name)
+    history = json.loads((run_folder / "metrics.json").read_text())["history"]
+    assert history == json.loads((expected_run / "metrics.json").read_text())["history"]
+    return history
+
+
+def test_brainzoo_train_in_chunks_of_max_steps_ends_with_the_weights_of_an_uninterrupted_run(heads, tmp_path):
+    """The same reduced FLAIR SFCN recipe as the SIGKILL test, through `brainzoo train --max-steps 3`: the first call
+    stops at a checkpoint after step 3 of 4 (mid epoch 2) with no model.h5 or metrics.json, the same command again
+    finishes the run, and the weights equal an uninterrupted run's bit for bit (cron or cluster-array style)."""
+    spec_file = tmp_path / "spec.yaml"
+    catalogue.write_yaml(spec_file, reduced(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair",
+                                                                   REPO).spec))
+    records = heads / "regression"
+    command = brainzoo_command("train", spec_file, "--train", records, "--validation", records, "--no-progress",
+                               "--json", "--out")
+
+    def start(name: str, out: str, *bound) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "w") as log:
+            return subprocess.Popen([*command, tmp_path / out, *bound], cwd=tmp_path, env=cli_environment(),
+                                    stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def record(process: subprocess.Popen, name: str) -> dict:
+        out, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        return json.loads(out)
+
+    straight, first = start("straight", "straight"), start("first", "chunked", "--max-steps", "3")
+    first = record(first, "first")
+    assert (first["steps"], first["planned_steps"], first["finished"]) == (3, 4, False)
+    assert "run the same command again" in first["message"]
+    assert not (tmp_path / "chunked" / "model.h5").exists() and not (tmp_path / "chunked" / "metrics.json").exists()
+    assert (tmp_path / "chunked" / CHECKPOINT_DIR / "ckpt-3.index").exists()
+    second = record(start("second", "chunked", "--max-steps", "3"), "second")
+    assert (second["steps"], second["steps_this_run"], second["finished"]) == (4, 1, True)
+    record(straight, "straight")
+    same_run(tmp_path / "straight", tmp_path / "chunked")
+
+
+def test_a_replaced_run_takes_its_checkpoints_and_outputs_with_it(tmp_path):
+    """--force on a folder of another run: a chunked new run must not look finished by the old run's files."""
+    run.claim_run_folder(tmp_path, {"spec": "a"}, force=False)
+    (tmp_path / CHECKPOINT_DIR).mkdir()
+    for name in ("model.h5", "metrics.json"):
+        (tmp_path / name).write_text("old")
+    with pytest.raises(BrainzooError, match="holds a different run"):
+        run.claim_run_folder(tmp_path, {"spec": "b"}, force=False)
+    run.claim_run_folder(tmp_path, {"spec": "b"}, force=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.json"]
+    run.claim_run_folder(tmp_path, {"spec": "b"}, force=False)  # the same run: kept, it resumes
 
 
 def test_validate_names_a_record_step_or_a_normalisation_the_inference_steps_lack():

@@ -8,8 +8,9 @@ and its mask are conformed to the student's grid (orientation, spacing and shape
 ``inference.input``), written as a NIfTI pair, and listed in ``distillation.csv`` (columns ``path``,
 ``label``, ``source``, ``mask_from``) that :func:`brainzoo.training.tfrecords.read_table` reads with
 ``kind="segmentation"``. The table is written last, so a folder with a table is complete.
-:func:`write_student_set` adds synthetic contrasts of those heads (:mod:`.contrast_synthesis`) and lists
-everything in one table for ``brainzoo tfrecords``; ``brainzoo distill`` runs it.
+:func:`write_student_set` adds synthetic contrasts of those heads (:mod:`.contrast_synthesis`) and the synthetic
+heads of ``brainzoo synth-heads`` (:mod:`.head_synthesis`, which keep their own masks), and lists everything in one
+table for ``brainzoo tfrecords``; ``brainzoo distill`` runs it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from brainzoo.errors import BrainzooError
 from brainzoo.fileio import save_nifti, write_csv
 from brainzoo.predict.volumes import GriddedVolume, conform, load_mask, load_volume
 from brainzoo.training.contrast_synthesis import write_contrast_set
+from brainzoo.training.tfrecords import read_rows
 
 TABLE = "distillation.csv"
 STUDENT_TABLE = "student.csv"
+# student.csv's kind column: a real scan with its teacher's (or given) mask, a synthetic contrast of one, and a
+# synthetic head drawn from a label map (its mask follows the labels; source names the label map).
+REAL, CONTRAST, SYNTHETIC_HEAD = "real", "synthetic-contrast", "synthetic-head"
 
 
 @dataclass(frozen=True)
@@ -85,26 +90,59 @@ def write_distillation_set(scans: Sequence[str | os.PathLike | tuple[str | os.Pa
 
 def write_student_set(scans: Sequence[str | os.PathLike | tuple[str | os.PathLike, str | os.PathLike]],
                       out_dir: str | os.PathLike, *, grid: Mapping, teacher: Teacher | None = None,
-                      contrasts: int = 0, real_copies: int = 1, seed: int = 0, force: bool = False) -> Path:
-    """A student's training table: the distillation set in ``teacher/`` and ``contrasts`` synthetic contrasts
-    of each head in ``contrasts/``, listed together in ``student.csv`` (``path``, ``label``, ``source``).
+                      heads: str | os.PathLike | None = None, contrasts: int = 0, real_copies: int = 1, seed: int = 0,
+                      force: bool = False) -> Path:
+    """A student's training table: the distillation set of ``scans`` in ``teacher/``, ``contrasts`` synthetic
+    contrasts of each in ``contrasts/`` and the synthetic heads of the table ``heads`` (``brainzoo synth-heads``'
+    heads.csv: ``path``, ``label`` and ``source``, the label map each head was drawn from) in ``heads/``, conformed
+    to ``grid`` with their own masks; all listed in ``student.csv`` (``path``, ``label``, ``kind``: real,
+    synthetic-contrast or synthetic-head, and ``source``: the scan, or the synthetic head's label map).
 
-    Each real head is listed ``real_copies`` times, so that its synthetic copies do not swamp it.
+    Each real head is listed ``real_copies`` times, so that its synthetic copies do not swamp it; each synthetic head
+    once (``brainzoo synth-heads --n`` says how many).
     """
-    if contrasts < 0 or real_copies < 0 or not contrasts + real_copies:
+    if contrasts < 0 or real_copies < 0 or (scans and not contrasts + real_copies):
         raise BrainzooError(f"need real copies or synthetic contrasts (non-negative), got {real_copies} and {contrasts}")
+    if not scans and heads is None:
+        raise BrainzooError("no scans and no synthetic heads given for the student set")
     out_dir = Path(out_dir)
     if (out_dir / STUDENT_TABLE).exists() and not force:
         raise BrainzooError(f"{out_dir / STUDENT_TABLE}: exists; pass force=True to rewrite the set")
-    real = write_distillation_set(scans, out_dir / "teacher", grid=grid, teacher=teacher, force=force)
-    rows = _rows_under(real, "teacher") * real_copies
-    if contrasts:
-        rows += _rows_under(write_contrast_set(real, out_dir / "contrasts", variants=contrasts, seed=seed, force=force),
-                            "contrasts")
-    return write_csv(out_dir / STUDENT_TABLE, rows, ["path", "label", "source"], force)
+    synthetic = synthetic_head_pairs(heads) if heads is not None else []  # a bad table fails before any work
+    rows = []
+    if scans:
+        real = write_distillation_set(scans, out_dir / "teacher", grid=grid, teacher=teacher, force=force)
+        rows += _rows_under(real, "teacher", REAL) * real_copies
+        if contrasts:
+            rows += _rows_under(write_contrast_set(real, out_dir / "contrasts", variants=contrasts, seed=seed,
+                                                   force=force), "contrasts", CONTRAST)
+    if synthetic:
+        conformed = write_distillation_set([pair for pair, _ in synthetic], out_dir / "heads", grid=grid, force=force)
+        head_rows = _rows_under(conformed, "heads", SYNTHETIC_HEAD)
+        rows += [row | {"source": label_map} for row, (_, label_map) in zip(head_rows, synthetic)]
+    return write_csv(out_dir / STUDENT_TABLE, rows, ["path", "label", "kind", "source"], force)
 
 
-def _rows_under(table: Path, folder: str) -> list[dict]:
+def synthetic_head_pairs(table: str | os.PathLike) -> list[tuple[tuple[Path, Path], str]]:
+    """The ``(head, mask)`` pairs of a synthetic-heads table (paths relative to it), each with its label map."""
+    table = Path(table)
+    return [((table.parent / row["path"], table.parent / row["label"]), row["source"])
+            for _, row in read_rows(table, ["path", "label", "source"])]
+
+
+def scan_arguments(arguments: Sequence[str]) -> list[str]:
+    """Scan paths from the command line: a CSV/TSV argument stands for the scans of its ``path`` column (relative to
+    it; an evaluation table's split, say), any other for itself."""
+    scans = []
+    for argument in arguments:
+        if Path(argument).suffix.lower() in (".csv", ".tsv"):
+            scans += [os.fspath(Path(argument).parent / row["path"]) for _, row in read_rows(Path(argument), ["path"])]
+        else:
+            scans.append(argument)
+    return scans
+
+
+def _rows_under(table: Path, folder: str, kind: str) -> list[dict]:
     with table.open(newline="") as handle:
-        return [{"path": f"{folder}/{row['path']}", "label": f"{folder}/{row['label']}", "source": row["source"]}
-                for row in csv.DictReader(handle)]
+        return [{"path": f"{folder}/{row['path']}", "label": f"{folder}/{row['label']}", "kind": kind,
+                 "source": row["source"]} for row in csv.DictReader(handle)]

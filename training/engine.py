@@ -7,6 +7,10 @@ optimizer, step counter, learning rate, early-stopping state and the history are
 moment leaves the previous checkpoint usable. Random layers (dropout) draw from ``tf.random.Generator``
 objects whose states are in the checkpoint too, so the draws after a restart are the ones an
 uninterrupted run would have made.
+
+A run can also be cut into chunks on purpose (a cron job, a cluster array with a wall-time limit): ``max_steps`` and
+``time_budget_s`` end this call at the first step past the bound, with a checkpoint of that step, and the same call
+again goes on from there; the chunks together give the weights of one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -108,12 +112,24 @@ def batch_norm_probe(model: tf.keras.Model) -> tuple[list, tf.keras.Model | None
 
 def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], tf.data.Dataset],
         validation_data: Callable[[], tf.data.Dataset] | None, plan: TrainingPlan, out_dir: Path,
-        strategy: tf.distribute.Strategy | None = None, progress: bool = True) -> dict:
+        strategy: tf.distribute.Strategy | None = None, progress: bool = True, *, max_steps: int | None = None,
+        time_budget_s: float | None = None) -> dict:
     """Train (or resume) into ``out_dir``; returns the final metrics record (also in metrics.json).
 
     ``train_data(epoch)`` yields ``(x, y)`` batches of the *global* batch size for that epoch and must
     be deterministic given the epoch; ``validation_data()`` likewise, or None.
+
+    ``max_steps`` (at least 1) and ``time_budget_s`` (counted from this call, model building included) bound this
+    call: after the step that reaches either, it checkpoints (the epoch's end first, when the step ends an epoch) and
+    returns a record with ``finished`` false, writing neither model.h5 nor metrics.json. Every call takes at least one
+    step. A time budget needs a single worker: workers would stop at different steps.
     """
+    entered = time.perf_counter()
+    if max_steps is not None and max_steps < 1:
+        raise BrainzooError(f"max_steps must be at least 1, got {max_steps}")
+    if time_budget_s is not None and (time_budget_s < 0 or os.environ.get("TF_CONFIG")):
+        raise BrainzooError("a time budget must be 0 or more seconds, and is for one worker (TF_CONFIG names a "
+                            "cluster, whose workers would stop at different steps; use max_steps)")
     strategy = strategy or strategy_from_environment()
     out_dir = Path(out_dir)
     scratch = worker_dir(out_dir)
@@ -208,22 +224,37 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     monitor = (plan.early_stopping or {}).get("monitor", f"val_{objective.metric}")
     higher_is_better = monitor.endswith(("dice", "accuracy"))
     step = int(state["step"].numpy())
-    stopped_early = False
+    patience = (plan.early_stopping or {}).get("patience")
+    # A run that stopped early stays stopped when called again (a chunked run's next call, say).
+    stopped_early = patience is not None and int(state["epochs_without_improvement"].numpy()) >= patience
+    steps_this_run, paused = 0, False
+
+    def chunk_over() -> bool:
+        return ((max_steps is not None and steps_this_run >= max_steps)
+                or (time_budget_s is not None and time.perf_counter() - entered >= time_budget_s))
+
     bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", unit="step")
     started = time.perf_counter()
-    while step < total_steps and not stopped_early:
+    while step < total_steps and not stopped_early and not paused:
         epoch, offset = divmod(step, plan.steps_per_epoch)
         batches = train_data(epoch).skip(offset).take(plan.steps_per_epoch - offset)
         for x, y in strategy.experimental_distribute_dataset(batches):
             loss = float(distributed_train_step(x, y))
             step += 1
+            steps_this_run += 1
             state["step"].assign(step)
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             with writer.as_default(step=step):
                 tf.summary.scalar("loss", loss)
-            if step % plan.checkpoint_every_steps == 0 and step % plan.steps_per_epoch:
-                manager.save(checkpoint_number=step)
+            if step % plan.steps_per_epoch:
+                paused = chunk_over()
+                if paused or step % plan.checkpoint_every_steps == 0:
+                    manager.save(checkpoint_number=step)
+                if paused:
+                    break
+        if paused:
+            break
         if step % plan.steps_per_epoch:
             raise BrainzooError(f"training data for epoch {epoch} ended after {step % plan.steps_per_epoch} of "
                                 f"{plan.steps_per_epoch} steps; use fewer steps_per_epoch or repeat the data")
@@ -238,12 +269,18 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
         stopped_early = _early_stopping_and_plateau(record, plan, state, opt, monitor, higher_is_better)
         state["history"].assign(json.dumps(history))
         manager.save(checkpoint_number=step)
+        paused = step < total_steps and not stopped_early and chunk_over()
     bar.close()
     writer.flush()
 
-    result = {"steps": step, "epochs": len(history), "stopped_early": stopped_early,
+    result = {"steps": step, "planned_steps": total_steps, "epochs": len(history), "stopped_early": stopped_early,
+              "finished": not paused, "steps_this_run": steps_this_run,
               "seconds_this_run": round(time.perf_counter() - started, 3), "history": history,
               **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}}
+    if paused:  # a chunk: its checkpoint is the output; the same call again goes on from it
+        if not is_chief():
+            shutil.rmtree(scratch)
+        return result
     with atomic_output(scratch / "model.h5", force=True) as tmp:
         model.save(tmp, save_format="h5")  # every worker takes part in reading mirrored variables
     if is_chief():

@@ -19,6 +19,10 @@ inside the brain, intensity classes of the real scan outside it: :func:`head_lab
 Every head is determined by ``(seed, index)``. :func:`write_synthetic_heads` draws N heads from a table of label
 maps, choosing each head's label map with weights that favour older subjects, and writes a table that
 ``brainzoo tfrecords --kind segmentation`` reads; ``brainzoo synth-heads`` runs it.
+
+For evaluation at other resolutions, :func:`coarser_scan` makes a real scan what a scanner with coarser voxels or
+thicker slices would have recorded, on that coarser grid; ``brainzoo lower-resolution`` runs it on a table of scans,
+keeping their reference label maps.
 """
 
 from __future__ import annotations
@@ -114,13 +118,71 @@ def lower_resolution(image: np.ndarray, spacing_mm: Sequence[float], target_mm: 
     ratio = np.asarray(target_mm, float) / np.asarray(spacing_mm, float)
     if np.all(ratio <= 1.0):
         return image.astype(np.float32)
-    sigma = np.where(ratio > 1.0, np.sqrt(np.maximum(ratio ** 2 - 1.0, 0.0)) / 2.355, 0.0)
-    blurred = ndimage.gaussian_filter(image.astype(np.float32), sigma, mode="nearest")
+    blurred = _scanner_blur(image, ratio)
     low_shape = [max(2, round(size / max(r, 1.0))) for size, r in zip(image.shape, ratio)]
     down = [np.linspace(0, size - 1, low) for size, low in zip(image.shape, low_shape)]
     low = ndimage.map_coordinates(blurred, np.meshgrid(*down, indexing="ij"), order=1, mode="nearest")
     up = [np.linspace(0, low_size - 1, size) for size, low_size in zip(image.shape, low_shape)]
     return ndimage.map_coordinates(low, np.meshgrid(*up, indexing="ij"), order=1, mode="nearest").astype(np.float32)
+
+
+def _scanner_blur(image: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """The Gaussian blur that takes voxels to ``ratio`` times their size (full width at half maximum; axes whose
+    ratio is 1 or less are left alone), float32."""
+    sigma = np.where(ratio > 1.0, np.sqrt(np.maximum(ratio ** 2 - 1.0, 0.0)) / 2.355, 0.0)
+    return ndimage.gaussian_filter(image.astype(np.float32), sigma, mode="nearest")
+
+
+def coarser_scan(image: nib.Nifti1Image, target_mm: Sequence[float]) -> nib.Nifti1Image:
+    """A scan as a scanner with voxels of ``target_mm`` (per voxel axis; slice thickness = spacing) would have
+    recorded it, on a grid of that spacing: :func:`lower_resolution`'s blur, then linear sampling at the centres of
+    the coarser voxels, which tile the same field of view. Axes whose target is not coarser keep their voxels."""
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim != 3:
+        raise BrainzooError(f"a scan to make coarser must be 3D, got shape {data.shape}")
+    spacing = np.asarray(image.header.get_zooms()[:3], float)
+    ratio = np.maximum(np.asarray(target_mm, float) / spacing, 1.0)
+    shape = [max(1, round(size / r)) for size, r in zip(data.shape, ratio)]
+    starts = (ratio - 1.0) / 2.0  # coarse voxel j covers fine voxels j*r - 1/2 to (j+1)*r - 1/2
+    centres = np.meshgrid(*[start + r * np.arange(n) for start, r, n in zip(starts, ratio, shape)], indexing="ij")
+    coarse = ndimage.map_coordinates(_scanner_blur(data, ratio), centres, order=1, mode="nearest")
+    scale = np.eye(4)
+    scale[:3, :3] = np.diag(ratio)
+    scale[:3, 3] = starts
+    result = nib.Nifti1Image(coarse.astype(np.float32), image.affine @ scale)
+    result.set_qform(image.affine @ scale, code=1)
+    return result
+
+
+def write_coarser_scans(table: str | os.PathLike, out_dir: str | os.PathLike,
+                        spacings: Sequence[Sequence[float]], *, force: bool = False) -> Path:
+    """Every scan of a table (``path`` column, ``id`` optional) at each of ``spacings`` by :func:`coarser_scan`, as
+    ``<id>_<X>x<Y>x<Z>mm.nii.gz`` and, last, ``scans.csv``: one row per scan and spacing, in the input's columns,
+    ``id`` and ``path`` the new scan's, every other cell naming a NIfTI file (a reference label map, say) rewritten
+    relative to the new table, and ``source_id`` and ``spacing_mm`` added. A reference stays on its own grid:
+    ``brainzoo evaluate`` brings it onto each scan's. A spacing no coarser than a scan's copies it (as float32)."""
+    from brainzoo.predict.runners import study_scans  # the evaluation tables' reader: ids, paths relative to them
+
+    table, out_dir = Path(table), Path(out_dir)
+    if not spacings or any(len(spacing) != 3 or min(spacing) <= 0 for spacing in spacings):
+        raise BrainzooError(f"each target spacing needs three sizes above 0 mm, got {[list(s) for s in spacings]}")
+    if (out_dir / "scans.csv").exists() and not force:
+        raise BrainzooError(f"{out_dir / 'scans.csv'}: exists; pass force=True to rewrite the set")
+    rows = study_scans(table)
+    columns = [*rows[0], "source_id", "spacing_mm"]
+    tags = ["x".join(f"{size:g}" for size in spacing) + "mm" for spacing in spacings]
+    jobs = [(row, spacing, f"{row['id']}_{tag}") for row in rows for spacing, tag in zip(spacings, tags)]
+    outputs = [out_dir / f"{name}.nii.gz" for _, _, name in jobs]
+    with output_folder(out_dir), all_or_nothing([*outputs, out_dir / "scans.csv"]):
+        written = []
+        for (row, spacing, name), output in zip(jobs, outputs):
+            save_nifti(coarser_scan(_load(Path(row["path"]), "scan"), spacing), output, force)
+            cells = {column: (os.path.relpath(table.parent / text, out_dir)
+                              if column not in ("id", "path") and text.endswith((".nii", ".nii.gz")) else text)
+                     for column, text in row.items()}
+            written.append(cells | {"id": name, "path": output.name, "source_id": row["id"],
+                                    "spacing_mm": " ".join(f"{size:g}" for size in spacing)})
+        return write_csv(out_dir / "scans.csv", written, columns, force)
 
 
 def synthesize_head(labels: np.ndarray, brain: np.ndarray, *, seed: int, index: int,

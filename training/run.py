@@ -153,7 +153,8 @@ def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
     """Record ``run`` in ``folder/run.json``; the same run resumes from its checkpoints there.
 
     A different earlier run is an error, or with ``force`` is replaced: its checkpoints go, since the engine
-    would otherwise resume from them.
+    would otherwise resume from them, and so do its model.h5 and metrics.json, which would otherwise say that the
+    new run is done while it is still in chunks.
     """
     run_file = folder / "run.json"
     if run_file.exists() and json.loads(run_file.read_text()) != json.loads(json.dumps(run)):
@@ -162,17 +163,23 @@ def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
                                 "choose another folder or pass --force")
         for checkpoints in folder.glob(f"**/{CHECKPOINT_DIR}"):
             shutil.rmtree(checkpoints)
+        for output in (folder / "model.h5", folder / "metrics.json"):
+            output.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(run_file, force=True) as tmp:
         tmp.write_text(json.dumps(run, indent=2))
 
 
 def train(ref: str, train_records, validation_records, out_dir, *, init_weights: str | None = None,
-          force: bool = False, progress: bool = True, **overrides) -> dict:
+          force: bool = False, progress: bool = True, max_steps: int | None = None,
+          time_budget_s: float | None = None, **overrides) -> dict:
     """Train the model a spec describes; resumes when ``out_dir`` holds this run's checkpoints.
 
     ``init_weights``: a saved model (.h5) whose weights, matched by layer name, start the run instead of a
     random initialisation: a second stage (say, whole volumes after blocks) goes on from the first's model.
+    ``max_steps`` and ``time_budget_s`` bound this call (see :func:`.engine.fit`): the run goes on in chunks, the
+    same call each time, until the result says ``finished`` and ``out_dir`` holds model.h5 and metrics.json. They
+    are not part of the run's identity (run.json), so a chunk may have another bound than the one before.
     """
     spec, _ = resolve_spec(ref)
     if "training" not in spec:
@@ -183,6 +190,8 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     adversarial = (spec["training"].get("loss") or {}).get("name") == ADVERSARIAL_LOSS
     if init_weights is not None and adversarial:
         raise BrainzooError(f"{ref}: --init-weights does not apply to adversarial training (two networks)")
+    if adversarial and (max_steps is not None or time_budget_s is not None):
+        raise BrainzooError(f"{ref}: adversarial training does not run in chunks (--max-steps, --time-budget)")
     if init_weights is not None:
         if not Path(init_weights).is_file():
             raise BrainzooError(f"{init_weights}: no such model file to start from")
@@ -210,9 +219,10 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             model = fresh()
             transplant(load_keras_model(init_weights), model, [])
             return model
-    result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
+    result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress, max_steps=max_steps,
+                 time_budget_s=time_budget_s)
     grid = whole_grid_shape(spec)
-    if grid and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
+    if grid and result["finished"] and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
         whole = model_builder(spec, (*grid, 1))()
         whole.set_weights(load_keras_model(out_dir / "model.h5").get_weights())
         with atomic_output(out_dir / "model.h5", force=True) as tmp:
