@@ -78,6 +78,12 @@ class TrainingPlan:
     def objective(self) -> Objective:
         return Objective(self.loss, self.bins)
 
+    def check_validation(self, validation_data: Callable[[], tf.data.Dataset] | None) -> None:
+        """A run that selects its epoch needs validation data; said before the run starts, not after its end."""
+        if self.select is not None and validation_data is None:
+            raise BrainzooError("training.select: selects the epoch by its validation value, and this run has no "
+                                "validation data (brainzoo train --validation RECORDS)")
+
 
 def monitored(setting: dict | None, loss: dict) -> str:
     """The validation value an ``early_stopping`` or ``select`` setting watches: its ``monitor``, by default the
@@ -201,9 +207,7 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     and ``selection`` names that epoch (see :class:`SelectedEpoch`); otherwise they are the last epoch's.
     """
     entered = time.perf_counter()
-    if plan.select is not None and validation_data is None:
-        raise BrainzooError("training.select: selects the epoch by its validation value, and this run has no "
-                            "validation data (brainzoo train --validation RECORDS)")
+    plan.check_validation(validation_data)
     if max_steps is not None and max_steps < 1:
         raise BrainzooError(f"max_steps must be at least 1, got {max_steps}")
     if time_budget_s is not None and (time_budget_s < 0 or os.environ.get("TF_CONFIG")):
@@ -360,7 +364,8 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     result = {"steps": step, "planned_steps": total_steps, "epochs": len(history), "stopped_early": stopped_early,
               "finished": not paused, "steps_this_run": steps_this_run,
               "seconds_this_run": round(time.perf_counter() - started, 3), "history": history,
-              **{k: v for k, v in kept.items() if k.startswith("val_")}, **({"selection": selection} if selection else {})}
+              **{k: v for k, v in kept.items() if k.startswith("val_")},
+              **({"selection": selection} if selection else {})}
     if paused:  # a chunk: its checkpoint is the output; the same call again goes on from it
         if not is_chief():
             shutil.rmtree(scratch)
