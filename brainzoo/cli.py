@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     training_options = argparse.ArgumentParser(add_help=False)
     training_options.add_argument("--train", required=True, help="training TFRecords (folder, glob or file)")
-    training_options.add_argument("--validation", help="held-out TFRecords for the metrics and early stopping")
+    training_options.add_argument("--validation",
+                                  help="held-out TFRecords for the metrics, early stopping and training.select")
     for option in ("epochs", "steps-per-epoch", "batch-size", "seed", "checkpoint-every-steps"):
         training_options.add_argument(f"--{option}", type=int, help="override the spec's training value")
     training_options.add_argument("--force", action="store_true", help="replace an earlier, different run or version")
@@ -482,9 +483,14 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
                                     progress=not args.no_progress, max_steps=args.max_steps,
                                     time_budget_s=args.time_budget, **training_overrides(args))
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if k.startswith("val_") and k != "val_n")
+        selection = result.get("selection")
+        if selection:
+            metrics += (f" of epoch {selection['epoch']}, selected by {selection['monitor']} (last epoch "
+                        f"{selection['last_epoch']}: {selection['last_value']:.4f})")
         if not result["finished"]:
             metrics = (f"stopped at step {result['steps']} of {result['planned_steps']} ({result['steps_this_run']} "
-                       f"this run); run the same command again to go on" + (f"; last epoch {metrics}" if metrics else ""))
+                       f"this run); run the same command again to go on"
+                       + (f"; {'so far' if selection else 'last epoch'} {metrics}" if metrics else ""))
         yield {"action": "train", "path": args.out, "status": "ok", "message": metrics,
                **{k: v for k, v in result.items() if k != "history"}}
     else:

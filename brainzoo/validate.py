@@ -127,8 +127,11 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
     if isinstance(spec.get("conversion"), dict) and isinstance(spec.get("weights"), list):
         yield from (f"{spec_rel}: {p}" for p in conversion_record_problems(spec, version_folder))
     if not problems:
+        from brainzoo.training.engine import monitor_problems
+
         yield from (f"{spec_rel}: {p}" for p in training_stage_problems(spec, version_folder))
         yield from (f"{spec_rel}: {p}" for p in training_data_problems(spec))
+        yield from (f"{spec_rel}: {p}" for p in monitor_problems(spec.get("training") or {}))
 
 
 def training_data_problems(spec: dict) -> Iterator[str]:

@@ -111,7 +111,7 @@ def test_two_workers_on_loopback_train_with_multiworker_mirrored_strategy(tmp_pa
     assert (tmp_path / "cluster" / "model.h5").is_file()
 
 
-def _chunked_fit(out, learning_rate=1e-3, early_stopping=None, **bounds) -> dict:
+def _chunked_fit(out, learning_rate=1e-3, early_stopping=None, select=None, epochs=3, **bounds) -> dict:
     """A tiny regression network with dropout, 3 epochs of 4 steps, trained in this process (named layers, so that
     model.h5 of two runs compares by name)."""
     import tensorflow as tf
@@ -131,8 +131,8 @@ def _chunked_fit(out, learning_rate=1e-3, early_stopping=None, **bounds) -> dict
         h = tf.keras.layers.Dropout(0.5, name="dropout")(tf.keras.layers.GlobalAveragePooling3D(name="pool")(h))
         return tf.keras.Model(inputs, tf.keras.layers.Dense(1, name="dense")(h), name="tiny")
 
-    plan = TrainingPlan(epochs=3, steps_per_epoch=4, batch_size=2, seed=3, checkpoint_every_steps=100,
-                        loss={"name": "mse"}, early_stopping=early_stopping,
+    plan = TrainingPlan(epochs=epochs, steps_per_epoch=4, batch_size=2, seed=3, checkpoint_every_steps=100,
+                        loss={"name": "mse"}, early_stopping=early_stopping, select=select,
                         optimizer={"name": "sgd", "learning_rate": learning_rate, "momentum": 0.9})
     validation = lambda: tf.data.Dataset.from_tensor_slices((x[:4], y[:4])).batch(2)
     return fit(build, train_data, validation, plan, out, tf.distribute.get_strategy(), progress=False, **bounds)
@@ -177,3 +177,51 @@ def test_a_run_that_stopped_early_stays_stopped_when_called_again(tmp_path):
     again = _chunked_fit(tmp_path, learning_rate=0.0, early_stopping=stop, max_steps=1)
     assert again["stopped_early"] and again["steps"] == 8 and again["steps_this_run"] == 0
     assert again["history"] == first["history"]
+
+
+def test_select_keeps_the_best_validation_epochs_weights_also_when_run_in_chunks(tmp_path):
+    """Learning rate 5e-3 over 5 epochs: the validation MAE is best after epoch 2, worse after each later epoch.
+    model.h5 must hold the weights at the end of epoch 2 (those of a 2-epoch run, bit for bit, since the learning rate
+    is constant), not the last epoch's; a run in chunks of 7 steps (cut mid epoch 2 and mid epoch 4, so the copy
+    of epoch 2's weights crosses a restart) must select the same epoch with the same weights."""
+    select = {"monitor": "val_mae"}
+    straight = _chunked_fit(tmp_path / "straight", learning_rate=5e-3, select=select, epochs=5)
+    history = straight["history"]
+    assert min(history, key=lambda epoch: epoch["val_mae"])["epoch"] == 2 and len(history) == 5
+    expected = {"monitor": "val_mae", "epoch": 2, "value": history[1]["val_mae"], "last_epoch": 5,
+                "last_value": history[4]["val_mae"]}
+    metrics = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert straight["selection"] == metrics["selection"] == expected
+    assert (metrics["val_mae"], metrics["val_loss"]) == (history[1]["val_mae"], history[1]["val_loss"])
+
+    _chunked_fit(tmp_path / "two-epochs", learning_rate=5e-3, epochs=2)
+    selected, two_epochs = final_weights(tmp_path / "straight"), final_weights(tmp_path / "two-epochs")
+    assert selected.keys() == two_epochs.keys() and len(selected) == 4
+    for name in selected:
+        np.testing.assert_array_equal(selected[name], two_epochs[name], err_msg=name)
+
+    chunks = []
+    while not (tmp_path / "chunked" / "model.h5").exists() and len(chunks) < 5:
+        chunks.append(_chunked_fit(tmp_path / "chunked", learning_rate=5e-3, select=select, epochs=5, max_steps=7))
+    assert [(chunk["steps"], chunk.get("selection", {}).get("epoch")) for chunk in chunks] == [(7, 1), (14, 2),
+                                                                                            (20, 2)]
+    chunked = final_weights(tmp_path / "chunked")
+    for name in selected:
+        np.testing.assert_array_equal(selected[name], chunked[name], err_msg=name)
+    chunked_metrics = json.loads((tmp_path / "chunked" / "metrics.json").read_text())
+    assert (chunked_metrics["selection"], chunked_metrics["history"]) == (expected, history)
+
+
+def test_select_needs_validation_data_and_a_monitor_that_validation_reports():
+    import tensorflow as tf
+    from brainzoo.errors import BrainzooError
+    from brainzoo.training.engine import TrainingPlan, fit
+
+    with pytest.raises(BrainzooError, match=r"training.select.monitor: 'val_dice' is not a validation value of loss "
+                                            r"mse \(val_loss or val_mae\)"):
+        TrainingPlan(epochs=1, steps_per_epoch=1, batch_size=1, loss={"name": "mse"}, optimizer={"name": "sgd"},
+                     select={"monitor": "val_dice"})
+    plan = TrainingPlan(epochs=1, steps_per_epoch=1, batch_size=1, loss={"name": "dice"}, optimizer={"name": "sgd"},
+                        select={"monitor": "val_dice"})
+    with pytest.raises(BrainzooError, match="no validation data .*--validation"):
+        fit(lambda: None, lambda epoch: tf.data.Dataset.range(1), None, plan, "unused")

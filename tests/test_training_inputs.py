@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -124,6 +125,15 @@ def reduced(spec: dict) -> dict:
     return spec
 
 
+def reduced_flair_sfcn(folder, **training) -> Path:
+    """The FLAIR SFCN recipe, reduced (random crop, its listed transforms, dropout), its training section updated
+    with ``training``, as ``folder``/spec.yaml."""
+    spec = reduced(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair", REPO).spec)
+    spec["training"].update(training)
+    catalogue.write_yaml(folder / "spec.yaml", spec)
+    return folder / "spec.yaml"
+
+
 @pytest.fixture(scope="module")
 def heads(tmp_path_factory):
     """Synthetic heads with brain masks and ages, at 32^3, as regression and as segmentation records."""
@@ -166,9 +176,7 @@ def test_brainzoo_train_killed_with_sigkill_resumes_to_the_weights_of_an_uninter
     dropout draws from generators whose state is checkpointed, and TensorFlow's CPU kernels for these ops do not
     depend on thread timing, so any difference is a resumption bug, not rounding.
     """
-    spec_file = tmp_path / "spec.yaml"
-    catalogue.write_yaml(spec_file, reduced(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair",
-                                                                   REPO).spec))
+    spec_file = reduced_flair_sfcn(tmp_path)
     records = heads / "regression"
     command = brainzoo_command("train", spec_file, "--train", records, "--validation", records, "--no-progress",
                                "--out")
@@ -207,12 +215,11 @@ def same_run(expected_run, run_folder) -> list[dict]:
 
 
 def test_brainzoo_train_in_chunks_of_max_steps_ends_with_the_weights_of_an_uninterrupted_run(heads, tmp_path):
-    """The same reduced FLAIR SFCN recipe as the SIGKILL test, through `brainzoo train --max-steps 3`: the first call
-    stops at a checkpoint after step 3 of 4 (mid epoch 2) with no model.h5 or metrics.json, the same command again
-    finishes the run, and the weights equal an uninterrupted run's bit for bit (cron or cluster-array style)."""
-    spec_file = tmp_path / "spec.yaml"
-    catalogue.write_yaml(spec_file, reduced(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair",
-                                                                   REPO).spec))
+    """The same reduced FLAIR SFCN recipe as the SIGKILL test, selecting its epoch by validation MAE, through
+    `brainzoo train --max-steps 3`: the first call stops at a checkpoint after step 3 of 4 (mid epoch 2, epoch 1
+    selected so far) with no model.h5 or metrics.json, the same command again finishes the run, and the weights and
+    the selected epoch equal an uninterrupted run's, the weights bit for bit (cron or cluster-array style)."""
+    spec_file = reduced_flair_sfcn(tmp_path, select={"monitor": "val_mae"})
     records = heads / "regression"
     command = brainzoo_command("train", spec_file, "--train", records, "--validation", records, "--no-progress",
                                "--json", "--out")
@@ -230,13 +237,22 @@ def test_brainzoo_train_in_chunks_of_max_steps_ends_with_the_weights_of_an_unint
     straight, first = start("straight", "straight"), start("first", "chunked", "--max-steps", "3")
     first = record(first, "first")
     assert (first["steps"], first["planned_steps"], first["finished"]) == (3, 4, False)
-    assert "run the same command again" in first["message"]
+    assert "run the same command again" in first["message"] and first["selection"]["epoch"] == 1
     assert not (tmp_path / "chunked" / "model.h5").exists() and not (tmp_path / "chunked" / "metrics.json").exists()
     assert (tmp_path / "chunked" / CHECKPOINT_DIR / "ckpt-3.index").exists()
     second = record(start("second", "chunked", "--max-steps", "3"), "second")
     assert (second["steps"], second["steps_this_run"], second["finished"]) == (4, 1, True)
-    record(straight, "straight")
+    assert record(straight, "straight")["selection"] == second["selection"]
+    assert "selected by val_mae (last epoch 2: " in second["message"]
     same_run(tmp_path / "straight", tmp_path / "chunked")
+
+
+def test_brainzoo_train_that_selects_an_epoch_needs_validation_records_before_it_starts(heads, tmp_path):
+    """Said before the run folder names a run (run.json), so the same command with --validation is not another run."""
+    spec_file = reduced_flair_sfcn(tmp_path, select={"monitor": "val_mae"})
+    with pytest.raises(BrainzooError, match=r"training.select: .* no validation data \(brainzoo train --validation"):
+        run.train(spec_file, heads / "regression", None, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_replaced_run_takes_its_checkpoints_and_outputs_with_it(tmp_path):

@@ -241,18 +241,42 @@ def test_a_model_folder_outside_the_dataset_is_an_error(catalogue, tmp_path):
 DENSENET = "neuronets/flair-brainage-densenet169/1.0.0/flair"
 
 
+def copied_version(version_id: str, root: Path) -> Path:
+    """The catalogue version's spec and card, alone in a version folder under ``root``."""
+    version = root / version_id
+    version.mkdir(parents=True)
+    for name in ("spec.yaml", "model_card.yaml"):
+        shutil.copy(REPO / version_id / name, version / name)
+    return version
+
+
 def test_an_architecture_option_the_builder_does_not_take_is_named(tmp_path):
     """A depth or width option is the builder's own (test_training_inputs shrinks networks with them); a misspelt
     one is named with those the builder takes, instead of a TypeError when the network is built to explain it."""
-    version = tmp_path / DENSENET
-    version.mkdir(parents=True)
-    for name in ("spec.yaml", "model_card.yaml"):
-        shutil.copy(REPO / DENSENET / name, version / name)
+    version = copied_version(DENSENET, tmp_path)
     edit_yaml(version / "spec.yaml",
               lambda s: s["architecture"]["options"].update(block_layers=[1, 1, 1, 1], growth=4))
     assert [p for p in version_problems(version, tmp_path) if "architecture" in p] == [
         f"{DENSENET}/spec.yaml: architecture.options: densenet169_3d takes no option growth (it takes block_layers, "
         "dropout, growth_rate, input_shape, n_outputs, stem_features)"]
+
+
+@pytest.mark.parametrize("training, problem", [
+    ({"select": {"monitor": "val_dice"}},
+     "training.select.monitor: 'val_dice' is not a validation value of loss mse (val_loss or val_mae)"),
+    ({"early_stopping": {"monitor": "val_mea", "patience": 20}},
+     "training.early_stopping.monitor: 'val_mea' is not a validation value of loss mse (val_loss or val_mae)"),
+    ({"select": {"metric": "val_mae", "mode": "min"}},
+     "training.select: Additional properties are not allowed ('metric', 'mode' were unexpected)"),
+])
+def test_a_monitor_is_a_value_that_validation_reports(training, problem, tmp_path):
+    """select (which epoch's weights a run keeps) and early_stopping watch val_loss or the loss's metric; a misspelt
+    name would never select or stop."""
+    version = copied_version(DENSENET, tmp_path)
+    edit_yaml(version / "spec.yaml", lambda s: s["training"].update(select={"monitor": "val_loss"}))
+    assert not [p for p in version_problems(version, tmp_path) if "training" in p]
+    edit_yaml(version / "spec.yaml", lambda s: s["training"].update(training))
+    assert [p for p in version_problems(version, tmp_path) if "training" in p] == [f"{DENSENET}/spec.yaml: {problem}"]
 
 
 SFCN = "neuronets/sfcn-ukbiobank/1.0.0"

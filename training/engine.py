@@ -11,6 +11,9 @@ uninterrupted run would have made.
 A run can also be cut into chunks on purpose (a cron job, a cluster array with a wall-time limit): ``max_steps`` and
 ``time_budget_s`` end this call at the first step past the bound, with a checkpoint of that step, and the same call
 again goes on from there; the chunks together give the weights of one uninterrupted run.
+
+With a ``select`` setting the run keeps the weights of the epoch whose validation value was best, not the last (see
+:class:`SelectedEpoch`); the best value and a copy of those weights are in the checkpoint too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from tqdm import tqdm
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output
 from brainzoo.outputs import AgeBins, OutputDecoding
-from brainzoo.training.objectives import Objective, optimizer as make_optimizer
+from brainzoo.training.objectives import Objective, metric_of, optimizer as make_optimizer
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -48,6 +51,7 @@ class TrainingPlan:
     seed: int = 0
     checkpoint_every_steps: int = 50
     early_stopping: dict | None = None
+    select: dict | None = None
     precise_bn_batches: int = 0
     bins: AgeBins | None = None
     extra: dict = field(default_factory=dict)
@@ -65,9 +69,84 @@ class TrainingPlan:
         bins = OutputDecoding.from_spec(output).bins if output else None
         return cls(**known, bins=bins, extra={k: v for k, v in training.items() if k not in cls.__dataclass_fields__})
 
+    def __post_init__(self):
+        problems = monitor_problems({"loss": self.loss, "early_stopping": self.early_stopping, "select": self.select})
+        if problems:
+            raise BrainzooError("; ".join(problems))
+
     @property
     def objective(self) -> Objective:
         return Objective(self.loss, self.bins)
+
+    def check_validation(self, validation_data: Callable[[], tf.data.Dataset] | None) -> None:
+        """A run that selects its epoch needs validation data; said before the run starts, not after its end."""
+        if self.select is not None and validation_data is None:
+            raise BrainzooError("training.select: selects the epoch by its validation value, and this run has no "
+                                "validation data (brainzoo train --validation RECORDS)")
+
+
+def monitored(setting: dict | None, loss: dict) -> str:
+    """The validation value an ``early_stopping`` or ``select`` setting watches: its ``monitor``, by default the
+    loss's metric (``val_mae``, ``val_dice`` or ``val_accuracy``)."""
+    return (setting or {}).get("monitor", f"val_{metric_of(loss.get('name'))}")
+
+
+def monitor_problems(training: dict) -> list[str]:
+    """Each monitored value must be one that an epoch's validation reports (``val_loss`` or the loss's metric): a
+    misspelt name would never stop the run or select an epoch."""
+    loss = training.get("loss") or {}
+    values = ("val_loss", monitored(None, loss))
+    return [f"training.{key}.monitor: {monitored(training[key], loss)!r} is not a validation value of loss "
+            f"{loss.get('name')} ({' or '.join(values)})"
+            for key in ("early_stopping", "select")
+            if training.get(key) is not None and monitored(training[key], loss) not in values]
+
+
+def higher_is_better(monitor: str) -> bool:
+    return monitor.endswith(("dice", "accuracy"))
+
+
+class SelectedEpoch(tf.Module):
+    """The epoch whose validation ``monitor`` was best so far (the first of equals) and a copy of all the model's
+    weights at its end, moving statistics included; the checkpoint holds it, so a resumed or chunked run selects the
+    epoch, with the weights bit for bit, that an uninterrupted run would.
+
+    The run's model.h5 then holds these weights, not the last epoch's: ``brainzoo evaluate``, ``transfer``,
+    ``--init-weights`` and a catalogue version all read model.h5, and what the validation set selected is the
+    model meant for them; the last epoch's validation value stays in metrics.json (``selection``, ``history``).
+    """
+
+    def __init__(self, model: tf.keras.Model, monitor: str):
+        super().__init__(name="selected_epoch")
+        self.monitor = monitor
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.score = tf.Variable(np.inf, dtype=tf.float64, trainable=False)  # the value, negated if higher is better
+        self.copies = [tf.Variable(tf.zeros(weight.shape, weight.dtype), trainable=False) for weight in model.weights]
+
+    def update(self, record: dict, model: tf.keras.Model) -> None:
+        """Keep this epoch's weights if its value beats the best so far (a NaN never does)."""
+        score = record[self.monitor] * (-1 if higher_is_better(self.monitor) else 1)
+        if score < float(self.score.numpy()):
+            self.epoch.assign(record["epoch"])
+            self.score.assign(score)
+            for copy, weight in zip(self.copies, model.weights):
+                copy.assign(weight)
+
+    def restore(self, model: tf.keras.Model) -> None:
+        """Put the selected epoch's weights into the model."""
+        if not int(self.epoch.numpy()):
+            raise BrainzooError(f"training.select: no epoch's {self.monitor} was a number, so none was selected; the "
+                                "run's checkpoints hold its last weights")
+        for weight, copy in zip(model.weights, self.copies):
+            weight.assign(copy)
+
+    def summary(self, history: list[dict]) -> dict:
+        """The selected epoch and its value, with the last epoch's for comparison; empty before any selection."""
+        epoch = int(self.epoch.numpy())
+        if not epoch:
+            return {}
+        return {"monitor": self.monitor, "epoch": epoch, "value": history[epoch - 1][self.monitor],
+                "last_epoch": history[-1]["epoch"], "last_value": history[-1][self.monitor]}
 
 
 def strategy_from_environment() -> tf.distribute.Strategy:
@@ -123,8 +202,12 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
     call: after the step that reaches either, it checkpoints (the epoch's end first, when the step ends an epoch) and
     returns a record with ``finished`` false, writing neither model.h5 nor metrics.json. Every call takes at least one
     step. A time budget needs a single worker: workers would stop at different steps.
+
+    With ``plan.select`` the record's ``val_*`` values are those of the selected epoch, whose weights model.h5 holds,
+    and ``selection`` names that epoch (see :class:`SelectedEpoch`); otherwise they are the last epoch's.
     """
     entered = time.perf_counter()
+    plan.check_validation(validation_data)
     if max_steps is not None and max_steps < 1:
         raise BrainzooError(f"max_steps must be at least 1, got {max_steps}")
     if time_budget_s is not None and (time_budget_s < 0 or os.environ.get("TF_CONFIG")):
@@ -151,7 +234,9 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
         "epochs_without_improvement": tf.Variable(0, dtype=tf.int64, trainable=False),
         "history": tf.Variable("[]", dtype=tf.string, trainable=False),
     }
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt, rng=generators, **state)
+    selected = SelectedEpoch(model, monitored(plan.select, plan.loss)) if plan.select is not None else None
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=opt, rng=generators, **state,
+                                     **({"selected": selected} if selected is not None else {}))
     manager = tf.train.CheckpointManager(checkpoint, scratch / CHECKPOINT_DIR, max_to_keep=2)
     latest = tf.train.latest_checkpoint(out_dir / CHECKPOINT_DIR)  # every worker resumes from the chief's
     if latest:
@@ -221,8 +306,7 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
         return {f"val_{objective.metric}": float(metrics.mean()), "val_loss": float(losses.mean()), "val_n": int(len(metrics))}
 
     writer = tf.summary.create_file_writer(str(scratch / "tensorboard"))
-    monitor = (plan.early_stopping or {}).get("monitor", f"val_{objective.metric}")
-    higher_is_better = monitor.endswith(("dice", "accuracy"))
+    monitor = monitored(plan.early_stopping, plan.loss)
     step = int(state["step"].numpy())
     patience = (plan.early_stopping or {}).get("patience")
     # A run that stopped early stays stopped when called again (a chunked run's next call, say).
@@ -266,21 +350,28 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
                 if key.startswith("val_") and key != "val_n":
                     tf.summary.scalar(key, value)
         history.append(record)
-        stopped_early = _early_stopping_and_plateau(record, plan, state, opt, monitor, higher_is_better)
+        stopped_early = _early_stopping_and_plateau(record, plan, state, opt, monitor)
+        if selected is not None:
+            selected.update(record, model)
         state["history"].assign(json.dumps(history))
         manager.save(checkpoint_number=step)
         paused = step < total_steps and not stopped_early and chunk_over()
     bar.close()
     writer.flush()
 
+    selection = selected.summary(history) if selected is not None else {}
+    kept = history[selection["epoch"] - 1] if selection else (history[-1] if history else {})
     result = {"steps": step, "planned_steps": total_steps, "epochs": len(history), "stopped_early": stopped_early,
               "finished": not paused, "steps_this_run": steps_this_run,
               "seconds_this_run": round(time.perf_counter() - started, 3), "history": history,
-              **{k: v for k, v in (history[-1] if history else {}).items() if k.startswith("val_")}}
+              **{k: v for k, v in kept.items() if k.startswith("val_")},
+              **({"selection": selection} if selection else {})}
     if paused:  # a chunk: its checkpoint is the output; the same call again goes on from it
         if not is_chief():
             shutil.rmtree(scratch)
         return result
+    if selected is not None:  # after the last checkpoint, which keeps the last weights
+        selected.restore(model)
     with atomic_output(scratch / "model.h5", force=True) as tmp:
         model.save(tmp, save_format="h5")  # every worker takes part in reading mirrored variables
     if is_chief():
@@ -292,11 +383,11 @@ def fit(build_model: Callable[[], tf.keras.Model], train_data: Callable[[int], t
 
 
 def _early_stopping_and_plateau(record: dict, plan: TrainingPlan, state: dict, opt: tf.keras.optimizers.Optimizer,
-                                monitor: str, higher_is_better: bool) -> bool:
+                                monitor: str) -> bool:
     """Update the best value, halve the learning rate on a plateau, say whether to stop."""
     if monitor not in record:
         return False
-    value = record[monitor] * (-1 if higher_is_better else 1)
+    value = record[monitor] * (-1 if higher_is_better(monitor) else 1)
     if value < float(state["best"].numpy()):
         state["best"].assign(value)
         state["epochs_without_improvement"].assign(0)

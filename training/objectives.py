@@ -28,6 +28,14 @@ def gaussian_soft_labels(ages: tf.Tensor, bins: AgeBins, sigma: float) -> tf.Ten
     return tf.maximum(0.5 * (erf(centres + bins.step / 2) - erf(centres - bins.step / 2)), 0.0)
 
 
+def metric_of(loss_name: str) -> str:
+    """The metric a card reports, and validation measures, for a model trained with this loss (a spec can name the
+    metric to monitor before any Objective exists: validate reads it)."""
+    if loss_name == "bce-logits":
+        return "accuracy"
+    return "dice" if loss_name in ("dice", "jaccard") else "mae"
+
+
 class Objective:
     """A loss plus the metric a card reports, for one kind of model output.
 
@@ -55,9 +63,7 @@ class Objective:
 
     @property
     def metric(self) -> str:
-        if self.name == "bce-logits":
-            return "accuracy"
-        return "dice" if self.name in ("dice", "jaccard") else "mae"
+        return metric_of(self.name)
 
     def per_example_loss(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         y_pred = tf.cast(y_pred, tf.float32)

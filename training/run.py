@@ -192,6 +192,9 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
         raise BrainzooError(f"{ref}: --init-weights does not apply to adversarial training (two networks)")
     if adversarial and (max_steps is not None or time_budget_s is not None):
         raise BrainzooError(f"{ref}: adversarial training does not run in chunks (--max-steps, --time-budget)")
+    if adversarial and spec["training"].get("select") is not None:
+        raise BrainzooError(f"{ref}: adversarial training has no validation value to select an epoch by; remove "
+                            "training.select")
     if init_weights is not None:
         if not Path(init_weights).is_file():
             raise BrainzooError(f"{init_weights}: no such model file to start from")
@@ -204,13 +207,15 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
         run["train"] = {"generator": str(train_records), "sha256": sha256_of(verified_weights_path(train_records))}
     else:
         check_training_records(train_records, validation_records)
-    claim_run_folder(out_dir, run, force)
     training = spec["training"]
     plan = TrainingPlan.from_spec(spec, **overrides)
     if adversarial:
+        claim_run_folder(out_dir, run, force)
         return train_gan(spec, train_records, out_dir, plan, progress=progress)
     train_data, validation_data = datasets(training["data"], plan, train_records, validation_records,
                                            network_orientation(spec))
+    plan.check_validation(validation_data)  # before run.json names a run without validation records
+    claim_run_folder(out_dir, run, force)
     builder = model_builder(spec, model_input_shape(training["data"]))
     if init_weights is not None:
         fresh = builder
