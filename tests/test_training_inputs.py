@@ -21,6 +21,7 @@ from test_engine import final_weights
 from brainzoo import catalogue, validate
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.outputs import AgeBins
+from brainzoo.spec import Inference
 from brainzoo.training import run
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.tfrecords import write_tfrecords
@@ -59,8 +60,9 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
     scan = scan_for(shape)
-    predict_brain_age(scan, [network], spec_inference=spec["inference"])
-    record_volume, _ = preprocess_scan(scan, spec_inference=spec["inference"], until=data["preprocessed_until"])
+    inference = Inference.from_spec(spec["inference"])
+    predict_brain_age(scan, [network], inference=inference)
+    record_volume, _ = preprocess_scan(scan, inference=inference, until=data["preprocessed_until"])
     nib.save(record_volume, tmp_path / "scan.nii.gz")
     (tmp_path / "table.csv").write_text("path,age,sex\nscan.nii.gz,50,F\n")
     write_tfrecords(tmp_path / "table.csv", tmp_path / "records", kind="regression", progress=False)

@@ -16,6 +16,7 @@ from conftest import REPO, load_fixture, seeded_state_dict, write_index, write_v
 
 from brainzoo import validate
 from brainzoo.errors import BrainzooError
+from brainzoo.spec import Inference
 from brainzoo.training import run
 
 SOURCE = "neuronets/unet-student/0.1.0"
@@ -138,7 +139,8 @@ def test_a_student_moves_to_a_lesion_label_set(tmp_path, monkeypatch):
 
     volume, truth = lesion_scan(np.random.default_rng(7))
     scan = nib.Nifti1Image(volume, np.diag([SPACING] * 3 + [1.0]))
-    label_map, prediction = predict_label_map(scan, load_keras_model(new), spec_inference=spec["inference"])
+    label_map, prediction = predict_label_map(scan, load_keras_model(new),
+                                              inference=Inference.from_spec(spec["inference"]))
     assert label_map.get_fdata().dtype and np.asarray(label_map.dataobj).dtype == np.uint8
     assert set(np.unique(np.asarray(label_map.dataobj))) <= {0, 1}
     assert prediction["prediction"]["classes"] == ["background", "lesion"]

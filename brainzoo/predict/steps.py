@@ -8,12 +8,15 @@ their output voxel indices to their input ones, which keeps the way back to the 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.volumes import GriddedVolume, resample_indices
+
+if TYPE_CHECKING:
+    from brainzoo.spec import Step
 
 
 def _three_sizes(value: Sequence[int], step: str) -> tuple[int, int, int]:
@@ -267,22 +270,18 @@ def check_options(what: str, function: Callable, options: dict, skip: int = 1) -
         raise BrainzooError(f"{what}: {problem} (it takes {takes})")
 
 
-def check_step_options(step: dict) -> None:
+def check_step_options(step: Step) -> None:
     """An array step's options must be exactly the keyword arguments of its function (and sound, where that can
     be known without a volume)."""
-    name = step["step"]
-    options = {k: v for k, v in step.items() if k != "step"}
-    check_options(f"preprocessing step {name!r}", {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], options)
-    if name in OPTION_VALUE_CHECKS:
-        OPTION_VALUE_CHECKS[name](**options)
+    check_options(f"preprocessing step {step.name!r}", {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[step.name], step.options)
+    if step.name in OPTION_VALUE_CHECKS:
+        OPTION_VALUE_CHECKS[step.name](**step.options)
 
 
-def apply_array_step(volume: GriddedVolume, step: dict) -> GriddedVolume:
-    """Run one array step (``step`` is the spec entry: its name under ``step``, its options beside it)."""
-    name = step["step"]
-    options = {key: value for key, value in step.items() if key != "step"}
+def apply_array_step(volume: GriddedVolume, step: Step) -> GriddedVolume:
+    """Run one array step."""
     check_step_options(step)
-    if name in GEOMETRIC_STEPS:
-        data, new_to_old = GEOMETRIC_STEPS[name](volume.data, **options)
+    if step.name in GEOMETRIC_STEPS:
+        data, new_to_old = GEOMETRIC_STEPS[step.name](volume.data, **step.options)
         return volume.moved(data, new_to_old)
-    return volume.moved(INTENSITY_STEPS[name](volume.data, **options))
+    return volume.moved(INTENSITY_STEPS[step.name](volume.data, **step.options))

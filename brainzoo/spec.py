@@ -1,0 +1,204 @@
+"""A spec's ``inference`` section as typed values: the model's input, its preprocessing steps and its output.
+
+:func:`brainzoo.catalogue.load_version` parses a version's section once (``Version.inference``), with the checks
+``brainzoo validate`` runs, so every reader (the runners, ``preprocess``, ``explain``, ``evaluate``) takes these
+values instead of indexing the YAML. Each error names the key that is wrong; the catalogue adds the spec file.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+from brainzoo.errors import BrainzooError
+from brainzoo.outputs import OutputDecoding
+
+if TYPE_CHECKING:
+    from brainzoo.predict.deepbet import DeepbetSettings
+
+BLOCK_PLACEMENTS = ("tiled", "below-head-top")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mapping(value, where: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise BrainzooError(f"{where}: {what}, not {value!r}")
+    return value
+
+
+def three_sizes(value, where: str) -> tuple[int, int, int]:
+    """A grid's shape: three positive whole numbers."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(_is_whole(n) and n > 0 for n in value):
+        raise BrainzooError(f"{where}: must be three positive integers, not {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Covariate:
+    """A network input after the volume: its name and the number the network takes for each value a user gives."""
+
+    name: str
+    coding: dict[str, float]
+
+    @classmethod
+    def from_spec(cls, entry, where: str) -> Covariate:
+        entry = _mapping(entry, where, "a covariate is a mapping {name, coding}")
+        coding = entry.get("coding")
+        if (set(entry) != {"name", "coding"} or not isinstance(entry["name"], str) or not isinstance(coding, dict)
+                or len(coding) < 2 or not all(_is_number(v) for v in coding.values())):
+            raise BrainzooError(f"{where}: needs a name and a coding of at least two values to numbers, not {entry!r}")
+        return cls(entry["name"], {str(value): float(number) for value, number in coding.items()})
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A spec's ``inference.input``: what the network takes, and the grid the preprocessing puts a scan on.
+
+    ``block_shape``: the network runs in blocks of this shape (whole if None), tiling the grid or, with
+    ``block_placement`` ``below-head-top``, in one block centred ``block_centre_below_head_top_mm`` under the top of
+    the head. ``covariates``: the network's inputs after the volume, in order.
+    """
+
+    contrast: tuple[str, ...]
+    orientation: str
+    spacing_mm: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    block_shape: tuple[int, int, int] | None = None
+    block_placement: str = "tiled"
+    block_centre_below_head_top_mm: float | None = None
+    channels: int = 1
+    template: str | None = None
+    covariates: tuple[Covariate, ...] = ()
+
+    @classmethod
+    def from_spec(cls, values, where: str = "inference.input") -> ModelInput:
+        values = _mapping(values, where, "the model's input is a mapping")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(map(str, set(values) - set(known)))
+        missing = [name for name in ("contrast", "orientation", "spacing_mm", "shape") if name not in values]
+        if unknown or missing:
+            problem = f"unknown key(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
+            raise BrainzooError(f"{where}: {problem} (it takes {', '.join(known)})")
+        contrast = values["contrast"]
+        if not isinstance(contrast, list) or not contrast or not all(isinstance(c, str) for c in contrast):
+            raise BrainzooError(f"{where}.contrast: must be a list of contrast names, not {contrast!r}")
+        orientation = values["orientation"]
+        if not isinstance(orientation, str) or len(orientation) != 3:
+            raise BrainzooError(f"{where}.orientation: must be three axis codes (RAS), not {orientation!r}")
+        spacing = values["spacing_mm"]
+        if not isinstance(spacing, (list, tuple)) or len(spacing) != 3 or not all(
+                _is_number(s) and s > 0 for s in spacing):
+            raise BrainzooError(f"{where}.spacing_mm: must be three positive numbers, not {spacing!r}")
+        block_shape = values.get("block_shape")
+        placement = values.get("block_placement", "tiled")
+        below_mm = values.get("block_centre_below_head_top_mm")
+        if placement not in BLOCK_PLACEMENTS:
+            raise BrainzooError(f"{where}.block_placement: {placement!r} is neither tiled nor below-head-top")
+        if placement == "below-head-top" and block_shape is None:
+            raise BrainzooError(f"{where}.block_shape: this model runs in one block placed on the brain, but its spec "
+                                "gives no block_shape")
+        if (placement == "below-head-top") != (below_mm is not None):
+            raise BrainzooError(f"{where}: block_placement below-head-top and block_centre_below_head_top_mm go "
+                                "together")
+        if below_mm is not None and not (_is_number(below_mm) and below_mm > 0):
+            raise BrainzooError(f"{where}.block_centre_below_head_top_mm: must be a positive number, not {below_mm!r}")
+        channels = values.get("channels", 1)
+        if not _is_whole(channels) or channels < 1:
+            raise BrainzooError(f"{where}.channels: must be a positive integer, not {channels!r}")
+        covariates = values.get("covariates", [])
+        if not isinstance(covariates, list):
+            raise BrainzooError(f"{where}.covariates: must be a list, not {covariates!r}")
+        return cls(tuple(contrast), orientation, tuple(spacing),
+                   three_sizes(values["shape"], f"{where}.shape"),
+                   None if block_shape is None else three_sizes(block_shape, f"{where}.block_shape"), placement,
+                   below_mm, channels, values.get("template"),
+                   tuple(Covariate.from_spec(c, f"{where}.covariates[{i}]") for i, c in enumerate(covariates)))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One preprocessing step: its name (``crop``) and its options (``{"shape": [160, 192, 160]}``)."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_spec(cls, entry, where: str) -> Step:
+        """The step of a spec entry ``{step: NAME, ...options}``."""
+        entry = _mapping(entry, where, "a step is a mapping {step: NAME, ...options}")
+        if not isinstance(entry.get("step"), str):
+            raise BrainzooError(f"{where}.step: a step is named by a string, not {entry.get('step')!r}")
+        return cls(entry["step"], {key: value for key, value in entry.items() if key != "step"})
+
+    def as_spec(self) -> dict:
+        """The spec entry again, as records list the steps run."""
+        return {"step": self.name, **self.options}
+
+
+def preprocessing_steps(entries, where: str = "inference.preprocessing") -> tuple[Step, ...]:
+    """The steps of a spec's preprocessing list, each one brainzoo.predict runs, with exactly its options."""
+    from brainzoo.predict import check_preprocessing
+
+    if not isinstance(entries, list):
+        raise BrainzooError(f"{where}: must be a list of steps, not {entries!r}")
+    steps = tuple(Step.from_spec(entry, f"{where}[{i}]") for i, entry in enumerate(entries))
+    try:
+        check_preprocessing(steps)
+    except BrainzooError as err:
+        raise BrainzooError(f"{where}: {err}") from None
+    return steps
+
+
+@dataclass(frozen=True)
+class Inference:
+    """A spec's ``inference`` section: the model's input, its preprocessing steps in order, how its outputs are
+    decoded and, for a catalogue version, how its networks run (``method``, a key of
+    :data:`brainzoo.predict.runners.RUNNERS`; deepbet's numbers) and the ``entry_point`` command template.
+
+    The prediction functions of :mod:`brainzoo.predict` need only the first three, so a caller may build a value
+    from those alone.
+    """
+
+    input: ModelInput
+    preprocessing: tuple[Step, ...]
+    output: OutputDecoding
+    method: str | None = None
+    entry_point: dict | None = None
+    deepbet: DeepbetSettings | None = None
+
+    @classmethod
+    def from_spec(cls, section, where: str = "inference") -> Inference:
+        from brainzoo.predict.deepbet import DeepbetSettings
+
+        section = _mapping(section, where, "a mapping")
+        missing = [key for key in ("input", "preprocessing", "output") if key not in section]
+        if missing:
+            raise BrainzooError(f"{where}: missing {', '.join(missing)}")
+        method = section.get("method")
+        if method == "deepbet":
+            deepbet = DeepbetSettings.from_spec(section.get("deepbet"), f"{where}.deepbet")
+        elif "deepbet" in section:
+            raise BrainzooError(f"{where}.deepbet: only a spec whose inference.method is deepbet takes these numbers")
+        else:
+            deepbet = None
+        return cls(ModelInput.from_spec(section["input"], f"{where}.input"),
+                   preprocessing_steps(section["preprocessing"], f"{where}.preprocessing"),
+                   OutputDecoding.from_spec(_mapping(section["output"], f"{where}.output", "a mapping")), method,
+                   section.get("entry_point"), deepbet)
+
+    def has_step(self, name: str) -> bool:
+        return any(step.name == name for step in self.preprocessing)
+
+    @property
+    def series_volume(self) -> int | None:
+        """The volume of a 4D series the model takes (its ``volume`` step's index), or None: the first, as loading
+        always keeps it (with a warning for a series)."""
+        return next((step.options["index"] for step in self.preprocessing if step.name == "volume"), None)
