@@ -17,7 +17,7 @@ import yaml
 from brainzoo.errors import BrainzooError
 
 if TYPE_CHECKING:
-    from brainzoo.spec import Inference
+    from brainzoo.spec import Inference, Training
 
 CATALOGUE_DIR = "neuronets"
 INDEX_FILE = "spec.yaml"
@@ -110,13 +110,14 @@ class WeightsFile:
 @dataclass(frozen=True)
 class Version:
     """One model version folder: ``neuronets/<model>/<semver>[/<variant>]``: its spec (as written, for the
-    commands that print or derive specs), the spec's inference section parsed, and its card."""
+    commands that print or derive specs), the spec's inference and training sections parsed, and its card."""
 
     id: str
     path: Path
     spec: dict
     card: dict
     inference: Inference
+    training: Training | None
 
     @property
     def task(self) -> str:
@@ -157,11 +158,11 @@ def load_version(folder: Path, root: Path | None = None) -> Version:
         raise BrainzooError(f"{folder}: is not inside the dataset {root}") from None
     spec = read_yaml(folder / SPEC_FILE)
     card = read_yaml(folder / CARD_FILE)
-    inference, problems = parsed_spec(spec, folder.relative_to(root) / SPEC_FILE, folder)
+    inference, training, problems = parsed_spec(spec, folder.relative_to(root) / SPEC_FILE, folder)
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         raise BrainzooError(f"{version_id}: unusable spec ({shown}); `brainzoo validate` lists every problem")
-    return Version(id=version_id, path=folder, spec=spec, card=card, inference=inference)
+    return Version(id=version_id, path=folder, spec=spec, card=card, inference=inference, training=training)
 
 
 def load_catalogue(root: Path | None = None) -> tuple[list[Version], dict[str, str]]:

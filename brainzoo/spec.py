@@ -202,3 +202,89 @@ class Inference:
         """The volume of a 4D series the model takes (its ``volume`` step's index), or None: the first, as loading
         always keeps it (with a warning for a series)."""
         return next((step.options["index"] for step in self.preprocessing if step.name == "volume"), None)
+
+
+# training.loss.name of a generator trained against a discriminator; its volumes are min-max scaled unless the
+# spec says otherwise, every other pipeline's z-scored.
+ADVERSARIAL_LOSS = "adversarial-bce"
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A spec's ``training.data``: what the records hold (``kind``), the network's grid (``input_shape``, or
+    ``block_shape`` for blocks cut from segmentation volumes), the last inference step a record holds
+    (``preprocessed_until``) and how :mod:`brainzoo.training.pipeline` reads them. ``normalization`` is in
+    the pipeline's vocabulary (a step name, steps with options, or None), which the pipeline checks."""
+
+    kind: str
+    input_shape: tuple[int, int, int] | None = None
+    block_shape: tuple[int, int, int] | None = None
+    preprocessed_until: str | None = None
+    normalization: str | list | None = "zscore"
+    validation_normalization: str | list | None = None  # None given: as normalization
+    augmentation: dict | list | None = None
+    sampling: str = "random"
+    jitter: float = 0.0
+    blocks_per_volume: int = 8
+    overlap: int = 0
+    targets: tuple[str, ...] = ("age",)
+    random_crop: bool = False
+    random_crop_within: tuple[int, int, int] | None = None
+    shuffle_buffer: int = 0
+    pairs: int | None = None
+    validation_fraction: float = 0.2
+
+    @classmethod
+    def from_spec(cls, values, where: str = "training.data", normalization: str = "zscore") -> TrainingData:
+        """The data section of a spec; ``normalization`` is the one a section that names none gets."""
+        values = _mapping(values, where, "a mapping")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(map(str, set(values) - set(known)))
+        if unknown:
+            raise BrainzooError(f"{where}: unknown key(s) {', '.join(unknown)} (it takes {', '.join(known)})")
+        if not isinstance(values.get("kind"), str):
+            raise BrainzooError(f"{where}.kind: must name what the records hold, not {values.get('kind')!r}")
+        grids = {name: three_sizes(values[name], f"{where}.{name}")
+                 for name in ("input_shape", "block_shape", "random_crop_within") if values.get(name) is not None}
+        parsed = {**values, **grids, "normalization": values.get("normalization", normalization)}
+        parsed.setdefault("validation_normalization", parsed["normalization"])
+        if "targets" in values:
+            parsed["targets"] = tuple(values["targets"])
+        return cls(**parsed)
+
+    @property
+    def network_input_shape(self) -> tuple[int, int, int, int]:
+        """The network's input: a block, or the whole input grid, of one channel."""
+        shape = self.block_shape or self.input_shape
+        if not shape:
+            raise BrainzooError("training.data: needs block_shape (segmentation) or input_shape (regression)")
+        return (*shape, 1)
+
+
+@dataclass(frozen=True)
+class Training:
+    """The parts of a spec's ``training`` section its readers share: the data (None for a section that only
+    records its stages), the loss and a GAN's discriminator options. The loop's numbers (epochs, batch size,
+    optimiser...) are :class:`brainzoo.training.engine.TrainingPlan`'s, which the command line can override."""
+
+    data: TrainingData | None
+    loss: dict = field(default_factory=dict)
+    discriminator: dict = field(default_factory=dict)
+
+    @property
+    def adversarial(self) -> bool:
+        return self.loss.get("name") == ADVERSARIAL_LOSS
+
+    @classmethod
+    def from_spec(cls, section) -> Training | None:
+        """A spec's training section (None: the spec has none)."""
+        if section is None:
+            return None
+        section = _mapping(section, "training", "a mapping")
+        loss = _mapping(section.get("loss", {}), "training.loss", "a mapping")
+        discriminator = _mapping(section.get("discriminator", {}), "training.discriminator", "a mapping")
+        if "data" not in section:
+            return cls(None, loss, discriminator)
+        data = TrainingData.from_spec(section["data"],
+                                      normalization="minmax" if loss.get("name") == ADVERSARIAL_LOSS else "zscore")
+        return cls(data, loss, discriminator)

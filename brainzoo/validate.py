@@ -19,7 +19,7 @@ import jsonschema
 from brainzoo import annex, catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.outputs import OutputDecoding, builder_options
-from brainzoo.spec import Inference
+from brainzoo.spec import Inference, Training
 
 
 @lru_cache(maxsize=None)
@@ -131,17 +131,29 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
 
 def training_data_problems(spec: dict) -> Iterator[str]:
     """The records' last step is an inference step, and each normalisation step is an intensity step the training
-    pipeline runs, with that step's options (the names are the pipeline's, so the schema does not list them)."""
+    pipeline runs, with that step's options (the names are the pipeline's, so neither the schema nor
+    :class:`brainzoo.spec.TrainingData` lists them)."""
     from brainzoo.training.pipeline import normalization_steps
 
-    data = spec.get("training", {}).get("data", {})
-    until = data.get("preprocessed_until")
-    names = [step["step"] for step in spec.get("inference", {}).get("preprocessing", [])]
-    if until is not None and until not in names:
-        yield f"training.data.preprocessed_until: {until!r} is not an inference.preprocessing step ({', '.join(names)})"
-    for field in ("normalization", "validation_normalization"):
+    try:
+        training = Training.from_spec(spec.get("training"))
+        inference = Inference.from_spec(spec["inference"])
+    except BrainzooError as err:
+        yield str(err)
+        return
+    data = training.data if training else None
+    if data is None:
+        return
+    names = [step.name for step in inference.preprocessing]
+    if data.preprocessed_until is not None and data.preprocessed_until not in names:
+        yield (f"training.data.preprocessed_until: {data.preprocessed_until!r} is not an inference.preprocessing "
+               f"step ({', '.join(names)})")
+    fields = {"normalization": data.normalization}
+    if data.validation_normalization != data.normalization:
+        fields["validation_normalization"] = data.validation_normalization
+    for field, normalization in fields.items():
         try:
-            normalization_steps(data.get(field), f"training.data.{field}")
+            normalization_steps(normalization, f"training.data.{field}")
         except BrainzooError as err:
             yield str(err)
 
@@ -190,16 +202,17 @@ def conversion_record_problems(spec: dict, version_folder: Path) -> Iterator[str
 
 def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[str]:
     """What makes a spec unusable (checked whenever a version is loaded); see :func:`parsed_spec`."""
-    yield from parsed_spec(spec, spec_rel, version_folder)[1]
+    yield from parsed_spec(spec, spec_rel, version_folder)[2]
 
 
-def parsed_spec(spec: dict, spec_rel: Path, version_folder: Path) -> tuple[Inference | None, list[str]]:
-    """The spec's inference section parsed (:class:`brainzoo.spec.Inference`), and what makes the spec unusable:
-    its schema, paths that leave the version folder, entry points, the inference section's values, its method and
-    output. ``brainzoo validate`` and :func:`brainzoo.catalogue.load_version` both check a spec here."""
+def parsed_spec(spec: dict, spec_rel: Path,
+                version_folder: Path) -> tuple[Inference | None, Training | None, list[str]]:
+    """The spec's inference and training sections parsed (:mod:`brainzoo.spec`), and what makes the spec
+    unusable: its schema, paths that leave the version folder, entry points, the two sections' values, the method
+    and the output. ``brainzoo validate`` and :func:`brainzoo.catalogue.load_version` both check a spec here."""
     problems = list(schema_problems("spec", spec, spec_rel))
     if problems:
-        return None, problems  # the checks below read fields the schema vouches for
+        return None, None, problems  # the checks below read fields the schema vouches for
     for trail, value in _paths_in(spec):
         if not inside(version_folder, value):
             problems.append(f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder")
@@ -213,11 +226,16 @@ def parsed_spec(spec: dict, spec_rel: Path, version_folder: Path) -> tuple[Infer
         problems.append(f"{spec_rel}: {err}")
     else:
         problems += [f"{spec_rel}: {p}" for p in output_problems(spec, inference.output)]
+    try:
+        training = Training.from_spec(spec.get("training"))
+    except BrainzooError as err:
+        training = None
+        problems.append(f"{spec_rel}: {err}")
     for i, entry in enumerate(spec["weights"]):
         if "recipe" in entry:
             problems += [f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe")]
             problems += [f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe")]
-    return (None if problems else inference), problems
+    return (None, None, problems) if problems else (inference, training, problems)
 
 
 def output_problems(spec: dict, decoding: OutputDecoding) -> Iterator[str]:

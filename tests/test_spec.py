@@ -9,7 +9,7 @@ import yaml
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.spec import Inference, ModelInput, Step
+from brainzoo.spec import ADVERSARIAL_LOSS, Inference, ModelInput, Step, Training
 from conftest import REPO
 
 SFCN = "neuronets/sfcn-ukbiobank/1.0.0"
@@ -85,3 +85,33 @@ def test_loading_a_version_names_its_spec_file_and_the_key(toy_dataset):
     with pytest.raises(BrainzooError, match="neuronets/toy/0.1.0/spec.yaml: inference.input: block_placement "
                                             "below-head-top and block_centre_below_head_top_mm go together"):
         catalogue.find_version("neuronets/toy/0.1.0", toy_dataset)
+
+
+def test_a_versions_training_data_is_typed_with_the_pipelines_defaults():
+    unet = catalogue.find_version("neuronets/brainzoo-unet/0.5.0", REPO).training
+    assert unet.data.block_shape == (96, 96, 96) and unet.data.network_input_shape == (96, 96, 96, 1)
+    assert unet.data.validation_normalization == unet.data.normalization == "percentile"
+    generator = catalogue.find_version("neuronets/brain-aging-gan3d/1.0.0/generator", REPO).training
+    assert generator.adversarial and generator.discriminator
+    assert Training.from_spec({"data": {"kind": "regression"}}).data.normalization == "zscore"
+    assert Training.from_spec({"loss": {"name": ADVERSARIAL_LOSS}, "data": {"kind": "regression"}}).data.normalization \
+        == "minmax"
+    assert Training.from_spec({"stages": []}).data is None and Training.from_spec(None) is None
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"data": {"kind": "regression", "input_shape": [32, 32]}}, "training.data.input_shape: must be three positive"),
+    ({"data": {"kind": "regression", "input_shpe": [32, 32, 32]}}, "training.data: unknown key(s) input_shpe"),
+    ({"data": {"input_shape": [32, 32, 32]}}, "training.data.kind: must name what the records hold"),
+    ({"data": ["regression"]}, "training.data: a mapping, not ['regression']"),
+    ({"loss": "mse", "data": {"kind": "regression"}}, "training.loss: a mapping, not 'mse'"),
+])
+def test_a_bad_training_value_is_named_with_its_key(section, message):
+    with pytest.raises(BrainzooError) as caught:
+        Training.from_spec(section)
+    assert message in str(caught.value)
+
+
+def test_a_data_section_without_a_grid_is_refused_when_its_network_is_built():
+    with pytest.raises(BrainzooError, match="needs block_shape"):
+        Training.from_spec({"data": {"kind": "regression"}}).data.network_input_shape

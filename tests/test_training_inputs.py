@@ -21,7 +21,7 @@ from test_engine import final_weights
 from brainzoo import catalogue, validate
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.outputs import AgeBins
-from brainzoo.spec import Inference
+from brainzoo.spec import Inference, Training
 from brainzoo.training import run
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.tfrecords import write_tfrecords
@@ -68,7 +68,8 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
     write_tfrecords(tmp_path / "table.csv", tmp_path / "records", kind="regression", progress=False)
 
     plan = TrainingPlan.from_spec(spec, batch_size=1)
-    _, validation = run.datasets(data, plan, tmp_path / "records", tmp_path / "records", run.network_orientation(spec))
+    _, validation = run.datasets(Training.from_spec(spec["training"]).data, plan, tmp_path / "records",
+                                 tmp_path / "records", inference.input.orientation)
     (x, y), = list(validation())
     assert y.numpy().tolist() == [[50.0]]
     np.testing.assert_allclose(x.numpy()[0, ..., 0], seen[0], atol=1e-5)
@@ -134,7 +135,7 @@ def reduced_builder(spec: dict) -> callable:
     """The reduced spec's own builder, or the stand-in for a network too large for this suite."""
     if spec["architecture"]["builder"] in STAND_IN:
         return lambda: stand_in((32, 32, 32, 1))
-    return run.model_builder(spec, run.model_input_shape(spec["training"]["data"]))
+    return run.model_builder(spec, Training.from_spec(spec["training"]).data.network_input_shape)
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +155,11 @@ def heads(tmp_path_factory):
 @pytest.mark.parametrize("version", sorted(SECTIONS))
 def test_every_catalogue_training_section_trains_and_checkpoints(version, heads, tmp_path):
     spec = reduced(SECTIONS[version])
-    data = spec["training"]["data"]
+    data = Training.from_spec(spec["training"]).data
     plan = TrainingPlan.from_spec(spec)
-    records = heads / data["kind"]
-    train_data, validation_data = run.datasets(data, plan, records, records, run.network_orientation(spec))
+    records = heads / data.kind
+    train_data, validation_data = run.datasets(data, plan, records, records,
+                                               Inference.from_spec(spec["inference"]).input.orientation)
 
     result = fit(reduced_builder(spec), train_data, validation_data, plan, tmp_path, tf.distribute.get_strategy(),
                  progress=False)

@@ -368,7 +368,8 @@ def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path 
     from brainzoo.predict import preprocess_scan
 
     version = catalogue.find_version(ref)
-    until = version.spec.get("training", {}).get("data", {}).get("preprocessed_until") if training else None
+    data = version.training.data if version.training else None
+    until = data.preprocessed_until if training and data else None
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
                             [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
