@@ -1,14 +1,16 @@
-"""A spec's ``inference`` section as typed values: the model's input, its preprocessing steps and its output.
+"""A spec's ``inference`` and ``training`` sections as typed values: the model's input, its preprocessing steps,
+its output decoding, and the training data.
 
-:func:`brainzoo.catalogue.load_version` parses a version's section once (``Version.inference``), with the checks
-``brainzoo validate`` runs, so every reader (the runners, ``preprocess``, ``explain``, ``evaluate``) takes these
-values instead of indexing the YAML. Each error names the key that is wrong; the catalogue adds the spec file.
+:func:`brainzoo.catalogue.load_version` parses a version's sections once (``Version.inference``,
+``Version.training``), with the checks ``brainzoo validate`` runs, so every reader (the runners, ``preprocess``,
+``explain``, ``evaluate``, ``train``, ``transfer``) takes these values instead of indexing the YAML. Each error
+names the key that is wrong; the catalogue adds the spec file.
 """
 
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from brainzoo.errors import BrainzooError
@@ -178,7 +180,7 @@ class Inference:
     def from_spec(cls, section, where: str = "inference") -> Inference:
         from brainzoo.predict.deepbet import DeepbetSettings
 
-        section = _mapping(section, where, "a mapping")
+        section = _mapping(section, where, "must be a mapping")
         missing = [key for key in ("input", "preprocessing", "output") if key not in section]
         if missing:
             raise BrainzooError(f"{where}: missing {', '.join(missing)}")
@@ -189,10 +191,10 @@ class Inference:
             raise BrainzooError(f"{where}.deepbet: only a spec whose inference.method is deepbet takes these numbers")
         else:
             deepbet = None
+        output = _mapping(section["output"], f"{where}.output", "must be a mapping")
         return cls(ModelInput.from_spec(section["input"], f"{where}.input"),
                    preprocessing_steps(section["preprocessing"], f"{where}.preprocessing"),
-                   OutputDecoding.from_spec(_mapping(section["output"], f"{where}.output", "a mapping")), method,
-                   section.get("entry_point"), deepbet)
+                   OutputDecoding.from_spec(output), method, section.get("entry_point"), deepbet)
 
     def has_step(self, name: str) -> bool:
         return any(step.name == name for step in self.preprocessing)
@@ -213,15 +215,16 @@ ADVERSARIAL_LOSS = "adversarial-bce"
 class TrainingData:
     """A spec's ``training.data``: what the records hold (``kind``), the network's grid (``input_shape``, or
     ``block_shape`` for blocks cut from segmentation volumes), the last inference step a record holds
-    (``preprocessed_until``) and how :mod:`brainzoo.training.pipeline` reads them. ``normalization`` is in
-    the pipeline's vocabulary (a step name, steps with options, or None), which the pipeline checks."""
+    (``preprocessed_until``) and how :mod:`brainzoo.training.pipeline` reads them. ``normalization`` (and
+    ``validation_normalization``, the same unless the spec says otherwise) is in the pipeline's vocabulary (a step
+    name, steps with options, or None), which the pipeline checks."""
 
     kind: str
     input_shape: tuple[int, int, int] | None = None
     block_shape: tuple[int, int, int] | None = None
     preprocessed_until: str | None = None
     normalization: str | list | None = "zscore"
-    validation_normalization: str | list | None = None  # None given: as normalization
+    validation_normalization: str | list | None = None
     augmentation: dict | list | None = None
     sampling: str = "random"
     jitter: float = 0.0
@@ -237,7 +240,7 @@ class TrainingData:
     @classmethod
     def from_spec(cls, values, where: str = "training.data", normalization: str = "zscore") -> TrainingData:
         """The data section of a spec; ``normalization`` is the one a section that names none gets."""
-        values = _mapping(values, where, "a mapping")
+        values = _mapping(values, where, "must be a mapping")
         known = [f.name for f in fields(cls)]
         unknown = sorted(map(str, set(values) - set(known)))
         if unknown:
@@ -280,11 +283,11 @@ class Training:
         """A spec's training section (None: the spec has none)."""
         if section is None:
             return None
-        section = _mapping(section, "training", "a mapping")
-        loss = _mapping(section.get("loss", {}), "training.loss", "a mapping")
-        discriminator = _mapping(section.get("discriminator", {}), "training.discriminator", "a mapping")
+        section = _mapping(section, "training", "must be a mapping")
+        loss = _mapping(section.get("loss", {}), "training.loss", "must be a mapping")
+        discriminator = _mapping(section.get("discriminator", {}), "training.discriminator", "must be a mapping")
+        training = cls(None, loss, discriminator)
         if "data" not in section:
-            return cls(None, loss, discriminator)
-        data = TrainingData.from_spec(section["data"],
-                                      normalization="minmax" if loss.get("name") == ADVERSARIAL_LOSS else "zscore")
-        return cls(data, loss, discriminator)
+            return training
+        normalization = "minmax" if training.adversarial else "zscore"
+        return replace(training, data=TrainingData.from_spec(section["data"], normalization=normalization))

@@ -103,8 +103,8 @@ def test_a_versions_training_data_is_typed_with_the_pipelines_defaults():
     ({"data": {"kind": "regression", "input_shape": [32, 32]}}, "training.data.input_shape: must be three positive"),
     ({"data": {"kind": "regression", "input_shpe": [32, 32, 32]}}, "training.data: unknown key(s) input_shpe"),
     ({"data": {"input_shape": [32, 32, 32]}}, "training.data.kind: must name what the records hold"),
-    ({"data": ["regression"]}, "training.data: a mapping, not ['regression']"),
-    ({"loss": "mse", "data": {"kind": "regression"}}, "training.loss: a mapping, not 'mse'"),
+    ({"data": ["regression"]}, "training.data: must be a mapping, not ['regression']"),
+    ({"loss": "mse", "data": {"kind": "regression"}}, "training.loss: must be a mapping, not 'mse'"),
 ])
 def test_a_bad_training_value_is_named_with_its_key(section, message):
     with pytest.raises(BrainzooError) as caught:

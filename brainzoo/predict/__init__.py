@@ -358,7 +358,7 @@ def _first_volume(volume: GriddedVolume, model_input: ModelInput, context: _Cont
 
 
 def _volume(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
-    """Nothing left to do: loading kept the step's volume of the series (see :func:`series_volume`)."""
+    """Nothing left to do: loading kept the step's volume of the series (see :attr:`brainzoo.spec.Inference.series_volume`)."""
     return volume
 
 

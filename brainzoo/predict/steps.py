@@ -14,16 +14,10 @@ import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.volumes import GriddedVolume, resample_indices
+from brainzoo.spec import three_sizes
 
 if TYPE_CHECKING:
     from brainzoo.spec import Step
-
-
-def _three_sizes(value: Sequence[int], step: str) -> tuple[int, int, int]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
-        raise BrainzooError(f"preprocessing step {step!r}: shape must be three positive integers, not {value!r}")
-    return tuple(value)
 
 
 def _translation(offset: Sequence[float]) -> np.ndarray:
@@ -36,7 +30,7 @@ def centre_crop(data: np.ndarray, shape: Sequence[int],
                 start: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Keep the central ``shape`` voxels; the start on each axis is ``(old - new) // 2`` (as SFCN's crop_center),
     or ``start`` where the upstream's window is not centred (AgeMapper keeps [10:170, 12:204, 0:160])."""
-    shape = _three_sizes(shape, "crop")
+    shape = three_sizes(shape, "preprocessing step 'crop': shape")
     if any(new > old for new, old in zip(shape, data.shape)):
         raise BrainzooError(f"preprocessing step 'crop': cannot crop {_dims(data.shape)} to the larger {_dims(shape)}")
     if start is None:
@@ -54,7 +48,7 @@ def centre_crop(data: np.ndarray, shape: Sequence[int],
 
 def centre_pad(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Zero-pad to ``shape``, the extra ``(new - old) // 2`` voxels before and the rest after."""
-    shape = _three_sizes(shape, "pad")
+    shape = three_sizes(shape, "preprocessing step 'pad': shape")
     if any(new < old for new, old in zip(shape, data.shape)):
         raise BrainzooError(f"preprocessing step 'pad': cannot pad {_dims(data.shape)} to the smaller {_dims(shape)}")
     before = [(new - old) // 2 for old, new in zip(data.shape, shape)]
@@ -68,7 +62,7 @@ def resize(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarr
     That is what MONAI's ``Resize`` (used by the FLAIR brain-age models) does: the output voxel ``i`` samples
     the input at ``(i + 0.5) * old / new - 0.5``, clamped to the edge voxels.
     """
-    shape = _three_sizes(shape, "resize")
+    shape = three_sizes(shape, "preprocessing step 'resize': shape")
     scale = np.asarray(data.shape, dtype=float) / np.asarray(shape, dtype=float)
     new_to_old = _translation(0.5 * scale - 0.5)
     new_to_old[:3, :3] = np.diag(scale)
