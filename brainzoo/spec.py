@@ -64,15 +64,16 @@ class Covariate:
 class ModelInput:
     """A spec's ``inference.input``: what the network takes, and the grid the preprocessing puts a scan on.
 
-    ``block_shape``: the network runs in blocks of this shape (whole if None), tiling the grid or, with
+    ``contrast``: the contrasts it was trained on (a catalogue spec names them; a spec written for training alone
+    may leave them out). ``block_shape``: the network runs in blocks of this shape (whole if None), tiling the grid or, with
     ``block_placement`` ``below-head-top``, in one block centred ``block_centre_below_head_top_mm`` under the top of
     the head. ``covariates``: the network's inputs after the volume, in order.
     """
 
-    contrast: tuple[str, ...]
     orientation: str
     spacing_mm: tuple[float, float, float]
     shape: tuple[int, int, int]
+    contrast: tuple[str, ...] = ()
     block_shape: tuple[int, int, int] | None = None
     block_placement: str = "tiled"
     block_centre_below_head_top_mm: float | None = None
@@ -85,12 +86,12 @@ class ModelInput:
         values = _mapping(values, where, "the model's input is a mapping")
         known = [f.name for f in fields(cls)]
         unknown = sorted(map(str, set(values) - set(known)))
-        missing = [name for name in ("contrast", "orientation", "spacing_mm", "shape") if name not in values]
+        missing = [name for name in ("orientation", "spacing_mm", "shape") if name not in values]
         if unknown or missing:
             problem = f"unknown key(s) {', '.join(unknown)}" if unknown else f"missing {', '.join(missing)}"
             raise BrainzooError(f"{where}: {problem} (it takes {', '.join(known)})")
-        contrast = values["contrast"]
-        if not isinstance(contrast, list) or not contrast or not all(isinstance(c, str) for c in contrast):
+        contrast = values.get("contrast", [])
+        if not isinstance(contrast, list) or not all(isinstance(c, str) for c in contrast):
             raise BrainzooError(f"{where}.contrast: must be a list of contrast names, not {contrast!r}")
         orientation = values["orientation"]
         if not isinstance(orientation, str) or len(orientation) != 3:
@@ -118,8 +119,7 @@ class ModelInput:
         covariates = values.get("covariates", [])
         if not isinstance(covariates, list):
             raise BrainzooError(f"{where}.covariates: must be a list, not {covariates!r}")
-        return cls(tuple(contrast), orientation, tuple(spacing),
-                   three_sizes(values["shape"], f"{where}.shape"),
+        return cls(orientation, tuple(spacing), three_sizes(values["shape"], f"{where}.shape"), tuple(contrast),
                    None if block_shape is None else three_sizes(block_shape, f"{where}.block_shape"), placement,
                    below_mm, channels, values.get("template"),
                    tuple(Covariate.from_spec(c, f"{where}.covariates[{i}]") for i, c in enumerate(covariates)))

@@ -210,7 +210,7 @@ def test_the_sex_must_be_given_as_the_spec_codes_it(given, message):
     assert covariate_values(model_input, {"sex": "F"}, TWO_CLASS) == [1.0]
     assert covariate_values(model_input, {"sex": "M"}, TWO_CLASS) == [0.0]
     with pytest.raises(BrainzooError, match="brain-age-model: takes no sex input"):
-        covariate_values(ModelInput(("T1w",), "RAS", (1, 1, 1), (8, 8, 8)), {"sex": "F"}, "brain-age-model")
+        covariate_values(ModelInput("RAS", (1, 1, 1), (8, 8, 8)), {"sex": "F"}, "brain-age-model")
 
 
 def test_each_model_gets_the_volume_then_the_coded_sex(tmp_path):

@@ -34,7 +34,7 @@ def test_a_version_carries_its_parsed_inference_section():
 
 def test_the_sections_values_are_typed():
     inference = Inference.from_spec(INFERENCE)
-    assert inference.input == ModelInput(("T1w",), "RAS", (1, 1, 1), (64, 64, 64), block_shape=(32, 32, 32))
+    assert inference.input == ModelInput("RAS", (1, 1, 1), (64, 64, 64), ("T1w",), block_shape=(32, 32, 32))
     assert inference.preprocessing[2] == Step("crop", {"shape": [64, 64, 64]})
     assert inference.series_volume == 1 and inference.has_step("conform") and not inference.has_step("n4")
     assert inference.output.threshold == 0.3 and inference.entry_point is None

@@ -28,7 +28,7 @@ from brainzoo.model_files import load_keras_model, open_model_file, verified_wei
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.outputs import BIN_KEYS, AgeBins, builder_options
-from brainzoo.spec import Inference, Training, TrainingData
+from brainzoo.spec import ModelInput, Training, TrainingData
 from brainzoo.training.adversarial import generated_pairs, train_gan
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.objectives import Objective
@@ -133,12 +133,20 @@ def resolve_spec(ref: str) -> tuple[dict, Path | None]:
     return version.spec, version.path
 
 
-def training_of(spec: dict, ref: str) -> tuple[Inference, Training]:
-    """A spec's inference and training sections parsed, for a run; a spec without training data is an error."""
-    inference, training = Inference.from_spec(spec["inference"]), Training.from_spec(spec.get("training"))
+def training_of(spec: dict, ref: str) -> tuple[Training, ModelInput | None]:
+    """A spec's training section and its network's input parsed, for a run (a spec written for training alone may
+    have no inference.input); a spec without training data is an error."""
+    training = Training.from_spec(spec.get("training"))
     if training is None or training.data is None:
         raise BrainzooError(f"{ref}: its spec has no training section (training.data) to train with")
-    return inference, training
+    inference = spec.get("inference") or {}
+    return training, ModelInput.from_spec(inference["input"]) if "input" in inference else None
+
+
+def network_orientation(model_input: ModelInput | None) -> str:
+    """The orientation of the network's input arrays, as predict builds them; without an input section, the
+    records' RAS."""
+    return model_input.orientation if model_input else "RAS"
 
 
 def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
@@ -167,7 +175,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     random initialisation: a second stage (say, whole volumes after blocks) goes on from the first's model.
     """
     spec, _ = resolve_spec(ref)
-    inference, training = training_of(spec, ref)
+    training, model_input = training_of(spec, ref)
     out_dir = Path(out_dir)
     run = {"spec": ref, "train": str(train_records), "validation": str(validation_records),
            "overrides": {k: v for k, v in overrides.items() if v is not None}}
@@ -190,7 +198,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     if training.adversarial:
         return train_gan(spec, training, train_records, out_dir, plan, progress=progress)
     train_data, validation_data = datasets(training.data, plan, train_records, validation_records,
-                                           inference.input.orientation)
+                                           network_orientation(model_input))
     builder = model_builder(spec, training.data.network_input_shape)
     if init_weights is not None:
         fresh = builder
@@ -200,7 +208,7 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             transplant(load_keras_model(init_weights), model, [])
             return model
     result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress)
-    grid = whole_grid_shape(inference, training.data)
+    grid = whole_grid_shape(model_input, training.data)
     if grid and grid != training.data.block_shape and (out_dir / "model.h5").exists():
         whole = model_builder(spec, (*grid, 1))()
         whole.set_weights(load_keras_model(out_dir / "model.h5").get_weights())
@@ -209,16 +217,16 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     return result
 
 
-def whole_grid_shape(inference: Inference, data: TrainingData) -> tuple[int, int, int] | None:
+def whole_grid_shape(model_input: ModelInput | None, data: TrainingData) -> tuple[int, int, int] | None:
     """The grid a block-trained segmentation model is saved for: its whole inference grid, when it runs on
     that grid in one piece (``inference.input`` has a ``shape`` and no ``block_shape``).
 
     The U-Net is fully convolutional, so the weights are the same; but ``nobrainer predict`` and a bare
     ``load_model`` need a model whose input is the volume they are given.
     """
-    if data.kind != "segmentation" or inference.input.block_shape is not None:
+    if data.kind != "segmentation" or model_input is None or model_input.block_shape is not None:
         return None
-    return inference.input.shape
+    return model_input.shape
 
 
 def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str]) -> list[str]:
@@ -280,7 +288,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
     if labels:
         replace = [*replace, *_relabel(spec, labels)]
-    inference, training = training_of(spec, source.id)
+    training, model_input = training_of(spec, source.id)
     plan = TrainingPlan.from_spec(spec, **overrides)
     input_shape = training.data.network_input_shape
     build = model_builder(spec, input_shape)
@@ -307,7 +315,7 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
             continue
         phase_plan = dataclasses.replace(plan, epochs=epochs)
         train_data, validation_data = datasets(training.data, phase_plan, train_records, validation_records,
-                                               inference.input.orientation)
+                                               network_orientation(model_input))
         patterns = list(trainable) + list(replace) if phase == "frozen" else None
 
         def phase_model(previous=previous, patterns=patterns) -> tf.keras.Model:
