@@ -71,9 +71,10 @@ def run_unet_blocks(infile: str, outfile: str, model_file: str, overlap: float) 
 
     from brainzoo.model_files import load_keras_model
     from brainzoo.predict import predict_brain_mask
+    from brainzoo.spec import Inference
 
     model = load_keras_model(model_file)
-    mask, _, _ = predict_brain_mask(infile, model, spec_inference=UNET_INFERENCE, overlap=overlap)
+    mask, _, _ = predict_brain_mask(infile, model, inference=Inference.from_spec(UNET_INFERENCE), overlap=overlap)
     nib.save(mask, outfile)
 
 

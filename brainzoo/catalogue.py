@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from brainzoo.errors import BrainzooError
+
+if TYPE_CHECKING:
+    from brainzoo.spec import Inference, Training
 
 CATALOGUE_DIR = "neuronets"
 INDEX_FILE = "spec.yaml"
@@ -105,12 +109,15 @@ class WeightsFile:
 
 @dataclass(frozen=True)
 class Version:
-    """One model version folder: ``neuronets/<model>/<semver>[/<variant>]``."""
+    """One model version folder: ``neuronets/<model>/<semver>[/<variant>]``: its spec (as written, for the
+    commands that print or derive specs), the spec's inference and training sections parsed, and its card."""
 
     id: str
     path: Path
     spec: dict
     card: dict
+    inference: Inference
+    training: Training | None
 
     @property
     def task(self) -> str:
@@ -141,7 +148,7 @@ def version_folders(root: Path) -> list[Path]:
 
 def load_version(folder: Path, root: Path | None = None) -> Version:
     """A version folder whose spec is usable: a spec ``brainzoo validate`` would refuse is an error naming it."""
-    from brainzoo.validate import spec_problems
+    from brainzoo.validate import parsed_spec
 
     root = root or repo_root(folder)
     folder = folder.resolve()
@@ -151,11 +158,11 @@ def load_version(folder: Path, root: Path | None = None) -> Version:
         raise BrainzooError(f"{folder}: is not inside the dataset {root}") from None
     spec = read_yaml(folder / SPEC_FILE)
     card = read_yaml(folder / CARD_FILE)
-    problems = list(spec_problems(spec, folder.relative_to(root) / SPEC_FILE, folder))
+    inference, training, problems = parsed_spec(spec, folder.relative_to(root) / SPEC_FILE, folder)
     if problems:
         shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         raise BrainzooError(f"{version_id}: unusable spec ({shown}); `brainzoo validate` lists every problem")
-    return Version(id=version_id, path=folder, spec=spec, card=card)
+    return Version(id=version_id, path=folder, spec=spec, card=card, inference=inference, training=training)
 
 
 def load_catalogue(root: Path | None = None) -> tuple[list[Version], dict[str, str]]:

@@ -337,10 +337,9 @@ def evaluate_brain_ages(model: str, data: Path, out_dir: Path, *, dataset: str |
     if version.task != "brain-age":
         raise BrainzooError(f"{version.id}: is a {version.task} model, not a brain-age model")
     networks = load_networks(version)
-    preprocessing = version.spec["inference"]["preprocessing"]
     masker = (BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL)
-              if any(step["step"] == "brain-extraction" for step in preprocessing) else None)
-    spec_correction = version.spec["inference"]["output"].get("bias_correction")
+              if version.inference.has_step("brain-extraction") else None)
+    spec_correction = version.inference.output.bias_correction
 
     def predict(row: dict, age: float | None = None) -> dict:
         return predict_brain_age_file(version.id, Path(row["path"]), age=age, masker=masker, networks=networks,

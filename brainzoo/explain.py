@@ -36,6 +36,7 @@ from brainzoo.outputs import OutputDecoding, builder_options
 from brainzoo.predict import _load_and_preprocess, _Recorder, model_grid_affine
 from brainzoo.predict.steps import resize
 from brainzoo.predict.volumes import DEFAULT_MAX_VOXELS, ImageSource, native_like
+from brainzoo.spec import Inference
 
 EXPLAINED_TASKS = ("brain-age", "age-group")
 CLASS_OUTPUT = "age-group-logits"
@@ -134,7 +135,7 @@ def on_input_grid(layer_map: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarr
     return (resized / peak if peak > 0 else resized), peak
 
 
-def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, layer: str,
+def explain_scan(img: ImageSource, models: Sequence, *, inference: Inference, layer: str,
                  target: str | int = PREDICTED, covariates: Sequence[float] = (),
                  brain_mask: ImageSource | None = None, registration: str = "brainzoo",
                  max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
@@ -146,11 +147,11 @@ def explain_scan(img: ImageSource, models: Sequence, *, spec_inference: dict, la
     (coded, see :func:`brainzoo.predict.classification.covariate_values`). The model-grid map's affine places it
     where ``brainzoo preprocess`` places the volume (template world after a ``register`` step).
     """
-    decoding = OutputDecoding.from_spec(spec_inference["output"])
+    decoding = inference.output
     if not models:
         raise BrainzooError("no model given")
     with _Recorder(img, "explain") as recorder:
-        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
+        volume, context = _load_and_preprocess(img, inference, brain_mask, registration, max_voxels, recorder)
         batch = volume.data[np.newaxis, ..., np.newaxis]
         inputs = [batch, *(np.full((1, 1), value, np.float32) for value in covariates)] if covariates else batch
         with recorder.timed("grad-cam"):
@@ -203,7 +204,7 @@ def explain_file(ref: str, infile: Path, outfile: Path, *, layer: str | None = N
     outputs = runners.check_outputs([(outfile, NIFTI_SUFFIXES), (model_grid, NIFTI_SUFFIXES), (qc_png, (".png",)),
                                        (record_json, (".json",))], [infile, mask], force)
     runners.check_scan(version, infile, runners.input_contrast(infile, contrast), force)
-    covariates = covariate_values(version.spec["inference"]["input"], {"sex": sex}, version.id)
+    covariates = covariate_values(version.inference.input, {"sex": sex}, version.id)
     runners.check_converted(version)
     networks = runners.load_networks(version, "keras")
     models = [keras_model(network) for network in networks.models.values()]
@@ -211,7 +212,7 @@ def explain_file(ref: str, infile: Path, outfile: Path, *, layer: str | None = N
     with all_or_nothing(outputs):
         brain_mask, mask_record = runners.spec_brain_mask(version, infile, None, mask)
         native_map, model_grid_map, record = explain_scan(
-            infile, models, spec_inference=version.spec["inference"], layer=layer, target=target,
+            infile, models, inference=version.inference, layer=layer, target=target,
             covariates=covariates, brain_mask=brain_mask, registration=registration)
         record["model"] = runners.model_provenance(version, networks.runtime)
         if mask_record is not None:

@@ -55,11 +55,16 @@ class AgeBins:
 @dataclass(frozen=True)
 class OutputDecoding:
     """A spec's ``inference.output`` as its readers need it: the output type, the age bins of an
-    ``age-log-probabilities`` output, and the class labels (in output order) of a classifier or label map."""
+    ``age-log-probabilities`` output, the classes (in output order: a label and, for an age group, its
+    ``min_age`` and ``max_age``) of a classifier or label map, a mask's threshold, a brain-age model's
+    ``bias_correction`` line and the upstream container's result files it can write (``container_files``)."""
 
     type: str
     bins: AgeBins | None = None
-    labels: tuple[str, ...] = ()
+    classes: tuple[dict, ...] = ()
+    threshold: float = 0.5
+    bias_correction: dict | None = None
+    container_files: str | None = None
 
     @classmethod
     def from_spec(cls, output: dict) -> OutputDecoding:
@@ -68,7 +73,12 @@ class OutputDecoding:
             raise BrainzooError(f"inference.output.bins: an {BINNED_OUTPUT} output has its age bins, and only it"
                                 f" (this output is {kind!r})")
         bins = AgeBins.from_spec(output["bins"]) if kind == BINNED_OUTPUT else None
-        return cls(kind, bins, tuple(c["label"] for c in output.get("classes", [])))
+        return cls(kind, bins, tuple(output.get("classes", [])), output.get("threshold", 0.5),
+                   output.get("bias_correction"), output.get("container_files"))
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(c["label"] for c in self.classes)
 
     def builder_options(self) -> dict:
         """The builder options this output fixes: a binned output's size."""

@@ -19,6 +19,7 @@ import jsonschema
 from brainzoo import annex, catalogue
 from brainzoo.errors import BrainzooError
 from brainzoo.outputs import OutputDecoding, builder_options
+from brainzoo.spec import Inference, Training
 
 
 @lru_cache(maxsize=None)
@@ -136,17 +137,29 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
 
 def training_data_problems(spec: dict) -> Iterator[str]:
     """The records' last step is an inference step, and each normalisation step is an intensity step the training
-    pipeline runs, with that step's options (the names are the pipeline's, so the schema does not list them)."""
+    pipeline runs, with that step's options (the names are the pipeline's, so neither the schema nor
+    :class:`brainzoo.spec.TrainingData` lists them)."""
     from brainzoo.training.pipeline import normalization_steps
 
-    data = spec.get("training", {}).get("data", {})
-    until = data.get("preprocessed_until")
-    names = [step["step"] for step in spec.get("inference", {}).get("preprocessing", [])]
-    if until is not None and until not in names:
-        yield f"training.data.preprocessed_until: {until!r} is not an inference.preprocessing step ({', '.join(names)})"
-    for field in ("normalization", "validation_normalization"):
+    try:
+        training = Training.from_spec(spec.get("training"))
+        inference = Inference.from_spec(spec["inference"])
+    except BrainzooError as err:
+        yield str(err)
+        return
+    data = training.data if training else None
+    if data is None:
+        return
+    names = [step.name for step in inference.preprocessing]
+    if data.preprocessed_until is not None and data.preprocessed_until not in names:
+        yield (f"training.data.preprocessed_until: {data.preprocessed_until!r} is not an inference.preprocessing "
+               f"step ({', '.join(names)})")
+    fields = {"normalization": data.normalization}
+    if data.validation_normalization != data.normalization:
+        fields["validation_normalization"] = data.validation_normalization
+    for field, normalization in fields.items():
         try:
-            normalization_steps(data.get(field), f"training.data.{field}")
+            normalization_steps(normalization, f"training.data.{field}")
         except BrainzooError as err:
             yield str(err)
 
@@ -194,33 +207,48 @@ def conversion_record_problems(spec: dict, version_folder: Path) -> Iterator[str
 
 
 def spec_problems(spec: dict, spec_rel: Path, version_folder: Path) -> Iterator[str]:
-    """What makes a spec unusable (checked whenever a version is loaded): its schema, paths that leave the
-    version folder, entry points and preprocessing steps."""
+    """What makes a spec unusable (checked whenever a version is loaded); see :func:`parsed_spec`."""
+    yield from parsed_spec(spec, spec_rel, version_folder)[2]
+
+
+def parsed_spec(spec: dict, spec_rel: Path,
+                version_folder: Path) -> tuple[Inference | None, Training | None, list[str]]:
+    """The spec's inference and training sections parsed (:mod:`brainzoo.spec`), and what makes the spec
+    unusable: its schema, paths that leave the version folder, entry points, the two sections' values, the method
+    and the output. ``brainzoo validate`` and :func:`brainzoo.catalogue.load_version` both check a spec here."""
     problems = list(schema_problems("spec", spec, spec_rel))
-    yield from problems
     if problems:
-        return  # the checks below read fields the schema vouches for
+        return None, None, problems  # the checks below read fields the schema vouches for
     for trail, value in _paths_in(spec):
         if not inside(version_folder, value):
-            yield f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder"
+            problems.append(f"{spec_rel}: {_field(trail)}: path {value!r} escapes the version folder")
     entry_point = spec["inference"]["entry_point"]
-    yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point"))
-    yield from (f"{spec_rel}: {p}" for p in method_problems(spec))
-    yield from (f"{spec_rel}: {p}" for p in preprocessing_problems(spec))
-    yield from (f"{spec_rel}: {p}" for p in output_problems(spec))
+    problems += [f"{spec_rel}: {p}" for p in entry_point_problems(entry_point, "inference.entry_point")]
+    problems += [f"{spec_rel}: {p}" for p in method_problems(spec)]
+    try:
+        inference = Inference.from_spec(spec["inference"])
+    except BrainzooError as err:
+        inference = None
+        problems.append(f"{spec_rel}: {err}")
+    else:
+        problems += [f"{spec_rel}: {p}" for p in output_problems(spec, inference.output)]
+    try:
+        training = Training.from_spec(spec.get("training"))
+    except BrainzooError as err:
+        training = None
+        problems.append(f"{spec_rel}: {err}")
     for i, entry in enumerate(spec["weights"]):
         if "recipe" in entry:
-            yield from (f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe"))
-            yield from (f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe"))
+            problems += [f"{spec_rel}: {p}" for p in entry_point_problems(entry["recipe"], f"weights[{i}].recipe")]
+            problems += [f"{spec_rel}: {p}" for p in recipe_problems(entry["recipe"], spec, f"weights[{i}].recipe")]
+    return (None, None, problems) if problems else (inference, training, problems)
 
 
-def output_problems(spec: dict) -> Iterator[str]:
-    """The output parses (a binned output's bins are a whole number of steps), and what it fixes is said nowhere
-    else: the age bins size the builder's head (``n_bins``) and lie under the loss's soft labels. A conversion
-    record's output size (``weights[].conversion``) is the bins' count."""
+def output_problems(spec: dict, decoding: OutputDecoding) -> Iterator[str]:
+    """What the output fixes is said nowhere else: the age bins size the builder's head (``n_bins``) and lie under
+    the loss's soft labels. A conversion record's output size (``weights[].conversion``) is the bins' count."""
     try:
         builder_options(spec)
-        decoding = OutputDecoding.from_spec(spec["inference"]["output"])
         for i, entry in enumerate(spec["weights"]):
             for shape in entry.get("conversion", {}).get("keras_model", {}).get("output_shapes", {}).values():
                 decoding.check_output_size(shape[-1], f"weights[{i}] ({entry['path']}), its conversion record")
@@ -271,28 +299,6 @@ def method_problems(spec: dict) -> Iterator[str]:
     elif spec["task"] not in RUNNERS[method].tasks:
         yield (f"inference.method: {method} runs {', '.join(RUNNERS[method].tasks)} models, not a {spec['task']} "
                "model")
-
-
-def preprocessing_problems(spec: dict) -> Iterator[str]:
-    """The steps must be ones brainzoo.predict runs, with the options it takes; a deepbet spec's numbers must be
-    ones its runner takes, and only a deepbet spec has them."""
-    inference = spec.get("inference")
-    if not isinstance(inference, dict):
-        return
-    from brainzoo.predict import check_preprocessing
-    from brainzoo.predict.deepbet import DeepbetSettings
-
-    try:
-        check_preprocessing(inference.get("preprocessing") or [])
-    except BrainzooError as err:
-        yield f"inference.preprocessing: {err}"
-    if inference.get("method") == "deepbet":
-        try:
-            DeepbetSettings.from_spec(inference.get("deepbet"))
-        except BrainzooError as err:
-            yield str(err)
-    elif "deepbet" in inference:
-        yield "inference.deepbet: only a spec whose inference.method is deepbet takes these numbers"
 
 
 def weights_problems(entry: dict, where: str, version_folder: Path) -> Iterator[str]:

@@ -56,7 +56,7 @@ def list_versions(root: Path) -> Iterator[dict]:
         yield {"action": "list", "id": version.id, "status": "ok", "message": "",
                "model": spec.get("model"), "version": spec.get("version"), "variant": spec.get("variant", ""),
                "recommended": version.id in recommended,
-               "task": spec.get("task"), "contrast": ",".join(spec.get("inference", {}).get("input", {}).get("contrast", [])),
+               "task": spec.get("task"), "contrast": ",".join(version.inference.input.contrast),
                **weights_summary(version)}
 
 

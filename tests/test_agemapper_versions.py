@@ -76,7 +76,7 @@ def test_the_spec_preprocessing_is_the_upstreams(variant, tmp_path):
     affine = np.diag([-spacing, spacing, spacing, 1.0])
     path = tmp_path / "map.nii.gz"
     nib.Nifti1Image(data, affine).to_filename(path)
-    ready, record = preprocess_scan(path, spec_inference=version.spec["inference"])
+    ready, record = preprocess_scan(path, inference=version.inference)
     np.testing.assert_allclose(np.asarray(ready.dataobj), upstream_preprocessing(data.astype(np.float64), contrast),
                                rtol=1e-5)
     assert not any("4D series" in warning for warning in record["warnings"])  # the volume is chosen, not defaulted
@@ -91,7 +91,7 @@ def test_an_rsfmri_component_needs_the_series_that_holds_it(tmp_path):
         nib.Nifti1Image(rng.gamma(2.0, 30.0, shape).astype(np.float32), np.diag([-2.0, 2, 2, 1])).to_filename(
             tmp_path / name)
         with pytest.raises(BrainzooError, match=f"{name}: is {held}; this model takes volume 17 \\(counted from 0\\)"):
-            preprocess_scan(tmp_path / name, spec_inference=version.spec["inference"])
+            preprocess_scan(tmp_path / name, inference=version.inference)
 
 
 def write_upstream_checkpoint(torch, path: Path) -> Path:

@@ -26,6 +26,7 @@ from brainzoo.explain import (class_index, explain_problems, explain_scan, expla
                               on_input_grid)
 from brainzoo.models.layers import batch_norm, conv3d
 from brainzoo.outputs import OutputDecoding
+from brainzoo.spec import Inference
 
 layers = tf.keras.layers
 
@@ -94,8 +95,8 @@ def test_the_map_sits_on_the_octant_the_network_reads(head, output, covariates, 
                                 "shape": list(GRID)},
                       "preprocessing": OCTANT_PREPROCESSING, "output": output}
     scan = octant_scan()
-    native, model_grid, record = explain_scan(scan, [model], spec_inference=spec_inference, layer=OCTANT_LAYER,
-                                              target=target, covariates=covariates)
+    native, model_grid, record = explain_scan(scan, [model], inference=Inference.from_spec(spec_inference),
+                                              layer=OCTANT_LAYER, target=target, covariates=covariates)
     assert native.shape == scan.shape and np.array_equal(native.affine, scan.affine)
     values = native.get_fdata()
     position = from_centre_mm(scan)
@@ -154,7 +155,7 @@ def test_the_map_comes_back_through_the_registration_s_recorded_map(monkeypatch)
                                         {"step": "crop", "shape": [96, 112, 96]},
                                         {"step": "resize", "shape": list(GRID)}, {"step": "minmax"}],
                       "output": {"type": "age"}}
-    native, model_grid, record = explain_scan(scan, [octant_network("age", 1)], spec_inference=spec_inference,
+    native, model_grid, record = explain_scan(scan, [octant_network("age", 1)], inference=Inference.from_spec(spec_inference),
                                               layer=OCTANT_LAYER)
     recorded = np.array(record["registration"]["template_to_input_world"])
     np.testing.assert_allclose(recorded, template_to_scan, atol=1e-6)

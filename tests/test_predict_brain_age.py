@@ -15,6 +15,7 @@ from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, 
                                            mni152_brain,
                                            n4_correct, register_to_mni152, resample_to_template)
 from brainzoo.predict.volumes import resample_world
+from brainzoo.spec import Inference
 
 SFCN_BINS = {"start": 42, "stop": 82, "step": 1}
 
@@ -168,8 +169,8 @@ def test_brain_age_pipeline_on_a_moved_template(tmp_path):
             return _log_probabilities({index: 1.0})
         return model
 
-    record = predict_brain_age(scan, [model_for_bin(20), model_for_bin(22)], spec_inference=spec, age=60,
-                               brain_mask=nib.Nifti1Image(mask.astype(np.uint8), moved),
+    record = predict_brain_age(scan, [model_for_bin(20), model_for_bin(22)], inference=Inference.from_spec(spec),
+                               age=60, brain_mask=nib.Nifti1Image(mask.astype(np.uint8), moved),
                                qc_png=tmp_path / "qc.png")
     assert [batch.shape for batch in inputs] == [(1, 160, 192, 160, 1)] * 2
     full_mean = inputs[0].sum() / brain.size  # divided by the mean before cropping (nothing is cut off)

@@ -20,11 +20,12 @@ from scipy import ndimage
 
 from brainzoo import catalogue
 from brainzoo.errors import BrainzooError
-from brainzoo.predict import check_preprocessing, predict_classification
+from brainzoo.predict import predict_classification
 from brainzoo.predict.classification import class_result, covariate_values, decode_class_logits
 from brainzoo.predict.steps import (apply_array_step, bounds_crop, histogram_landmarks, histogram_standardisation,
                                     zscore_above_mean)
 from brainzoo.predict.volumes import GriddedVolume, reorient
+from brainzoo.spec import Inference, ModelInput, Step, preprocessing_steps
 from brainzoo.validate import version_problems
 
 TWO_CLASS = "neuronets/ml-mri-age-group-cnn/1.0.0/2class"
@@ -58,7 +59,7 @@ def brain_in_a_box(path: Path) -> nib.Nifti1Image:
 def test_bounds_crop_keeps_the_brain_box_and_maps_back(tmp_path):
     image = brain_in_a_box(tmp_path / "brain.nii.gz")
     data = np.asarray(image.dataobj, np.float32)
-    volume = apply_array_step(GriddedVolume.native(image), {"step": "bounds-crop"})
+    volume = apply_array_step(GriddedVolume.native(image), Step("bounds-crop"))
     assert volume.data.shape == (81, 111, 71)  # each radius on both sides of the centre voxel
     np.testing.assert_array_equal(volume.data, data[18:99, 25:136, 17:88])
     start = [[1, 0, 0, 18], [0, 1, 0, 25], [0, 0, 1, 17], [0, 0, 0, 1]]
@@ -71,7 +72,7 @@ def test_bounds_crop_keeps_the_brain_box_and_maps_back(tmp_path):
 def test_zoom_makes_the_smallest_side_the_target_and_keeps_the_end_voxel_centres(tmp_path):
     image = brain_in_a_box(tmp_path / "brain.nii.gz")
     data = np.asarray(image.dataobj, np.float32)
-    volume = apply_array_step(GriddedVolume.native(image), {"step": "zoom", "smallest_side": 128})
+    volume = apply_array_step(GriddedVolume.native(image), Step("zoom", {"smallest_side": 128}))
     # 128 / 110 times each side, rounded: as scipy.ndimage.zoom, which the upstream calls, gives them
     assert volume.data.shape == (140, 175, 128)
     np.testing.assert_array_equal(volume.data, ndimage.zoom(data, 128 / 110))
@@ -103,7 +104,7 @@ def test_the_spec_geometry_is_the_upstream_one(tmp_path):
         if step["step"] == "reorient":
             volume = reorient(volume, spec["inference"]["input"]["orientation"])
         elif step["step"] in ("bounds-crop", "zoom", "crop", "transpose"):
-            volume = apply_array_step(volume, step)
+            volume = apply_array_step(volume, Step.from_spec(step, "step"))
     np.testing.assert_allclose(volume.data, upstream_geometry(image), atol=1e-4)
     # The index map still places every voxel: the network's voxel (i, j, k) is the scan's at that world point.
     some = np.array([5, 70, 100, 1])
@@ -164,7 +165,7 @@ def test_zscore_above_mean_uses_the_bright_voxels_statistics():
 ])
 def test_bad_step_values_are_found_before_any_work(step, message):
     with pytest.raises(BrainzooError, match=message):
-        check_preprocessing([step])
+        preprocessing_steps([step])
 
 
 def test_validate_checks_the_classifier_steps(tmp_path):
@@ -203,13 +204,13 @@ def test_a_single_logit_is_the_second_class_against_the_first():
     ({"sex": "female"}, f"{TWO_CLASS}: sex 'female' is not one of M or F"),
 ])
 def test_the_sex_must_be_given_as_the_spec_codes_it(given, message):
-    model_input = spec_of(TWO_CLASS)["inference"]["input"]
+    model_input = ModelInput.from_spec(spec_of(TWO_CLASS)["inference"]["input"])
     with pytest.raises(BrainzooError, match=message):
         covariate_values(model_input, given, TWO_CLASS)
     assert covariate_values(model_input, {"sex": "F"}, TWO_CLASS) == [1.0]
     assert covariate_values(model_input, {"sex": "M"}, TWO_CLASS) == [0.0]
     with pytest.raises(BrainzooError, match="brain-age-model: takes no sex input"):
-        covariate_values({"covariates": []}, {"sex": "F"}, "brain-age-model")
+        covariate_values(ModelInput("RAS", (1, 1, 1), (8, 8, 8)), {"sex": "F"}, "brain-age-model")
 
 
 def test_each_model_gets_the_volume_then_the_coded_sex(tmp_path):
@@ -225,7 +226,7 @@ def test_each_model_gets_the_volume_then_the_coded_sex(tmp_path):
         return np.array([[float(sex[0, 0]), 1.0 - float(sex[0, 0])]])
 
     spec_inference = spec_of(TWO_CLASS)["inference"]
-    record = predict_classification(image, [network], spec_inference=spec_inference, covariates=[1.0],
+    record = predict_classification(image, [network], inference=Inference.from_spec(spec_inference), covariates=[1.0],
                                     brain_mask=mask)
     assert seen == [((1, 128, 128, 128, 1), 1.0)]
     assert record["result"]["label"] == "22-30"
@@ -302,7 +303,7 @@ def test_predict_classify_runs_the_converted_classifier_on_a_whole_head(converte
     assert record["model"]["weights"] == {"model": spec["weights"][0]["sha256"]}
 
     # The same numbers from the converted network on the spec's preprocessing, done here, with the sex coded 1.
-    volume, _ = preprocess_scan(scan, spec_inference=spec["inference"], brain_mask=mask)
+    volume, _ = preprocess_scan(scan, inference=Inference.from_spec(spec["inference"]), brain_mask=mask)
     network = tf.keras.models.load_model(converted_clone / TWO_CLASS / "weights" / "model.h5", compile=False)
     batch = np.asarray(volume.dataobj, np.float32)[np.newaxis, ..., np.newaxis]
     female, male = (network([batch, np.full((1, 1), sex, np.float32)]).numpy()[0] for sex in (1.0, 0.0))

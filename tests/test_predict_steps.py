@@ -7,6 +7,7 @@ import pytest
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.steps import apply_array_step, centre_crop, centre_pad, resize, zscore
 from brainzoo.predict.volumes import GriddedVolume
+from brainzoo.spec import Step
 
 
 def _volume(data):
@@ -22,7 +23,7 @@ def test_crop_takes_sfcn_centre_and_maps_back():
     cropped, new_to_old = centre_crop(data, [160, 192, 160])
     np.testing.assert_array_equal(cropped, data[11:171, 13:205, 11:171])
     np.testing.assert_array_equal(new_to_old[:3, 3], [11, 13, 11])
-    volume = apply_array_step(_volume(data), {"step": "crop", "shape": [160, 192, 160]})
+    volume = apply_array_step(_volume(data), Step("crop", {"shape": [160, 192, 160]}))
     back = volume.to_native_grid(volume.data)
     np.testing.assert_array_equal(back[11:171, 13:205, 11:171], cropped)
     assert not back[:11].any()
@@ -34,7 +35,7 @@ def test_pad_puts_the_extra_voxel_after_and_maps_back():
     assert padded.shape == (6, 4, 8)
     np.testing.assert_array_equal(padded[1:4, :, 1:6], data)
     assert padded.sum() == data.sum()
-    volume = apply_array_step(_volume(data), {"step": "pad", "shape": [6, 4, 8]})
+    volume = apply_array_step(_volume(data), Step("pad", {"shape": [6, 4, 8]}))
     np.testing.assert_array_equal(volume.to_native_grid(volume.data), data)
 
 
@@ -49,7 +50,7 @@ def test_resize_matches_torch_align_corners_false_by_hand():
 
 
 def test_resize_keeps_world_geometry():
-    volume = apply_array_step(_volume(_ramp((182, 218, 182))), {"step": "resize", "shape": [121, 145, 121]})
+    volume = apply_array_step(_volume(_ramp((182, 218, 182))), Step("resize", {"shape": [121, 145, 121]}))
     assert volume.data.shape == (121, 145, 121)
     # The field of view is unchanged: the outer voxel faces stay where they were.
     first_face = volume.affine @ [-0.5, -0.5, -0.5, 1]
@@ -77,7 +78,7 @@ def test_zscore_over_nonzero_voxels_leaves_background_at_zero():
 ])
 def test_intensity_steps_by_hand(step, expected):
     data = np.array([0.0, 2.0, 4.0, 10.0], np.float32).reshape(4, 1, 1)
-    out = apply_array_step(_volume(data), step)
+    out = apply_array_step(_volume(data), Step.from_spec(step, "step"))
     np.testing.assert_allclose(out.data.ravel(), expected, rtol=1e-6)
     np.testing.assert_array_equal(out.to_native, np.eye(4))
 
@@ -95,13 +96,13 @@ def test_intensity_steps_by_hand(step, expected):
 ])
 def test_bad_step_options_are_reported(step, message):
     with pytest.raises(BrainzooError, match=message):
-        apply_array_step(_volume(_ramp((8, 8, 8))), step)
+        apply_array_step(_volume(_ramp((8, 8, 8))), Step.from_spec(step, "step"))
 
 
 def test_constant_input_to_a_normalisation_is_reported():
     with pytest.raises(BrainzooError, match="constant"):
-        apply_array_step(_volume(np.ones((3, 3, 3))), {"step": "zscore"})
+        apply_array_step(_volume(np.ones((3, 3, 3))), Step("zscore"))
     with pytest.raises(BrainzooError, match="mean is 0"):
-        apply_array_step(_volume(np.zeros((3, 3, 3))), {"step": "divide-by-mean"})
+        apply_array_step(_volume(np.zeros((3, 3, 3))), Step("divide-by-mean"))
     with pytest.raises(BrainzooError, match="percentiles are equal"):
-        apply_array_step(_volume(np.ones((3, 3, 3))), {"step": "percentile"})
+        apply_array_step(_volume(np.ones((3, 3, 3))), Step("percentile"))

@@ -15,7 +15,6 @@ from brainzoo import catalogue
 from brainzoo.predict import runners
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
-from brainzoo.outputs import AgeBins
 
 FLAIR_SFCN = "neuronets/flair-brainage-sfcn/1.0.0/flair"
 
@@ -27,21 +26,21 @@ def raw_scan(tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_network_input_is_the_preprocessed_volume(raw_scan):
-    spec_inference = catalogue.find_version(FLAIR_SFCN, REPO).spec["inference"]
+    inference = catalogue.find_version(FLAIR_SFCN, REPO).inference
     seen = []
 
     def network(batch):
         seen.append(batch[0, ..., 0])
-        n_bins = AgeBins.from_spec(spec_inference["output"]["bins"]).count
+        n_bins = inference.output.bins.count
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
-    record = predict_brain_age(raw_scan, [network], spec_inference=spec_inference)
-    volume, preprocess_record = preprocess_scan(raw_scan, spec_inference=spec_inference)
+    record = predict_brain_age(raw_scan, [network], inference=inference)
+    volume, preprocess_record = preprocess_scan(raw_scan, inference=inference)
     np.testing.assert_array_equal(np.asarray(volume.dataobj), seen[0])
-    assert list(volume.shape) == spec_inference["input"]["shape"]
+    assert volume.shape == inference.input.shape
     world_map = "template_to_input_world"
     assert preprocess_record["registration"][world_map] == record["registration"][world_map]
-    steps = [step["step"] for step in spec_inference["preprocessing"]]
+    steps = [step.name for step in inference.preprocessing]
     assert [step["step"] for step in preprocess_record["preprocessing"]] == steps
 
 

@@ -9,11 +9,12 @@ from conftest import SHARED_DATA
 from scipy import ndimage
 
 from brainzoo.errors import BrainzooError
-from brainzoo.predict import check_preprocessing, niftyreg
+from brainzoo.predict import niftyreg
 from brainzoo.predict.registration import (FSL_MNI152_AFFINE, FSL_MNI152_SHAPE, HEAD_TEMPLATE_VARIABLE,
                                            block_displacements, check_fit, describe_fit, mni152_brain, mni152_head,
                                            register_to_mni152, select_blocks, trimmed_affine_fit)
 from brainzoo.predict.volumes import resample_world
+from brainzoo.spec import preprocessing_steps
 
 
 def _moved(axis, degrees, shift_mm, scale=1.0):
@@ -50,8 +51,8 @@ def _on_grid(data, voxel_mm, known):
 ])
 def test_register_step_options_are_checked(step, message):
     with pytest.raises(BrainzooError, match=message):
-        check_preprocessing([{"step": "n4"}, step])
-    check_preprocessing([{"step": "register", "template": "mni152-head"},
+        preprocessing_steps([{"step": "n4"}, step])
+    preprocessing_steps([{"step": "register", "template": "mni152-head"},
                          {"step": "register", "template": "mni152-brain"}])
 
 

@@ -23,6 +23,7 @@ from brainzoo import catalogue, validate
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import predict_brain_age, preprocess_scan
 from brainzoo.outputs import AgeBins
+from brainzoo.spec import Inference, Training
 from brainzoo.training import run
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.tfrecords import write_tfrecords
@@ -61,14 +62,16 @@ def test_the_validation_input_is_predicts_input(version, shape, tmp_path):
         return np.log(np.full((1, n_bins), 1 / n_bins))
 
     scan = scan_for(shape)
-    predict_brain_age(scan, [network], spec_inference=spec["inference"])
-    record_volume, _ = preprocess_scan(scan, spec_inference=spec["inference"], until=data["preprocessed_until"])
+    inference = Inference.from_spec(spec["inference"])
+    predict_brain_age(scan, [network], inference=inference)
+    record_volume, _ = preprocess_scan(scan, inference=inference, until=data["preprocessed_until"])
     nib.save(record_volume, tmp_path / "scan.nii.gz")
     (tmp_path / "table.csv").write_text("path,age,sex\nscan.nii.gz,50,F\n")
     write_tfrecords(tmp_path / "table.csv", tmp_path / "records", kind="regression", progress=False)
 
     plan = TrainingPlan.from_spec(spec, batch_size=1)
-    _, validation = run.datasets(data, plan, tmp_path / "records", tmp_path / "records", run.network_orientation(spec))
+    _, validation = run.datasets(Training.from_spec(spec["training"]).data, plan, tmp_path / "records",
+                                 tmp_path / "records", inference.input.orientation)
     (x, y), = list(validation())
     assert y.numpy().tolist() == [[50.0]]
     np.testing.assert_allclose(x.numpy()[0, ..., 0], seen[0], atol=1e-5)
@@ -151,12 +154,13 @@ def heads(tmp_path_factory):
 @pytest.mark.parametrize("version", sorted(SECTIONS))
 def test_every_catalogue_training_section_trains_and_checkpoints(version, heads, tmp_path):
     spec = reduced(SECTIONS[version])
-    data = spec["training"]["data"]
+    data = Training.from_spec(spec["training"]).data
     plan = TrainingPlan.from_spec(spec)
-    records = heads / data["kind"]
-    train_data, validation_data = run.datasets(data, plan, records, records, run.network_orientation(spec))
+    records = heads / data.kind
+    train_data, validation_data = run.datasets(data, plan, records, records,
+                                               Inference.from_spec(spec["inference"]).input.orientation)
 
-    builder = run.model_builder(spec, run.model_input_shape(data))
+    builder = run.model_builder(spec, data.network_input_shape)
     result = fit(builder, train_data, validation_data, plan, tmp_path, tf.distribute.get_strategy(),
                  progress=False)
     losses = [epoch["loss"] for epoch in result["history"]]

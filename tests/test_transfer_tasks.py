@@ -16,6 +16,7 @@ from conftest import REPO, load_fixture, seeded_state_dict, write_index, write_v
 
 from brainzoo import validate
 from brainzoo.errors import BrainzooError
+from brainzoo.spec import Inference, Training
 from brainzoo.training import run
 
 SOURCE = "neuronets/unet-student/0.1.0"
@@ -138,7 +139,8 @@ def test_a_student_moves_to_a_lesion_label_set(tmp_path, monkeypatch):
 
     volume, truth = lesion_scan(np.random.default_rng(7))
     scan = nib.Nifti1Image(volume, np.diag([SPACING] * 3 + [1.0]))
-    label_map, prediction = predict_label_map(scan, load_keras_model(new), spec_inference=spec["inference"])
+    label_map, prediction = predict_label_map(scan, load_keras_model(new),
+                                              inference=Inference.from_spec(spec["inference"]))
     assert label_map.get_fdata().dtype and np.asarray(label_map.dataobj).dtype == np.uint8
     assert set(np.unique(np.asarray(label_map.dataobj))) <= {0, 1}
     assert prediction["prediction"]["classes"] == ["background", "lesion"]
@@ -202,8 +204,8 @@ def test_a_flair_sfcn_fine_tuned_on_a_cohort_fits_its_bias_correction(tmp_path, 
     model = BUILDERS["sfcn"](input_shape=(32, 32, 32, 1), **builder_options(spec))
     model.load_weights(dest / "weights" / "model.h5")
     plan = TrainingPlan.from_spec(spec, batch_size=2)
-    _, held_out = run.datasets(training["data"], plan, records["held-out"], records["held-out"],
-                               run.network_orientation(spec))
+    _, held_out = run.datasets(Training.from_spec(training).data, plan, records["held-out"], records["held-out"],
+                               Inference.from_spec(spec["inference"]).input.orientation)
     objective = plan.objective
     predicted = np.concatenate([objective.predicted_age(model(x)).numpy() for x, _ in held_out()])
     ages = np.concatenate([y.numpy()[:, 0] for _, y in held_out()])

@@ -24,21 +24,21 @@ from tqdm import tqdm
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import atomic_output
 from brainzoo.models.gan3d import gan3d_discriminator, gan3d_generator
+from brainzoo.spec import Training, TrainingData
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan
 from brainzoo.training.objectives import optimizer as make_optimizer
 from brainzoo.training.pipeline import regression_volumes
 from brainzoo.training.tfrecords import read_dataset
 
-ADVERSARIAL_LOSS = "adversarial-bce"
 DISCRIMINATOR_FILE = "discriminator.h5"
 
 
-def real_volumes(records, input_shape, plan: TrainingPlan, data: dict, epoch: int) -> tf.data.Dataset:
+def real_volumes(records, input_shape, plan: TrainingPlan, data: TrainingData, epoch: int) -> tf.data.Dataset:
     """Batches of real volumes for epoch ``epoch``: each scaled to [0, 1] by its own range (the upstream's
     ``MRIData``), centred on ``input_shape``; the records' targets are not used."""
     batches = regression_volumes(read_dataset(records), input_shape, targets=["label"],
-                                 normalization=data.get("normalization", "minmax"), batch_size=plan.batch_size,
-                                 shuffle_buffer=data.get("shuffle_buffer", 0), seed=plan.seed + epoch,
+                                 normalization=data.normalization, batch_size=plan.batch_size,
+                                 shuffle_buffer=data.shuffle_buffer, seed=plan.seed + epoch,
                                  drop_remainder=True)
     return batches.map(lambda volume, _: volume).repeat()
 
@@ -58,12 +58,13 @@ def generated_pairs(generator: tf.keras.Model, first: int, count: int, *, batch_
             .map(lambda z: (generator(z, training=False), z)).prefetch(tf.data.AUTOTUNE))
 
 
-def train_gan(spec: dict, train_records, out_dir: Path, plan: TrainingPlan, progress: bool = True) -> dict:
+def train_gan(spec: dict, training: Training, train_records, out_dir: Path, plan: TrainingPlan,
+              progress: bool = True) -> dict:
     """Train the generator a spec describes against a discriminator (``training.discriminator``: its options) on
     real volumes; write the generator (``model.h5``), the discriminator (``discriminator.h5``) and ``metrics.json``
     (mean losses per epoch) in ``out_dir``."""
-    training, options = spec["training"], spec["architecture"].get("options", {})
-    input_shape = list(training["data"]["input_shape"])
+    options = spec["architecture"].get("options", {})
+    input_shape = list(training.data.input_shape)
     output_shape = list(options.get("output_shape", input_shape))
     if output_shape != input_shape:
         raise BrainzooError(f"training.data.input_shape {input_shape} differs from the generator's output_shape "
@@ -71,7 +72,7 @@ def train_gan(spec: dict, train_records, out_dir: Path, plan: TrainingPlan, prog
     skip_probability = float(plan.loss.get("generator_skip_probability", 0.0))
     tf.keras.utils.set_random_seed(plan.seed)
     generator = gan3d_generator(**{**options, "output_shape": input_shape})
-    discriminator = gan3d_discriminator(input_shape=(*input_shape, 1), **training.get("discriminator", {}))
+    discriminator = gan3d_discriminator(input_shape=(*input_shape, 1), **training.discriminator)
     generator_optimizer = make_optimizer(plan.optimizer, plan.epochs, plan.steps_per_epoch)
     discriminator_optimizer = make_optimizer(plan.optimizer, plan.epochs, plan.steps_per_epoch)
     step_counter = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -115,7 +116,7 @@ def train_gan(spec: dict, train_records, out_dir: Path, plan: TrainingPlan, prog
     while step < total:
         epoch, offset = divmod(step, plan.steps_per_epoch)
         losses = []
-        for real in real_volumes(train_records, input_shape, plan, training["data"], epoch).skip(offset).take(
+        for real in real_volumes(train_records, input_shape, plan, training.data, epoch).skip(offset).take(
                 plan.steps_per_epoch - offset):
             updated = generator_steps_at(step)
             d_loss, g_loss = train_step(real, tf.constant(step, tf.int64), updated)

@@ -24,6 +24,7 @@ import tensorflow as tf
 from brainzoo.errors import BrainzooError
 from brainzoo.predict import steps
 from brainzoo.predict.steps import PERCENTILE_WINDOW, check_options, check_step_options
+from brainzoo.spec import Step
 
 SAMPLINGS = ("random", "grid", "brain")
 _EPSILON = 1e-6
@@ -82,7 +83,7 @@ NORMALIZATION_STEPS: dict[str, Callable[..., tf.Tensor]] = {
     name: _TWINS[step] for name, step in steps.INTENSITY_STEPS.items() if step in _TWINS}
 
 
-def normalization_steps(normalization: str | Sequence[dict] | None, where: str = "normalization") -> list[dict]:
+def normalization_steps(normalization: str | Sequence[dict] | None, where: str = "normalization") -> list[Step]:
     """A spec's ``normalization`` as a list of steps: ``null`` (none), a step name, or steps with options.
 
     ``where`` names the spec's field in errors (``brainzoo validate`` checks specs with this).
@@ -90,11 +91,12 @@ def normalization_steps(normalization: str | Sequence[dict] | None, where: str =
     if normalization is None:
         return []
     named = isinstance(normalization, str)
-    listed = [{"step": normalization}] if named else [dict(s) for s in normalization]
+    listed = ([Step(normalization)] if named else
+              [Step.from_spec(step, f"{where}[{i}]") for i, step in enumerate(normalization)])
     for i, step in enumerate(listed):
         at = where if named else f"{where}[{i}]"
-        if step.get("step") not in NORMALIZATION_STEPS:
-            raise BrainzooError(f"{at}: {step.get('step')!r} is not one of {', '.join(NORMALIZATION_STEPS)} "
+        if step.name not in NORMALIZATION_STEPS:
+            raise BrainzooError(f"{at}: {step.name!r} is not one of {', '.join(NORMALIZATION_STEPS)} "
                                 "(the inference intensity steps a training pipeline runs)")
         try:
             check_step_options(step)
@@ -107,7 +109,7 @@ def normalize(volume: tf.Tensor, normalization: str | Sequence[dict] | None) -> 
     """Per-volume intensity normalisation by the inference steps of that name, in order: ``zscore`` (optionally
     over non-zero voxels), ``divide-by-mean``, ``minmax`` (to [0, 1]), ``percentile`` (a window to [0, 1])."""
     for step in normalization_steps(normalization):
-        volume = NORMALIZATION_STEPS[step["step"]](volume, **{k: v for k, v in step.items() if k != "step"})
+        volume = NORMALIZATION_STEPS[step.name](volume, **step.options)
     return volume
 
 

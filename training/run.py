@@ -28,7 +28,8 @@ from brainzoo.model_files import load_keras_model, open_model_file, verified_wei
 from brainzoo.models import BUILDERS
 from brainzoo.models.layers import pytorch_parameter_count
 from brainzoo.outputs import BIN_KEYS, AgeBins, builder_options
-from brainzoo.training.adversarial import ADVERSARIAL_LOSS, generated_pairs, train_gan
+from brainzoo.spec import ModelInput, Training, TrainingData
+from brainzoo.training.adversarial import generated_pairs, train_gan
 from brainzoo.training.engine import CHECKPOINT_DIR, TrainingPlan, fit
 from brainzoo.training.objectives import Objective
 from brainzoo.training.pipeline import augmentation_from_spec, regression_volumes, segmentation_blocks
@@ -40,13 +41,6 @@ GENERATED_PAIRS = "generated-pairs"
 RECONSTRUCTION = "reconstruction"
 
 
-def model_input_shape(data: dict) -> tuple[int, int, int, int]:
-    shape = data.get("block_shape") or data.get("input_shape")
-    if not shape:
-        raise BrainzooError("training.data: needs block_shape (segmentation) or input_shape (regression)")
-    return (*shape, 1)
-
-
 def model_builder(spec: dict, input_shape) -> Callable[[], tf.keras.Model]:
     name = spec["architecture"]["builder"]
     if name not in BUILDERS:
@@ -55,41 +49,36 @@ def model_builder(spec: dict, input_shape) -> Callable[[], tf.keras.Model]:
     return lambda: BUILDERS[name](input_shape=input_shape, **options)
 
 
-def datasets(data: dict, plan: TrainingPlan, train_records, validation_records, orientation: str = "RAS"):
+def datasets(data: TrainingData, plan: TrainingPlan, train_records, validation_records, orientation: str = "RAS"):
     """``train(epoch)`` and ``validation()`` factories of ``(x, y)`` batches, deterministic per epoch, their volumes
     in ``orientation`` (the spec's inference.input.orientation; the records hold RAS).
 
     ``validation_normalization`` serves a recipe whose validation (and inference) normalised otherwise than its
     training did (the FLAIR SFCN: min-max when training, non-zero z-score then min-max when validating).
     """
-    kind = data.get("kind")
-    augmentation = augmentation_from_spec(data.get("augmentation"))
-    training_normalization = data.get("normalization", "zscore")
-    validation_normalization = data.get("validation_normalization", training_normalization)
+    kind = data.kind
+    augmentation = augmentation_from_spec(data.augmentation)
 
     def common(training: bool) -> dict:
         return {"batch_size": plan.batch_size, "drop_remainder": training, "orientation": orientation,
-                "normalization": training_normalization if training else validation_normalization,
+                "normalization": data.normalization if training else data.validation_normalization,
                 "augmentation": augmentation if training else None,
-                "shuffle_buffer": data.get("shuffle_buffer", 0) if training else 0}
+                "shuffle_buffer": data.shuffle_buffer if training else 0}
 
     if kind == "segmentation":
         def pipeline(records, seed, training):
-            return segmentation_blocks(read_dataset(records), data["block_shape"],
-                                       sampling=data.get("sampling", "random") if training else "grid",
-                                       jitter=data.get("jitter", 0.0),
-                                       blocks_per_volume=data.get("blocks_per_volume", 8),
-                                       overlap=0 if training else data.get("overlap", 0), seed=seed,
-                                       **common(training))
+            return segmentation_blocks(read_dataset(records), data.block_shape,
+                                       sampling=data.sampling if training else "grid", jitter=data.jitter,
+                                       blocks_per_volume=data.blocks_per_volume,
+                                       overlap=0 if training else data.overlap, seed=seed, **common(training))
     elif kind == "regression":
         def pipeline(records, seed, training):
-            return regression_volumes(read_dataset(records), data["input_shape"], targets=data.get("targets", ["age"]),
-                                      random_crop=training and data.get("random_crop", False),
-                                      random_crop_within=data.get("random_crop_within"), seed=seed,
-                                      **common(training))
+            return regression_volumes(read_dataset(records), data.input_shape, targets=list(data.targets),
+                                      random_crop=training and data.random_crop,
+                                      random_crop_within=data.random_crop_within, seed=seed, **common(training))
     elif kind == RECONSTRUCTION:
         def pipeline(records, seed, training):
-            volumes = regression_volumes(read_dataset(records), data["input_shape"], targets=["label"], seed=seed,
+            volumes = regression_volumes(read_dataset(records), data.input_shape, targets=["label"], seed=seed,
                                          **common(training))
             return volumes.map(lambda volume, _: (volume, volume))
     elif kind == GENERATED_PAIRS:
@@ -107,14 +96,14 @@ def datasets(data: dict, plan: TrainingPlan, train_records, validation_records, 
     return train, (validation if validation_records else None)
 
 
-def generated_pair_datasets(data: dict, plan: TrainingPlan, generator_ref):
+def generated_pair_datasets(data: TrainingData, plan: TrainingPlan, generator_ref):
     """The encoder's data: ``data.pairs`` fixed (G(z), z) pairs of the generator ``generator_ref`` (a catalogue id
     or a model file), the last ``validation_fraction`` of them held out."""
     generator = load_keras_model(verified_weights_path(generator_ref))
-    validation_count = int(round(data["pairs"] * data.get("validation_fraction", 0.2)))
-    train_count = data["pairs"] - validation_count
+    validation_count = int(round(data.pairs * data.validation_fraction))
+    train_count = data.pairs - validation_count
     if train_count < plan.batch_size or validation_count < 1:
-        raise BrainzooError(f"training.data: {data['pairs']} pairs leave {train_count} for training and "
+        raise BrainzooError(f"training.data: {data.pairs} pairs leave {train_count} for training and "
                             f"{validation_count} for validation; need a batch ({plan.batch_size}) and one")
 
     def train(epoch: int) -> tf.data.Dataset:
@@ -125,11 +114,6 @@ def generated_pair_datasets(data: dict, plan: TrainingPlan, generator_ref):
         return generated_pairs(generator, train_count, validation_count, batch_size=plan.batch_size, seed=plan.seed)
 
     return train, validation
-
-
-def network_orientation(spec: dict) -> str:
-    """The orientation of the network's input arrays, as predict builds them."""
-    return spec.get("inference", {}).get("input", {}).get("orientation", "RAS")
 
 
 def check_training_records(train_records, validation_records) -> None:
@@ -147,6 +131,22 @@ def resolve_spec(ref: str) -> tuple[dict, Path | None]:
         return catalogue.read_yaml(path), None
     version = catalogue.find_version(ref)
     return version.spec, version.path
+
+
+def training_of(spec: dict, ref: str) -> tuple[Training, ModelInput | None]:
+    """A spec's training section and its network's input parsed, for a run (a spec written for training alone may
+    have no inference.input); a spec without training data is an error."""
+    training = Training.from_spec(spec.get("training"))
+    if training is None or training.data is None:
+        raise BrainzooError(f"{ref}: its spec has no training section (training.data) to train with")
+    inference = spec.get("inference") or {}
+    return training, ModelInput.from_spec(inference["input"]) if "input" in inference else None
+
+
+def network_orientation(model_input: ModelInput | None) -> str:
+    """The orientation of the network's input arrays, as predict builds them; without an input section, the
+    records' RAS."""
+    return model_input.orientation if model_input else "RAS"
 
 
 def claim_run_folder(folder: Path, run: dict, force: bool) -> None:
@@ -182,17 +182,15 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     are not part of the run's identity (run.json), so a chunk may have another bound than the one before.
     """
     spec, _ = resolve_spec(ref)
-    if "training" not in spec:
-        raise BrainzooError(f"{ref}: its spec has no training section")
+    training, model_input = training_of(spec, ref)
     out_dir = Path(out_dir)
     run = {"spec": ref, "train": str(train_records), "validation": str(validation_records),
            "overrides": {k: v for k, v in overrides.items() if v is not None}}
-    adversarial = (spec["training"].get("loss") or {}).get("name") == ADVERSARIAL_LOSS
-    if init_weights is not None and adversarial:
+    if init_weights is not None and training.adversarial:
         raise BrainzooError(f"{ref}: --init-weights does not apply to adversarial training (two networks)")
-    if adversarial and (max_steps is not None or time_budget_s is not None):
+    if training.adversarial and (max_steps is not None or time_budget_s is not None):
         raise BrainzooError(f"{ref}: adversarial training does not run in chunks (--max-steps, --time-budget)")
-    if adversarial and spec["training"].get("select") is not None:
+    if training.adversarial and spec["training"].get("select") is not None:
         raise BrainzooError(f"{ref}: adversarial training has no validation value to select an epoch by; remove "
                             "training.select")
     if init_weights is not None:
@@ -200,23 +198,22 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             raise BrainzooError(f"{init_weights}: no such model file to start from")
         open_model_file(init_weights).close()  # a file that could run code is refused before any work starts
         run["init_weights"] = {"path": str(init_weights), "sha256": sha256_of(Path(init_weights))}
-    if (spec["training"].get("data") or {}).get("kind") == GENERATED_PAIRS:
+    if training.data.kind == GENERATED_PAIRS:
         if validation_records:
             raise BrainzooError(f"{ref}: trains on pairs its generator makes (--train names the generator) and "
                                 "validates on held-out ones; --validation does not apply")
         run["train"] = {"generator": str(train_records), "sha256": sha256_of(verified_weights_path(train_records))}
     else:
         check_training_records(train_records, validation_records)
-    training = spec["training"]
     plan = TrainingPlan.from_spec(spec, **overrides)
-    if adversarial:
+    if training.adversarial:
         claim_run_folder(out_dir, run, force)
-        return train_gan(spec, train_records, out_dir, plan, progress=progress)
-    train_data, validation_data = datasets(training["data"], plan, train_records, validation_records,
-                                           network_orientation(spec))
+        return train_gan(spec, training, train_records, out_dir, plan, progress=progress)
+    train_data, validation_data = datasets(training.data, plan, train_records, validation_records,
+                                           network_orientation(model_input))
     plan.check_validation(validation_data)  # before run.json names a run without validation records
     claim_run_folder(out_dir, run, force)
-    builder = model_builder(spec, model_input_shape(training["data"]))
+    builder = model_builder(spec, training.data.network_input_shape)
     if init_weights is not None:
         fresh = builder
 
@@ -226,8 +223,8 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
             return model
     result = fit(builder, train_data, validation_data, plan, out_dir, progress=progress, max_steps=max_steps,
                  time_budget_s=time_budget_s)
-    grid = whole_grid_shape(spec)
-    if grid and result["finished"] and grid != list(training["data"]["block_shape"]) and (out_dir / "model.h5").exists():
+    grid = whole_grid_shape(model_input, training.data)
+    if grid and result["finished"] and grid != training.data.block_shape and (out_dir / "model.h5").exists():
         whole = model_builder(spec, (*grid, 1))()
         whole.set_weights(load_keras_model(out_dir / "model.h5").get_weights())
         with atomic_output(out_dir / "model.h5", force=True) as tmp:
@@ -235,17 +232,16 @@ def train(ref: str, train_records, validation_records, out_dir, *, init_weights:
     return result
 
 
-def whole_grid_shape(spec: dict) -> list[int] | None:
+def whole_grid_shape(model_input: ModelInput | None, data: TrainingData) -> tuple[int, int, int] | None:
     """The grid a block-trained segmentation model is saved for: its whole inference grid, when it runs on
     that grid in one piece (``inference.input`` has a ``shape`` and no ``block_shape``).
 
     The U-Net is fully convolutional, so the weights are the same; but ``nobrainer predict`` and a bare
     ``load_model`` need a model whose input is the volume they are given.
     """
-    if spec["training"]["data"].get("kind") != "segmentation":
+    if data.kind != "segmentation" or model_input is None or model_input.block_shape is not None:
         return None
-    grid = spec.get("inference", {}).get("input", {})
-    return list(grid["shape"]) if "shape" in grid and "block_shape" not in grid else None
+    return model_input.shape
 
 
 def transplant(source: tf.keras.Model, target: tf.keras.Model, replace: list[str]) -> list[str]:
@@ -293,10 +289,9 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     if not validation_records:
         raise BrainzooError("transfer: needs --validation records; the new version's card reports the metric on them")
     check_training_records(train_records, validation_records)
-    spec = copy.deepcopy(source.spec)
-    training = spec.get("training")
-    if not training:
+    if source.training is None or source.training.data is None:
         raise BrainzooError(f"{source.id}: its spec has no training section to fine-tune with")
+    spec = copy.deepcopy(source.spec)  # the new version's, written with what the options change
     architecture = spec["architecture"]
     architecture["options"] = {**architecture.get("options", {}), **(options or {})}
     bins = architecture["options"].pop("bins", None)
@@ -308,8 +303,9 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
     architecture["options"].pop("label_table", None)  # the command line's; _write_version records it
     if labels:
         replace = [*replace, *_relabel(spec, labels)]
+    training, model_input = training_of(spec, source.id)
     plan = TrainingPlan.from_spec(spec, **overrides)
-    input_shape = model_input_shape(training["data"])
+    input_shape = training.data.network_input_shape
     build = model_builder(spec, input_shape)
     if "parameters" in architecture:
         architecture["parameters"] = pytorch_parameter_count(build())
@@ -333,8 +329,8 @@ def transfer(source_ref: str, train_records, validation_records, dest: str, *, o
         if epochs <= 0:
             continue
         phase_plan = dataclasses.replace(plan, epochs=epochs)
-        train_data, validation_data = datasets(training["data"], phase_plan, train_records, validation_records,
-                                               network_orientation(spec))
+        train_data, validation_data = datasets(training.data, phase_plan, train_records, validation_records,
+                                               network_orientation(model_input))
         patterns = list(trainable) + list(replace) if phase == "frozen" else None
 
         def phase_model(previous=previous, patterns=patterns) -> tf.keras.Model:

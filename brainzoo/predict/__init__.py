@@ -1,9 +1,9 @@
 """Prediction: a brain mask, a brain age or a class (an age group) from one NIfTI scan, driven by a model version's
 spec.
 
-The spec's ``inference`` section (a plain dict here) says what the model expects: ``input`` (orientation,
-spacing, shape, optional block shape), ``preprocessing`` (steps run in the listed order) and ``output`` (how to
-decode). A model is a Keras model or any callable on float32 arrays shaped (batch, D, H, W, 1).
+The spec's ``inference`` section, parsed (:class:`brainzoo.spec.Inference`), says what the model expects:
+``input`` (orientation, spacing, shape, optional block shape), ``preprocessing`` (steps run in the listed order)
+and ``output`` (how to decode). A model is a Keras model or any callable on float32 arrays shaped (batch, D, H, W, 1).
 
 Preprocessing steps: ``first-volume`` (always done on loading unless a ``volume`` step, the first, names another
 volume of a 4D series by its ``index`` counted from 0), ``n4`` (bias-field correction),
@@ -26,19 +26,21 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
 
 from brainzoo.errors import BrainzooError
-from brainzoo.outputs import OutputDecoding
 from brainzoo.predict import brain_age, classification
 from brainzoo.predict.blocks import Model, predict_block_below_head_top, predict_blocks, run_model
 from brainzoo.predict.postprocess import clean_mask
 from brainzoo.predict.steps import ARRAY_STEPS, apply_array_step, check_step_options
 from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSource, conform, load_mask,
                                       load_volume, native_like, reorient, resample, source_name)
+
+if TYPE_CHECKING:
+    from brainzoo.spec import Inference, ModelInput, Step
 
 # SimpleITK (registration, N4) and matplotlib (QC pictures) are imported by the steps that use them: a brain
 # mask needs neither, and their imports would add ~0.4 s to every brain-extraction process.
@@ -47,31 +49,31 @@ from brainzoo.predict.volumes import (DEFAULT_MAX_VOXELS, GriddedVolume, ImageSo
 REGISTRATIONS = ("brainzoo", "niftyreg")
 
 
-def _voxelwise_output(volume: GriddedVolume, model: Model, model_input: dict, overlap: float,
+def _voxelwise_output(volume: GriddedVolume, model: Model, model_input: ModelInput, overlap: float,
                       batch_size: int) -> tuple[np.ndarray, list[int] | None]:
     """The network's output over the model grid (D, H, W, channels): in blocks tiling it, or in one block below
     the top of the head (then also that block's start)."""
-    if model_input.get("block_placement") == "below-head-top":
-        return predict_block_below_head_top(volume.data, model, block_shape=model_input["block_shape"],
+    if model_input.block_placement == "below-head-top":
+        return predict_block_below_head_top(volume.data, model, block_shape=model_input.block_shape,
                                             spacing_mm=volume.voxel_sizes,
-                                            below_mm=model_input["block_centre_below_head_top_mm"])
-    return predict_blocks(volume.data, model, block_shape=model_input.get("block_shape"), overlap=overlap,
+                                            below_mm=model_input.block_centre_below_head_top_mm)
+    return predict_blocks(volume.data, model, block_shape=model_input.block_shape, overlap=overlap,
                           batch_size=batch_size), None
 
 
-def predict_label_map(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
+def predict_label_map(img: ImageSource, model: Model, *, inference: Inference, overlap: float = 0.5,
                       batch_size: int = 1, max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, dict]:
     """The most probable class of each voxel on the scan's own grid (uint8: the class's position in
     ``output.classes``, 0 the background), from a network with one softmax channel per class."""
-    _check_spec(spec_inference, {"label-map"})
-    classes = [entry["label"] for entry in spec_inference["output"]["classes"]]
+    _check_spec(inference, {"label-map"})
+    classes = list(inference.output.labels)
     with _Recorder(img, "segmentation") as recorder:
         with recorder.timed("load"):
-            image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
+            image = load_volume(img, max_voxels=max_voxels, volume=inference.series_volume)
         recorder.describe_input(image)
-        volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
+        volume = _preprocess(GriddedVolume.native(image), inference, _Context(), recorder)
         with recorder.timed("predict"):
-            probability, _ = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
+            probability, _ = _voxelwise_output(volume, model, inference.input, overlap, batch_size)
         if probability.shape[-1] != len(classes):
             raise BrainzooError(f"the model returned {probability.shape[-1]} channels; output.classes names "
                                 f"{len(classes)}")
@@ -84,7 +86,7 @@ def predict_label_map(img: ImageSource, model: Model, *, spec_inference: dict, o
     return native_like(image, labels, np.uint8), recorder.record
 
 
-def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, overlap: float = 0.5,
+def predict_brain_mask(img: ImageSource, model: Model, *, inference: Inference, overlap: float = 0.5,
                        batch_size: int = 1, keep_largest: bool = True, fill_holes: bool = True,
                        max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
                        force: bool = False) -> tuple[nib.Nifti1Image, nib.Nifti1Image, dict]:
@@ -97,15 +99,15 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
     thresholded at ``output.threshold`` (0.5 if not given) and cleaned (largest component, holes filled).
     ``qc_png``, if given, gets a picture of the mask.
     """
-    _check_spec(spec_inference, {"probability-mask"})
+    _check_spec(inference, {"probability-mask"})
     with _Recorder(img, "brain-extraction") as recorder:
         with recorder.timed("load"):
-            image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
+            image = load_volume(img, max_voxels=max_voxels, volume=inference.series_volume)
         recorder.describe_input(image)
-        volume = _preprocess(GriddedVolume.native(image), spec_inference, _Context(), recorder)
-        threshold = spec_inference["output"].get("threshold", 0.5)
+        volume = _preprocess(GriddedVolume.native(image), inference, _Context(), recorder)
+        threshold = inference.output.threshold
         with recorder.timed("predict"):
-            probability, block_start = _voxelwise_output(volume, model, spec_inference["input"], overlap, batch_size)
+            probability, block_start = _voxelwise_output(volume, model, inference.input, overlap, batch_size)
         if probability.shape[-1] != 1:
             raise BrainzooError(f"the model returned {probability.shape[-1]} channels; a probability-mask model "
                                 "returns one")
@@ -133,7 +135,7 @@ def predict_brain_mask(img: ImageSource, model: Model, *, spec_inference: dict, 
     return mask_img, probability_img, recorder.record
 
 
-def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: ImageSource | None = None,
+def preprocess_scan(img: ImageSource, *, inference: Inference, brain_mask: ImageSource | None = None,
                     registration: str = "brainzoo", max_voxels: int = DEFAULT_MAX_VOXELS,
                     qc_png: str | os.PathLike | None = None, until: str | None = None,
                     force: bool = False) -> tuple[nib.Nifti1Image, dict]:
@@ -147,8 +149,7 @@ def preprocess_scan(img: ImageSource, *, spec_inference: dict, brain_mask: Image
     ``registration`` says what fits a ``register`` step: ``brainzoo`` or ``niftyreg``.
     """
     with _Recorder(img, "preprocess") as recorder:
-        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder,
-                                               until)
+        volume, context = _load_and_preprocess(img, inference, brain_mask, registration, max_voxels, recorder, until)
         if qc_png is not None:
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
@@ -162,7 +163,7 @@ def model_grid_affine(volume: GriddedVolume, context: _Context) -> np.ndarray:
     return np.linalg.inv(context.template_to_input) @ volume.affine
 
 
-def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inference: dict, age: float | None = None,
+def predict_brain_age(img: ImageSource, models: Sequence[Model], *, inference: Inference, age: float | None = None,
                       brain_mask: ImageSource | None = None, registration: str = "brainzoo",
                       max_voxels: int = DEFAULT_MAX_VOXELS, qc_png: str | os.PathLike | None = None,
                       force: bool = False) -> dict:
@@ -175,31 +176,30 @@ def predict_brain_age(img: ImageSource, models: Sequence[Model], *, spec_inferen
     bias-corrected gap (see :mod:`brainzoo.predict.brain_age`). ``qc_png`` gets a picture of the
     registration when the preprocessing registers.
     """
-    _check_spec(spec_inference, {"age-log-probabilities", "age"})
+    _check_spec(inference, {"age-log-probabilities", "age"})
     if not models:
         raise BrainzooError("no model given")
     if age is not None and not (isinstance(age, numbers.Real) and np.isfinite(age) and age >= 0):
         raise BrainzooError(f"chronological age must be a non-negative number of years, not {age!r}")
     with _Recorder(img, "brain-age") as recorder:
-        volume, context = _load_and_preprocess(img, spec_inference, brain_mask, registration, max_voxels, recorder)
-        decoding = OutputDecoding.from_spec(spec_inference["output"])
+        volume, context = _load_and_preprocess(img, inference, brain_mask, registration, max_voxels, recorder)
         predictions = []
         for index, model in enumerate(models):
             with recorder.timed("predict"):
                 output = run_model(model, volume.data[np.newaxis, ..., np.newaxis])
-            predictions.append({"model": index} | brain_age.decode_output(output, decoding))
+            predictions.append({"model": index} | brain_age.decode_output(output, inference.output))
         recorder.record["predictions"] = predictions
         recorder.record["result"] = brain_age.ensemble([p["age"] for p in predictions])
         if age is not None:
             recorder.record["result"] |= brain_age.brain_age_gap(recorder.record["result"]["brain_age"], age,
-                                                                 spec_inference["output"].get("bias_correction"))
+                                                                 inference.output.bias_correction)
         if qc_png is not None:
             with recorder.timed("qc"):
                 recorder.record["qc_png"] = _registration_qc(qc_png, context, force)
     return recorder.record
 
 
-def predict_classification(img: ImageSource, models: Sequence[Model], *, spec_inference: dict,
+def predict_classification(img: ImageSource, models: Sequence[Model], *, inference: Inference,
                            covariates: Sequence[float] = (), brain_mask: ImageSource | None = None,
                            max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
     """Class probabilities and the most probable class of a scan (an age group, say), as the spec's output says.
@@ -209,12 +209,12 @@ def predict_classification(img: ImageSource, models: Sequence[Model], *, spec_in
     :func:`brainzoo.predict.classification.covariate_values`), returns logits, and the record holds each model's
     probabilities and their mean's most probable class.
     """
-    _check_spec(spec_inference, classification.CLASS_OUTPUTS)
+    _check_spec(inference, classification.CLASS_OUTPUTS)
     if not models:
         raise BrainzooError("no model given")
-    classes = spec_inference["output"]["classes"]
+    classes = inference.output.classes
     with _Recorder(img, "classification") as recorder:
-        volume, _ = _load_and_preprocess(img, spec_inference, brain_mask, "brainzoo", max_voxels, recorder)
+        volume, _ = _load_and_preprocess(img, inference, brain_mask, "brainzoo", max_voxels, recorder)
         inputs = [volume.data[np.newaxis, ..., np.newaxis], *(np.full((1, 1), c, np.float32) for c in covariates)]
         predictions = []
         for index, model in enumerate(models):
@@ -226,38 +226,31 @@ def predict_classification(img: ImageSource, models: Sequence[Model], *, spec_in
     return recorder.record
 
 
-def _load_and_preprocess(img: ImageSource, spec_inference: dict, brain_mask: ImageSource | None, registration: str,
+def _load_and_preprocess(img: ImageSource, inference: Inference, brain_mask: ImageSource | None, registration: str,
                          max_voxels: int, recorder: _Recorder,
                          until: str | None = None) -> tuple[GriddedVolume, _Context]:
     """Load a scan (and its brain mask) and run the spec's preprocessing: the network input, and what it left."""
     if registration not in REGISTRATIONS:
         raise BrainzooError(f"registration must be one of {', '.join(REGISTRATIONS)}, not {registration!r}")
     with recorder.timed("load"):
-        image = load_volume(img, max_voxels=max_voxels, volume=series_volume(spec_inference))
+        image = load_volume(img, max_voxels=max_voxels, volume=inference.series_volume)
         context = _Context(brain_mask=None if brain_mask is None else load_mask(brain_mask, image,
                                                                                 max_voxels=max_voxels),
                            registration=registration)
     recorder.describe_input(image)
     if brain_mask is not None:
         recorder.record["input"]["brain_mask"] = source_name(brain_mask)
-        if not any(step["step"] == "brain-extraction" for step in spec_inference["preprocessing"]):
+        if not inference.has_step("brain-extraction"):
             warnings.warn(f"{source_name(brain_mask)}: not used; this model's preprocessing has no "
                           "brain-extraction step", stacklevel=3)
-    return _preprocess(GriddedVolume.native(image), spec_inference, context, recorder, until), context
+    return _preprocess(GriddedVolume.native(image), inference, context, recorder, until), context
 
 
-def _check_spec(spec_inference: dict, allowed: set[str]) -> None:
-    kind = spec_inference["output"]["type"]
+def _check_spec(inference: Inference, allowed: set[str]) -> None:
+    kind = inference.output.type
     if kind not in allowed:
         raise BrainzooError(f"this model's output type is {kind!r}; expected {' or '.join(sorted(allowed))}")
-    model_input = spec_inference["input"]
-    if model_input.get("block_placement", "tiled") not in ("tiled", "below-head-top"):
-        raise BrainzooError(f"block_placement {model_input['block_placement']!r} is neither tiled nor below-head-top")
-    if model_input.get("block_placement") == "below-head-top" and "block_shape" not in model_input:
-        raise BrainzooError("this model runs in one block placed on the brain, but its spec gives no block_shape")
-    if (model_input.get("block_placement") == "below-head-top") != ("block_centre_below_head_top_mm" in model_input):
-        raise BrainzooError("block_placement below-head-top and block_centre_below_head_top_mm go together")
-    if len(model_input.get("contrast", [])) > 1 or model_input.get("channels", 1) != 1:
+    if len(inference.input.contrast) > 1 or inference.input.channels != 1:
         raise BrainzooError("this model takes several contrasts at once; prediction takes one scan")
 
 
@@ -306,27 +299,20 @@ class _Context:
     brain_mask: np.ndarray | None = None
     registered: np.ndarray | None = None
     registration: str = "brainzoo"  # what fits a register step: "brainzoo" (ours) or "niftyreg" (reg_aladin)
-    step_options: dict | None = None  # the running image step's entry in the spec (a register step's template)
+    step_options: dict | None = None  # the running image step's options (a register step's template)
     template_to_input: np.ndarray | None = None  # a register step's map from template world to scan world
 
 
-def series_volume(spec_inference: dict) -> int | None:
-    """The volume of a 4D series the model takes (its ``volume`` step's index), or None: the first, as loading
-    always keeps it (with a warning for a series). The steps are checked first: this runs before loading."""
-    steps = spec_inference.get("preprocessing") or []
-    check_preprocessing(steps)
-    return next((step["index"] for step in steps if step["step"] == "volume"), None)
-
-
-def check_preprocessing(steps: list[dict]) -> None:
-    """Every step is one this library runs, with exactly the options it takes (checked before any work)."""
+def check_preprocessing(steps: Sequence[Step]) -> None:
+    """Every step is one this library runs, with exactly the options it takes (checked when a spec is parsed,
+    :func:`brainzoo.spec.preprocessing_steps`, before any work)."""
     for position, step in enumerate(steps):
-        name = step["step"]
+        name, options = step.name, step.options
         if name == "volume":
-            index = step.get("index")
-            if set(step) != {"step", "index"} or isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            index = options.get("index")
+            if set(options) != {"index"} or isinstance(index, bool) or not isinstance(index, int) or index < 0:
                 raise BrainzooError(f"preprocessing step 'volume' takes one option, index: the volume of a 4D "
-                                    f"series, counted from 0 (got {dict(step)})")
+                                    f"series, counted from 0 (got {step.as_spec()})")
             if position != 0:
                 raise BrainzooError("preprocessing step 'volume' must come first: the volume is chosen on loading")
         elif name in ARRAY_STEPS:
@@ -335,63 +321,60 @@ def check_preprocessing(steps: list[dict]) -> None:
             raise BrainzooError(f"preprocessing step {name!r} is not supported by brainzoo.predict")
         elif name == "register":
             from brainzoo.predict.registration import TEMPLATES
-            if set(step) != {"step", "template"} or step["template"] not in TEMPLATES:
+            if set(options) != {"template"} or options["template"] not in TEMPLATES:
                 raise BrainzooError(f"preprocessing step 'register' takes one option, template: one of "
-                                    f"{', '.join(TEMPLATES)} (got {dict(step)})")
-        elif len(step) > 1:
+                                    f"{', '.join(TEMPLATES)} (got {step.as_spec()})")
+        elif options:
             raise BrainzooError(f"preprocessing step {name!r} takes no options (it uses the spec's input)")
 
 
-def _preprocess(volume: GriddedVolume, spec_inference: dict, context: _Context, recorder: _Recorder,
+def _preprocess(volume: GriddedVolume, inference: Inference, context: _Context, recorder: _Recorder,
                 until: str | None = None) -> GriddedVolume:
     """Run the spec's preprocessing steps in order; the result must have the model's input shape. With ``until``,
     only the steps up to and including the one of that name run, and the shape is not yet the model's."""
-    model_input = spec_inference["input"]
-    steps = spec_inference["preprocessing"]
-    check_preprocessing(steps)
+    model_input, steps = inference.input, inference.preprocessing
     if until is not None:
-        names = [step["step"] for step in steps]
+        names = [step.name for step in steps]
         if until not in names:
             raise BrainzooError(f"preprocessing until {until!r}: no such step (the spec's: {', '.join(names)})")
         steps = steps[:names.index(until) + 1]
     for step in steps:
-        name = step["step"]
-        with recorder.timed(name):
-            if name in ARRAY_STEPS:
+        with recorder.timed(step.name):
+            if step.name in ARRAY_STEPS:
                 volume = apply_array_step(volume, step)
             else:
-                context.step_options = step
-                volume = _IMAGE_STEPS[name](volume, model_input, context, recorder.record)
-        recorder.record["preprocessing"].append(dict(step))
-    if until is None and list(volume.data.shape) != list(model_input["shape"]):
+                context.step_options = step.options
+                volume = _IMAGE_STEPS[step.name](volume, model_input, context, recorder.record)
+        recorder.record["preprocessing"].append(step.as_spec())
+    if until is None and volume.data.shape != model_input.shape:
         raise BrainzooError(f"the spec's preprocessing makes a {'x'.join(map(str, volume.data.shape))} volume but "
-                            f"input.shape is {'x'.join(map(str, model_input['shape']))}")
+                            f"input.shape is {'x'.join(map(str, model_input.shape))}")
     return volume
 
 
-def _first_volume(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+def _first_volume(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
     """Nothing left to do: loading always keeps the first volume of a series (and warns)."""
     return volume
 
 
-def _volume(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
-    """Nothing left to do: loading kept the step's volume of the series (see :func:`series_volume`)."""
+def _volume(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
+    """Nothing left to do: loading kept the step's volume of the series (see :attr:`brainzoo.spec.Inference.series_volume`)."""
     return volume
 
 
-def _n4(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+def _n4(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
     from brainzoo.predict.registration import n4_correct
     return volume.moved(n4_correct(volume.data, volume.affine)[0])
 
 
-def _brain_extraction(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+def _brain_extraction(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
     if context.brain_mask is None:
         raise BrainzooError("this model's preprocessing has a brain-extraction step: pass a brain mask")
     mask = volume.from_native_grid(context.brain_mask.astype(np.float32), order=0) > 0
     return volume.moved(volume.data * mask)
 
 
-def _register(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
+def _register(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
     from brainzoo.predict.registration import FSL_MNI152_AFFINE, check_fit, register_to_mni152
     template = context.step_options["template"]
     if context.registration == "niftyreg":
@@ -408,19 +391,19 @@ def _register(volume: GriddedVolume, model_input: dict, context: _Context, recor
     return volume.moved(registered, np.linalg.inv(volume.affine) @ template_to_input @ FSL_MNI152_AFFINE)
 
 
-def _reorient(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
-    return reorient(volume, model_input["orientation"])
+def _reorient(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
+    return reorient(volume, model_input.orientation)
 
 
-def _resample(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
-    return resample(volume, model_input["spacing_mm"], model_input["shape"])
+def _resample(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
+    return resample(volume, model_input.spacing_mm, model_input.shape)
 
 
-def _conform(volume: GriddedVolume, model_input: dict, context: _Context, record: dict) -> GriddedVolume:
-    return conform(volume, model_input["orientation"], model_input["spacing_mm"], model_input["shape"])
+def _conform(volume: GriddedVolume, model_input: ModelInput, context: _Context, record: dict) -> GriddedVolume:
+    return conform(volume, model_input.orientation, model_input.spacing_mm, model_input.shape)
 
 
-_IMAGE_STEPS: dict[str, Callable[[GriddedVolume, dict, _Context, dict], GriddedVolume]] = {
+_IMAGE_STEPS: dict[str, Callable[[GriddedVolume, ModelInput, _Context, dict], GriddedVolume]] = {
     "first-volume": _first_volume, "volume": _volume, "n4": _n4, "brain-extraction": _brain_extraction, "register": _register,
     "reorient": _reorient, "resample": _resample, "conform": _conform,
 }

@@ -7,9 +7,14 @@ volume, each with the number the network takes for each value a user may give (`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import numpy as np
 
 from brainzoo.errors import BrainzooError
+
+if TYPE_CHECKING:
+    from brainzoo.spec import ModelInput
 
 # age-group-logits: one logit per class; binary-logit: one logit, of the second of two classes against the first.
 CLASS_OUTPUTS = {"age-group-logits", "binary-logit"}
@@ -22,7 +27,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exponentials / exponentials.sum()
 
 
-def decode_class_logits(output: np.ndarray, classes: list[dict]) -> dict:
+def decode_class_logits(output: np.ndarray, classes: Sequence[dict]) -> dict:
     """Each class's probability (by label) and the most probable class, from one sample's logits.
 
     A single logit for two classes is the second's against the first (a sigmoid), that is the logits (0, logit).
@@ -38,7 +43,7 @@ def decode_class_logits(output: np.ndarray, classes: list[dict]) -> dict:
             "probabilities": {c["label"]: float(p) for c, p in zip(classes, probabilities)}}
 
 
-def class_result(probabilities: list[dict[str, float]], classes: list[dict]) -> dict:
+def class_result(probabilities: list[dict[str, float]], classes: Sequence[dict]) -> dict:
     """The models' mean probability per class, the most probable class with its age range, and how many models."""
     mean = {c["label"]: float(np.mean([p[c["label"]] for p in probabilities])) for c in classes}
     best = max(classes, key=lambda c: mean[c["label"]])
@@ -47,12 +52,12 @@ def class_result(probabilities: list[dict[str, float]], classes: list[dict]) -> 
             "probabilities": mean, **({"age_range": age_range} if age_range else {}), "n_models": len(probabilities)}
 
 
-def covariate_values(model_input: dict, given: dict[str, str | None], model_id: str) -> list[float]:
+def covariate_values(model_input: ModelInput, given: dict[str, str | None], model_id: str) -> list[float]:
     """The numbers the network takes after the volume, from the values given by name (``{"sex": "F"}``).
 
     Every covariate the spec declares must be given as one of its coded values; one it does not declare must not.
     """
-    declared = {c["name"]: c["coding"] for c in model_input.get("covariates", [])}
+    declared = {c.name: c.coding for c in model_input.covariates}
     for name, value in given.items():
         if value is not None and name not in declared:
             raise BrainzooError(f"{model_id}: takes no {name} input (it takes the scan"

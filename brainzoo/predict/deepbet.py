@@ -257,7 +257,10 @@ def catalogue_settings(ref: str = CATALOGUE_VERSION) -> DeepbetSettings:
     from brainzoo import catalogue
 
     version = catalogue.find_version(ref)
-    return DeepbetSettings.from_spec(version.spec["inference"].get("deepbet"), f"{version.id}: inference.deepbet")
+    if version.inference.deepbet is None:
+        raise BrainzooError(f"{version.id}: inference.deepbet: its inference.method is {version.inference.method}, "
+                            "not deepbet")
+    return version.inference.deepbet
 
 
 class DeepbetExtractor:

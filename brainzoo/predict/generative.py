@@ -107,7 +107,7 @@ def generate(ref: str | os.PathLike, out_dir: str | os.PathLike, *, n: int, seed
     generator, runtime, version = _load(ref, "generate")
     latents = latent_prior(n, generator.input_shape[-1], seed)
     images = _run_batches(generator, latents)[..., 0]
-    spacing = version.spec["inference"]["input"]["spacing_mm"] if version else DEFAULT_SPACING_MM
+    spacing = version.inference.input.spacing_mm if version else DEFAULT_SPACING_MM
     affine = _centred_affine(images.shape[1:], spacing)
     with output_folder(out_dir), all_or_nothing([out_dir / name for name in names]):
         for name, image in zip(names[:n], images):
@@ -136,12 +136,12 @@ def _network_inputs(scans: Sequence[Path], version: catalogue.Version | None, in
     if version is not None and not preprocessed:
         from brainzoo.predict.runners import BrainMasker, spec_brain_mask
 
-        steps = [step["step"] for step in version.spec["inference"]["preprocessing"]]
-        masker = BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL) if "brain-extraction" in steps else None
+        needs_mask = version.inference.has_step("brain-extraction")
+        masker = BrainMasker.load(catalogue.DEFAULT_BRAIN_MASK_MODEL) if needs_mask else None
         volumes = []
         for scan in scans:
             brain_mask, _ = spec_brain_mask(version, scan, masker, None)
-            image, _ = preprocess_scan(scan, spec_inference=version.spec["inference"], brain_mask=brain_mask)
+            image, _ = preprocess_scan(scan, inference=version.inference, brain_mask=brain_mask)
             volumes.append(np.asarray(image.dataobj, dtype=np.float32))
         return np.stack(volumes)
     volumes = [np.asarray(load_volume(scan).dataobj, dtype=np.float32) for scan in scans]

@@ -19,7 +19,7 @@ import io
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -33,8 +33,6 @@ from brainzoo.catalogue import Version
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import (NIFTI_SUFFIXES, all_or_nothing, atomic_output, check_output, output_folder, save_nifti,
                              write_csv)
-from brainzoo.outputs import OutputDecoding
-from brainzoo.predict import series_volume
 from brainzoo.predict.volumes import check_field_of_view, check_intensity_profile, load_volume
 
 BIDS_CONTRAST = re.compile(r"_(T1w|T2w|FLAIR|PD)\.nii(\.gz)?$")
@@ -49,7 +47,7 @@ def input_contrast(path: Path, declared: str | None) -> str | None:
 
 
 def check_contrast(version: Version, path: Path, contrast: str | None, force: bool) -> None:
-    accepted = version.spec["inference"]["input"]["contrast"]
+    accepted = version.inference.input.contrast
     if contrast and contrast not in accepted and not force:
         raise BrainzooError(f"{path}: is {contrast}, but {version.id} was trained on {', '.join(accepted)}; "
                             "pass --force to run it anyway")
@@ -64,10 +62,10 @@ def check_scan(version: Version, path: Path, contrast: str | None, force: bool) 
     contrast than the model's, a field of view too small for a head, and (when no contrast is declared or named by
     a BIDS suffix) inverted intensities."""
     check_contrast(version, path, contrast, force)
-    scan = load_volume(path, volume=series_volume(version.spec["inference"]))
+    scan = load_volume(path, volume=version.inference.series_volume)
     if not force:
-        grid = version.spec["inference"]["input"]
-        model_extent = np.asarray(grid.get("shape", [np.inf])) * np.asarray(grid.get("spacing_mm", [1.0]))
+        grid = version.inference.input
+        model_extent = np.asarray(grid.shape) * np.asarray(grid.spacing_mm)
         check_field_of_view(scan, str(path), min(HEAD_FIELD_OF_VIEW_MM, float(model_extent.min())))
         if contrast is None:
             check_intensity_profile(scan, str(path))
@@ -131,11 +129,8 @@ def load_networks(version: Version, runtime: str = "auto", outputs: Sequence[str
         verified_sha256(w)
         open_model_file(paths[w.name]).close()
     networks = _run_by(paths, runtime, outputs)
-    output = version.spec["inference"].get("output")
-    if output:
-        decoding = OutputDecoding.from_spec(output)
-        for name, model in networks.models.items():
-            decoding.check_output_size(model.output_shape[-1], str(paths[name]))
+    for name, model in networks.models.items():
+        version.inference.output.check_output_size(model.output_shape[-1], str(paths[name]))
     return networks
 
 
@@ -191,20 +186,19 @@ def _blocks_runner(version: Version, networks: Callable[[], Networks], threshold
     """A U-Net run on the grid its spec's preprocessing makes, whole or in blocks (:func:`predict_brain_mask`)."""
     from brainzoo.predict import predict_brain_mask
 
-    inference = version.spec["inference"]
-    spec_inference = {**inference, "output": {**inference["output"], "threshold": threshold}}
+    inference = replace(version.inference, output=replace(version.inference.output, threshold=threshold))
 
     def run(scan):
         [network] = networks().models.values()
-        return predict_brain_mask(scan, network, spec_inference=spec_inference)
+        return predict_brain_mask(scan, network, inference=inference)
     return run
 
 
 def _deepbet_runner(version: Version, networks: Callable[[], Networks], threshold: float) -> MaskRun:
     """deepbet's two stages (:mod:`brainzoo.predict.deepbet`) with the numbers of the spec's ``inference.deepbet``."""
-    from brainzoo.predict.deepbet import DeepbetExtractor, DeepbetSettings
+    from brainzoo.predict.deepbet import DeepbetExtractor
 
-    settings = DeepbetSettings.from_spec(version.spec["inference"].get("deepbet"), f"{version.id}: inference.deepbet")
+    settings = version.inference.deepbet
     extractor = functools.cache(lambda: DeepbetExtractor(networks().models["bbox"], networks().models["segmentation"],
                                                          settings))
 
@@ -251,7 +245,7 @@ TASK_COMMANDS = {"brain-extraction": "predict brain-mask", "segmentation": "pred
 def runnable_version(ref: str, command: str) -> tuple[Version, Runner]:
     """The version ``ref`` names and its runner, if ``brainzoo COMMAND`` is what runs it."""
     version = catalogue.find_version(ref)
-    runner = RUNNERS[version.spec["inference"]["method"]]  # validate vouches for the key
+    runner = RUNNERS[version.inference.method]  # validate vouches for the key
     if TASK_COMMANDS[version.task] != command:
         raise BrainzooError(f"{version.id}: its task is {version.task} ({runner.how}); `brainzoo "
                             f"{TASK_COMMANDS[version.task]}` runs it, not `brainzoo {command}`")
@@ -271,7 +265,7 @@ class BrainMasker:
         version, runner = runnable_version(ref, "predict brain-mask")
         check_runtime(runtime)
         if threshold is None:
-            threshold = version.spec["inference"]["output"].get("threshold", 0.5)
+            threshold = version.inference.output.threshold
         # Loaded at the first scan, so that a bad input or output path fails before seconds of model loading.
         networks = functools.cache(lambda: load_networks(version, runtime))
         return cls(version, runner.brain_mask(version, networks, threshold), networks)
@@ -326,7 +320,7 @@ def predict_label_map_file(ref: str, infile: Path, outfile: Path, *, record_json
     with all_or_nothing(outputs):
         networks = load_networks(version, runtime)
         [network] = networks.models.values()
-        labels, record = predict_label_map(scan, network, spec_inference=version.spec["inference"])
+        labels, record = predict_label_map(scan, network, inference=version.inference)
         record["input"]["path"] = str(infile)
         record |= {"model": model_provenance(version, networks.runtime), "outputs": {"labels": str(outfile)}}
         save_nifti(labels, outfile, force)
@@ -351,7 +345,7 @@ def spec_brain_mask(version: Version, infile: Path, masker: BrainMasker | None,
 
     Returns the mask (None when the spec has no such step) and what made it, for the record.
     """
-    if not any(step["step"] == "brain-extraction" for step in version.spec["inference"]["preprocessing"]):
+    if not version.inference.has_step("brain-extraction"):
         if mask is not None:
             raise BrainzooError(f"{mask}: {version.id} does not skull-strip (no brain-extraction step); "
                                 "it takes the whole head")
@@ -374,13 +368,14 @@ def preprocess_file(ref: str, infile: Path, outfile: Path, *, record_json: Path 
     from brainzoo.predict import preprocess_scan
 
     version = catalogue.find_version(ref)
-    until = version.spec.get("training", {}).get("data", {}).get("preprocessed_until") if training else None
+    data = version.training.data if version.training else None
+    until = data.preprocessed_until if training and data else None
     outputs = check_outputs([(outfile, NIFTI_SUFFIXES), (record_json, (".json",)), (qc_png, (".png",))],
                             [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
-        image, record = preprocess_scan(infile, spec_inference=version.spec["inference"], brain_mask=brain_mask,
+        image, record = preprocess_scan(infile, inference=version.inference, brain_mask=brain_mask,
                                         registration=registration, qc_png=qc_png, until=until, force=force)
         record |= {"model": {"id": version.id, "brainzoo": brainzoo.__version__}, "outputs": {"volume": str(outfile)},
                    "volume": {"shape": list(image.shape), "affine": np.round(image.affine, 6).tolist()}}
@@ -401,7 +396,7 @@ def _container_files(version: Version, folder: Path | None) -> list[Path | None]
     """The container result files asked for (``--flair-outputs``), if the spec declares them."""
     if folder is None:
         return [None, None]
-    declared = version.spec["inference"]["output"].get("container_files")
+    declared = version.inference.output.container_files
     if declared is None:
         raise BrainzooError(f"{version.id}: its spec declares no container result files, so --flair-outputs "
                             f"{folder} has nothing to write")
@@ -425,7 +420,7 @@ def predict_brain_age_file(ref: str, infile: Path, *, age: float | None = None, 
     networks = networks or load_networks(version)
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
-        record = predict_brain_age(infile, list(networks.models.values()), spec_inference=version.spec["inference"],
+        record = predict_brain_age(infile, list(networks.models.values()), inference=version.inference,
                                    age=age, brain_mask=brain_mask, registration=registration, qc_png=qc_png,
                                    force=force)
         record["model"] = model_provenance(version, networks.runtime)
@@ -451,7 +446,7 @@ def predict_classification_file(ref: str, infile: Path, *, covariates: dict[str,
     from brainzoo.predict.classification import covariate_values
 
     version, _ = runnable_version(ref, "predict classify")
-    coded = covariate_values(version.spec["inference"]["input"], covariates, version.id)
+    coded = covariate_values(version.inference.input, covariates, version.id)
     check_converted(version)
     outputs = check_outputs([(out_json, (".json",))], [infile, mask], force)
     check_scan(version, infile, input_contrast(infile, contrast), force)
@@ -459,7 +454,7 @@ def predict_classification_file(ref: str, infile: Path, *, covariates: dict[str,
     with all_or_nothing(outputs):
         brain_mask, mask_record = spec_brain_mask(version, infile, masker, mask)
         record = predict_classification(infile, list(networks.models.values()),
-                                        spec_inference=version.spec["inference"], covariates=coded,
+                                        inference=version.inference, covariates=coded,
                                         brain_mask=brain_mask)
         record["input"]["covariates"] = {name: value for name, value in covariates.items() if value is not None}
         record["model"] = model_provenance(version, networks.runtime)
@@ -570,8 +565,7 @@ def run_study(task: str, source: Path, out_dir: Path, *, model: str | None, shar
                                                 contrast=scan.get("contrast"), registration=registration, force=force)
                 row |= {k: v for k, v in record["result"].items() if not isinstance(v, (list, dict))}
             elif task == "classify":
-                covariates = {c["name"]: scan.get(c["name"]) for c in version.spec["inference"]["input"].get(
-                    "covariates", [])}
+                covariates = {c.name: scan.get(c.name) for c in version.inference.input.covariates}
                 record = predict_classification_file(model, path, covariates=covariates, masker=masker,
                                                      networks=networks, out_json=out_dir / f"{scan['id']}_class.json",
                                                      contrast=scan.get("contrast"), force=force)

@@ -8,19 +8,16 @@ their output voxel indices to their input ones, which keeps the way back to the 
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from brainzoo.errors import BrainzooError
 from brainzoo.predict.volumes import GriddedVolume, resample_indices
+from brainzoo.spec import three_sizes
 
-
-def _three_sizes(value: Sequence[int], step: str) -> tuple[int, int, int]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 3
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in value)):
-        raise BrainzooError(f"preprocessing step {step!r}: shape must be three positive integers, not {value!r}")
-    return tuple(value)
+if TYPE_CHECKING:
+    from brainzoo.spec import Step
 
 
 def _translation(offset: Sequence[float]) -> np.ndarray:
@@ -33,7 +30,7 @@ def centre_crop(data: np.ndarray, shape: Sequence[int],
                 start: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Keep the central ``shape`` voxels; the start on each axis is ``(old - new) // 2`` (as SFCN's crop_center),
     or ``start`` where the upstream's window is not centred (AgeMapper keeps [10:170, 12:204, 0:160])."""
-    shape = _three_sizes(shape, "crop")
+    shape = three_sizes(shape, "preprocessing step 'crop': shape")
     if any(new > old for new, old in zip(shape, data.shape)):
         raise BrainzooError(f"preprocessing step 'crop': cannot crop {_dims(data.shape)} to the larger {_dims(shape)}")
     if start is None:
@@ -51,7 +48,7 @@ def centre_crop(data: np.ndarray, shape: Sequence[int],
 
 def centre_pad(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Zero-pad to ``shape``, the extra ``(new - old) // 2`` voxels before and the rest after."""
-    shape = _three_sizes(shape, "pad")
+    shape = three_sizes(shape, "preprocessing step 'pad': shape")
     if any(new < old for new, old in zip(shape, data.shape)):
         raise BrainzooError(f"preprocessing step 'pad': cannot pad {_dims(data.shape)} to the smaller {_dims(shape)}")
     before = [(new - old) // 2 for old, new in zip(data.shape, shape)]
@@ -65,7 +62,7 @@ def resize(data: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, np.ndarr
     That is what MONAI's ``Resize`` (used by the FLAIR brain-age models) does: the output voxel ``i`` samples
     the input at ``(i + 0.5) * old / new - 0.5``, clamped to the edge voxels.
     """
-    shape = _three_sizes(shape, "resize")
+    shape = three_sizes(shape, "preprocessing step 'resize': shape")
     scale = np.asarray(data.shape, dtype=float) / np.asarray(shape, dtype=float)
     new_to_old = _translation(0.5 * scale - 0.5)
     new_to_old[:3, :3] = np.diag(scale)
@@ -267,22 +264,18 @@ def check_options(what: str, function: Callable, options: dict, skip: int = 1) -
         raise BrainzooError(f"{what}: {problem} (it takes {takes})")
 
 
-def check_step_options(step: dict) -> None:
+def check_step_options(step: Step) -> None:
     """An array step's options must be exactly the keyword arguments of its function (and sound, where that can
     be known without a volume)."""
-    name = step["step"]
-    options = {k: v for k, v in step.items() if k != "step"}
-    check_options(f"preprocessing step {name!r}", {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[name], options)
-    if name in OPTION_VALUE_CHECKS:
-        OPTION_VALUE_CHECKS[name](**options)
+    check_options(f"preprocessing step {step.name!r}", {**GEOMETRIC_STEPS, **INTENSITY_STEPS}[step.name], step.options)
+    if step.name in OPTION_VALUE_CHECKS:
+        OPTION_VALUE_CHECKS[step.name](**step.options)
 
 
-def apply_array_step(volume: GriddedVolume, step: dict) -> GriddedVolume:
-    """Run one array step (``step`` is the spec entry: its name under ``step``, its options beside it)."""
-    name = step["step"]
-    options = {key: value for key, value in step.items() if key != "step"}
+def apply_array_step(volume: GriddedVolume, step: Step) -> GriddedVolume:
+    """Run one array step."""
     check_step_options(step)
-    if name in GEOMETRIC_STEPS:
-        data, new_to_old = GEOMETRIC_STEPS[name](volume.data, **options)
+    if step.name in GEOMETRIC_STEPS:
+        data, new_to_old = GEOMETRIC_STEPS[step.name](volume.data, **step.options)
         return volume.moved(data, new_to_old)
-    return volume.moved(INTENSITY_STEPS[name](volume.data, **options))
+    return volume.moved(INTENSITY_STEPS[step.name](volume.data, **step.options))
