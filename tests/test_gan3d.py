@@ -69,6 +69,21 @@ def test_adversarial_training_moves_both_losses(trained_gan):
     assert (run / "discriminator.h5").is_file()
 
 
+@pytest.mark.parametrize("bound", [{"select": {"monitor": "val_loss"}}, {"max_steps": 3}])
+def test_adversarial_training_refuses_epoch_selection_and_chunks(heads, tmp_path, bound):
+    """A GAN's loop has no validation value to pick an epoch by, and does not stop mid-run: both are refused before
+    any work, naming what to remove."""
+    training = {"data": {"kind": "regression", "input_shape": SHAPE, "normalization": "minmax"},
+                "loss": {"name": "adversarial-bce"}, "optimizer": ADAM, "epochs": 1, "steps_per_epoch": 1,
+                "batch_size": 2, **({"select": bound["select"]} if "select" in bound else {})}
+    spec = write_spec(tmp_path / "gan.yaml", "gan3d_generator",
+                      {"latent_size": LATENT_SIZE, "n_features": 4, "output_shape": SHAPE}, training)
+
+    with pytest.raises(BrainzooError, match="training.select" if "select" in bound else "--max-steps"):
+        train(str(spec), heads[1], None, tmp_path / "run", progress=False, max_steps=bound.get("max_steps"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_interrupted_gan_run_resumes_to_the_weights_of_an_uninterrupted_one(trained_gan, heads, tmp_path,
                                                                                monkeypatch):
     """Stopped (as by Ctrl-C) two steps into the second epoch, the run restarts from the first epoch's checkpoint
