@@ -97,7 +97,7 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
         yield str(err)
         return
     spec_rel, card_rel = spec_file.relative_to(root), card_file.relative_to(root)
-    problems = list(spec_problems(spec, spec_rel, version_folder))
+    inference, training, problems = parsed_spec(spec, spec_rel, version_folder)
     yield from problems
     if not problems:  # the explain section's layer is looked up in the architecture the schema vouches for
         from brainzoo.explain import explain_problems
@@ -131,22 +131,16 @@ def version_problems(version_folder: Path, root: Path) -> Iterator[str]:
         from brainzoo.training.engine import monitor_problems
 
         yield from (f"{spec_rel}: {p}" for p in training_stage_problems(spec, version_folder))
-        yield from (f"{spec_rel}: {p}" for p in training_data_problems(spec))
+        yield from (f"{spec_rel}: {p}" for p in training_data_problems(inference, training))
         yield from (f"{spec_rel}: {p}" for p in monitor_problems(spec.get("training") or {}))
 
 
-def training_data_problems(spec: dict) -> Iterator[str]:
+def training_data_problems(inference: Inference, training: Training | None) -> Iterator[str]:
     """The records' last step is an inference step, and each normalisation step is an intensity step the training
     pipeline runs, with that step's options (the names are the pipeline's, so neither the schema nor
-    :class:`brainzoo.spec.TrainingData` lists them)."""
+    :class:`brainzoo.spec.TrainingData` lists them). Takes the sections :func:`parsed_spec` parsed."""
     from brainzoo.training.pipeline import normalization_steps
 
-    try:
-        training = Training.from_spec(spec.get("training"))
-        inference = Inference.from_spec(spec["inference"])
-    except BrainzooError as err:
-        yield str(err)
-        return
     data = training.data if training else None
     if data is None:
         return

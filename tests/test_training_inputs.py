@@ -274,9 +274,11 @@ def test_a_replaced_run_takes_its_checkpoints_and_outputs_with_it(tmp_path):
 
 def test_validate_names_a_record_step_or_a_normalisation_the_inference_steps_lack():
     spec = copy.deepcopy(catalogue.find_version("neuronets/flair-brainage-sfcn/1.0.0/flair", REPO).spec)
-    assert not list(validate.training_data_problems(spec))
+    assert not list(validate.training_data_problems(Inference.from_spec(spec["inference"]),
+                                                    Training.from_spec(spec["training"])))
     spec["training"]["data"].update(preprocessed_until="warp",
                                     validation_normalization=[{"step": "zscore", "non_zero": True}])
-    first, second = validate.training_data_problems(spec)
+    first, second = validate.training_data_problems(Inference.from_spec(spec["inference"]),
+                                                    Training.from_spec(spec["training"]))
     assert first.startswith("training.data.preprocessed_until: 'warp' is not an inference.preprocessing step (n4,")
     assert second.startswith("training.data.validation_normalization[0]: preprocessing step 'zscore': unknown option")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from brainzoo.spec import Inference, Training
 from brainzoo.validate import (conversion_record_problems, spec_problems, training_data_problems, validate,
                                version_problems)
 from conftest import REPO, brainzoo, fixture_card, fixture_spec, write_index, write_version
@@ -317,5 +318,6 @@ def test_a_misspelt_training_normalisation_is_named_with_the_allowed_steps(norma
     spec = yaml.safe_load((REPO / SFCN / "spec.yaml").read_text())
     spec["training"]["data"]["normalization"] = normalization
     wrong = normalization if isinstance(normalization, str) else normalization[1]["step"]
-    [problem] = training_data_problems(spec)
+    [problem] = training_data_problems(Inference.from_spec(spec["inference"]),
+                                       Training.from_spec(spec["training"]))
     assert problem.startswith(f"{where}: {wrong!r} is not one of zscore, divide-by-mean, minmax, percentile (")
