@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: head-NNNN_T1w/_mask.nii.gz and heads.csv")
     p.add_argument("--n", type=int, required=True, help="how many heads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mask-column", help="column of brain masks (default: the label map's labels > 0)")
+    masks = p.add_mutually_exclusive_group()
+    masks.add_argument("--mask-column", help="column of brain masks (default: the label map's labels > 0)")
+    masks.add_argument("--teacher", metavar="MODEL",
+                       help="brain-extraction version whose masks of the scans (path column) the heads carry")
     p.add_argument("--age-doubling", type=float, default=10.0,
                    help="years over which a subject's chance to be drawn doubles (default 10)")
     p.add_argument("--force", action="store_true", help="rewrite an existing set")
@@ -432,6 +435,16 @@ def training_overrides(args: argparse.Namespace) -> dict:
             "seed": args.seed, "checkpoint_every_steps": args.checkpoint_every_steps}
 
 
+def _teacher(ref: str):
+    """A brain-extraction version as the Teacher that masks distillation scans and synthetic heads' sources (its
+    networks load at the first scan it masks, so bad inputs fail first)."""
+    from brainzoo.predict.runners import BrainMasker
+    from brainzoo.training.distill import Teacher
+
+    masker = BrainMasker.load(ref)
+    return Teacher(masker.version.id, masker.brain)
+
+
 def training_records(args: argparse.Namespace) -> Iterator[dict]:
     from brainzoo.training import run as training_run
     from brainzoo.training.tfrecords import read_bids, read_table, write_tfrecords
@@ -444,15 +457,13 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
         yield {"action": "tfrecords", "path": args.out, "status": "ok", "message": f"{len(shards)} shard(s)",
                "shards": [str(s) for s in shards]}
     elif args.command == "distill":
-        from brainzoo.predict.runners import BrainMasker
-        from brainzoo.training.distill import Teacher, scan_arguments, write_student_set
+        from brainzoo.training.distill import scan_arguments, write_student_set
 
         grid = training_run.resolve_spec(args.student)[0].get("inference", {}).get("input")
         if not grid:
             raise BrainzooError(f"{args.student}: its spec has no inference.input to take the student grid from")
-        masker = BrainMasker.load(args.teacher)  # its networks load at the first scan without a mask
         table = write_student_set(scan_arguments(args.scans), args.out, grid=grid,
-                                  teacher=Teacher(masker.version.id, masker.brain), heads=args.heads,
+                                  teacher=_teacher(args.teacher), heads=args.heads,
                                   contrasts=args.contrasts, real_copies=args.real_copies, seed=args.seed,
                                   force=args.force)
         with table.open() as handle:
@@ -464,7 +475,7 @@ def training_records(args: argparse.Namespace) -> Iterator[dict]:
 
         sources = read_sources(args.table, mask_column=args.mask_column)
         table = write_synthetic_heads(sources, args.out, args.n, seed=args.seed, doubling_years=args.age_doubling,
-                                      force=args.force)
+                                      teacher=_teacher(args.teacher) if args.teacher else None, force=args.force)
         yield {"action": "synth-heads", "path": str(table), "status": "ok",
                "message": f"{args.n} heads from {len(sources)} label map(s); "
                           f"next: brainzoo tfrecords {table} RECORDS --kind segmentation"}

@@ -14,6 +14,8 @@ from brainzoo.training import head_synthesis
 from brainzoo.training.head_synthesis import (TABLE, HeadSource, SynthesisRanges, age_weights, grow_csf,
                                               load_source, lower_resolution, read_sources, synthesize_head,
                                               write_synthetic_heads)
+from brainzoo.training.distill import Teacher
+from brainzoo.training.synthetic import write_synthetic_dataset
 from brainzoo.training.tfrecords import read_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ixi"
@@ -257,3 +259,70 @@ def test_lower_resolution_command_writes_coarse_scans_whose_label_maps_follow(tm
     reference = load_mask(out / rows[0]["labels"], coarse)
     np.testing.assert_array_equal(reference, np.asarray(scan.dataobj)[:, :, 1::3][..., :14] > 50)
     assert main(argv) == 1 and "exists" in capsys.readouterr().err
+
+
+def _shell_teacher(calls: list):
+    """A stand-in teacher whose mask is the scan's brain (brighter than air, darker than the scalp) grown by a
+    voxel, a looser boundary than the label maps' brain labels, so a test can tell whose mask a head carries."""
+    def mask(image):
+        calls.append(image.get_filename())
+        return _grown_brain(np.asarray(image.dataobj))
+    return Teacher("a-teacher", mask)
+
+
+def _grown_brain(scan: np.ndarray) -> np.ndarray:
+    return ndimage.binary_dilation((scan > 5.0) & (scan < 300.0))
+
+
+def test_heads_carry_the_teachers_masks_of_their_sources(tmp_path):
+    sources = read_sources(_write_sources(tmp_path))
+    calls = []
+    teacher = _shell_teacher(calls)
+    labels, brain, _ = load_source(sources[1], teacher=teacher)
+    scan = np.asarray(nib.load(sources[1].scan).dataobj)
+    np.testing.assert_array_equal(brain, _grown_brain(scan))
+    calls.clear()
+    table = write_synthetic_heads(sources, tmp_path / "heads", 3, seed=1, teacher=teacher)
+    assert len(calls) == 2  # once per source, not per head
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["mask_from"] for row in rows} == {"a-teacher"}
+    plain = write_synthetic_heads(sources, tmp_path / "plain", 3, seed=1)
+    with open(plain, newline="") as handle:
+        assert {row["mask_from"] for row in csv.DictReader(handle)} == {"labels > 0"}
+    for row in rows:  # same draws: the teacher's masks hold the label masks and more
+        teacher_mask = np.asarray(nib.load(tmp_path / "heads" / row["label"]).dataobj).astype(bool)
+        label_mask = np.asarray(nib.load(tmp_path / "plain" / row["label"]).dataobj).astype(bool)
+        assert (label_mask <= teacher_mask).all() and teacher_mask.sum() > label_mask.sum()
+
+
+def test_teacher_needs_each_source_scan_on_the_label_maps_grid(tmp_path):
+    table = _write_sources(tmp_path)
+    teacher = _shell_teacher([])
+    with pytest.raises(BrainzooError, match="no scan .path column. for the teacher a-teacher"):
+        write_synthetic_heads(read_sources(table, scan_column=None), tmp_path / "heads", 2, teacher=teacher)
+    scan = tmp_path / "old_T1w.nii.gz"
+    shifted = nib.load(scan)
+    moved = shifted.affine.copy()
+    moved[:3, 3] += 10.0
+    nib.save(nib.Nifti1Image(np.asarray(shifted.dataobj), moved), scan)
+    with pytest.raises(BrainzooError, match=f"{scan}: the scan is not on its label map"):
+        write_synthetic_heads(read_sources(table), tmp_path / "heads", 2, teacher=teacher)
+    nib.save(nib.Nifti1Image(np.zeros(shifted.shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), scan)
+    with pytest.raises(BrainzooError, match=f"{scan}: the teacher a-teacher found no brain"):
+        write_synthetic_heads(read_sources(table), tmp_path / "heads", 2, teacher=teacher)
+    assert not (tmp_path / "heads").exists()
+
+
+def test_cli_draws_the_teachers_masks(deepbet_weights, tmp_path, capsys):
+    """``synth-heads --teacher``: the catalogue's deepbet masks a synthetic scan whose label map is its own mask."""
+    rows = list(csv.DictReader(write_synthetic_dataset(tmp_path, 1, shape=(64, 64, 64), seed=5).open()))
+    with open(tmp_path / "sources.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([["labels", "path"], [rows[0]["mask"], rows[0]["path"]]])
+    argv = ["synth-heads", str(tmp_path / "sources.csv"), "--out", str(tmp_path / "out"), "--n", "1"]
+    assert main([*argv, "--teacher", deepbet_weights, "--json"]) == 0
+    with open(tmp_path / "out" / TABLE, newline="") as handle:
+        assert [row["mask_from"] for row in csv.DictReader(handle)] == [deepbet_weights]
+    with pytest.raises(SystemExit):
+        main([*argv, "--teacher", deepbet_weights, "--mask-column", "mask"])
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -18,7 +18,9 @@ inside the brain, intensity classes of the real scan outside it: :func:`head_lab
 
 Every head is determined by ``(seed, index)``. :func:`write_synthetic_heads` draws N heads from a table of label
 maps, choosing each head's label map with weights that favour older subjects, and writes a table that
-``brainzoo tfrecords --kind segmentation`` reads; ``brainzoo synth-heads`` runs it.
+``brainzoo tfrecords --kind segmentation`` reads; ``brainzoo synth-heads`` runs it. A head's brain mask is its
+source's labels > 0, a mask given with the source, or a teacher's mask of the source's scan (a student distilled
+from that teacher then learns one boundary, the teacher's, on real and synthetic heads alike).
 
 For evaluation at other resolutions, :func:`coarser_scan` makes a real scan what a scanner with coarser voxels or
 thicker slices would have recorded, on that coarser grid; ``brainzoo lower-resolution`` runs it on a table of scans,
@@ -41,6 +43,7 @@ from scipy import ndimage
 from brainzoo.errors import BrainzooError
 from brainzoo.fileio import all_or_nothing, output_folder, save_nifti, write_csv
 from brainzoo.training.contrast_synthesis import random_contrast, tissue_label_map
+from brainzoo.training.distill import Teacher
 from brainzoo.training.synthetic import smooth_field
 from brainzoo.training.tfrecords import read_rows
 
@@ -310,8 +313,12 @@ def age_weights(ages: Sequence[float | None], doubling_years: float = AGE_DOUBLI
     return weights / weights.sum()
 
 
-def load_source(source: HeadSource, *, head_classes: int = 6) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
-    """A source's whole-head label map, brain mask and label-map image, checked: 3D, integer labels, one shape."""
+def load_source(source: HeadSource, *, head_classes: int = 6,
+                teacher: Teacher | None = None) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """A source's whole-head label map, brain mask and label-map image, checked: 3D, integer labels, one shape.
+
+    The brain mask is the source's ``mask``; without one, ``teacher``'s mask of the source's scan; without a
+    teacher, the labels > 0."""
     image = _load(source.labels, "label map")
     data = np.asarray(image.dataobj)
     if data.ndim != 3:
@@ -326,6 +333,14 @@ def load_source(source: HeadSource, *, head_classes: int = 6) -> tuple[np.ndarra
     brain = labels > 0
     if source.mask is not None:
         brain = _same_grid(source.mask, "mask", source.labels, labels.shape) > 0
+    elif teacher is not None:
+        if source.scan is None:
+            raise BrainzooError(f"{source.where}: no scan (path column) for the teacher {teacher.name} to mask")
+        scan = _load(source.scan, "scan")
+        _same_grid(source.scan, "scan", source.labels, labels.shape, image=scan, affine=image.affine)
+        brain = np.asarray(teacher.mask(scan)) > 0
+        if not brain.any():
+            raise BrainzooError(f"{source.scan}: the teacher {teacher.name} found no brain in it")
     if source.scan is not None:
         labels = head_label_map(labels, _same_grid(source.scan, "scan", source.labels, labels.shape).astype(np.float32),
                                 head_classes=head_classes)
@@ -339,10 +354,16 @@ def _load(path: Path, role: str) -> nib.Nifti1Image:
         raise BrainzooError(f"{path}: cannot read the {role}: {error}") from None
 
 
-def _same_grid(path: Path, role: str, labels: Path, shape: tuple[int, ...]) -> np.ndarray:
-    data = np.squeeze(np.asarray(_load(path, role).dataobj))
+def _same_grid(path: Path, role: str, labels: Path, shape: tuple[int, ...], *, image: nib.Nifti1Image | None = None,
+               affine: np.ndarray | None = None) -> np.ndarray:
+    """The voxels of ``path`` (``image`` if already loaded), checked to have its label map's shape (and, given
+    ``affine``, its placement: a teacher's mask must lie where the labels do)."""
+    image = _load(path, role) if image is None else image
+    data = np.squeeze(np.asarray(image.dataobj))
     if data.shape != shape:
         raise BrainzooError(f"{path}: the {role} has shape {data.shape}, its label map {labels} {shape}")
+    if affine is not None and not np.allclose(image.affine, affine, atol=1e-3):
+        raise BrainzooError(f"{path}: the {role} is not on its label map {labels}'s grid (the affines differ)")
     return data
 
 
@@ -350,12 +371,16 @@ def write_synthetic_heads(sources: Sequence[HeadSource], out_dir: str | os.PathL
                           head_classes: int = 6, doubling_years: float = AGE_DOUBLING_YEARS,
                           ventricle_labels: Sequence[int] = DLMUSE_VENTRICLES,
                           sulcal_labels: Sequence[int] = DLMUSE_SULCAL_CSF,
-                          ranges: SynthesisRanges = SynthesisRanges(), force: bool = False) -> Path:
+                          ranges: SynthesisRanges = SynthesisRanges(), teacher: Teacher | None = None,
+                          force: bool = False) -> Path:
     """``n`` synthetic heads as ``head-NNNN_T1w.nii.gz`` and ``head-NNNN_mask.nii.gz`` and, last, ``heads.csv``
-    (``path``, ``label``, ``source``, ``age``, ``weight``, ``seed`` and the draws); returns the table's path.
+    (``path``, ``label``, ``source``, ``mask_from``, ``age``, ``weight``, ``seed`` and the draws); returns the
+    table's path.
 
-    Each head's label map is drawn with :func:`age_weights` (older subjects more often). Every source is read and
-    checked before anything is written; if a head fails, the heads already written are removed again.
+    Each head's label map is drawn with :func:`age_weights` (older subjects more often). Its mask follows the
+    source's (:func:`load_source`: a given mask, ``teacher``'s mask of the source's scan, or the labels > 0).
+    Every source is read and masked before anything is written; if a head fails, the heads already written are
+    removed again.
     """
     if n < 1:
         raise BrainzooError(f"n must be at least 1, got {n}")
@@ -364,13 +389,13 @@ def write_synthetic_heads(sources: Sequence[HeadSource], out_dir: str | os.PathL
     out_dir = Path(out_dir)
     if (out_dir / TABLE).exists() and not force:
         raise BrainzooError(f"{out_dir / TABLE}: exists; pass force=True to rewrite the set")
-    loaded = [load_source(source, head_classes=head_classes) for source in sources]
+    loaded = [load_source(source, head_classes=head_classes, teacher=teacher) for source in sources]
     weights = age_weights([source.age for source in sources], doubling_years)
     choices = np.random.default_rng([seed, 0]).choice(len(sources), size=n, p=weights)
     names = [f"head-{index:04d}" for index in range(1, n + 1)]
     outputs = [out_dir / f"{name}_{suffix}.nii.gz" for name in names for suffix in ("T1w", "mask")]
-    columns = ["path", "label", "source", "age", "weight", "seed", "atrophy", "resolution_mm", "slice_axis",
-               "noise", "crop"]
+    columns = ["path", "label", "source", "mask_from", "age", "weight", "seed", "atrophy", "resolution_mm",
+               "slice_axis", "noise", "crop"]
     with output_folder(out_dir), all_or_nothing([*outputs, out_dir / TABLE]):
         rows = []
         for index, (name, choice) in enumerate(zip(names, choices), start=1):
@@ -381,6 +406,14 @@ def write_synthetic_heads(sources: Sequence[HeadSource], out_dir: str | os.PathL
             save_nifti(nib.Nifti1Image(head.mask, image.affine), out_dir / f"{name}_mask.nii.gz", force)
             source = sources[choice]
             rows.append({"path": f"{name}_T1w.nii.gz", "label": f"{name}_mask.nii.gz",
-                         "source": os.fspath(source.labels), "age": "" if source.age is None else source.age,
+                         "source": os.fspath(source.labels), "mask_from": _mask_origin(source, teacher),
+                         "age": "" if source.age is None else source.age,
                          "weight": round(float(weights[choice]), 6), "seed": f"{seed} {index}", **head.draws})
         return write_csv(out_dir / TABLE, rows, columns, force)
+
+
+def _mask_origin(source: HeadSource, teacher: Teacher | None) -> str:
+    """Where a source's brain mask came from, for heads.csv's ``mask_from``."""
+    if source.mask is not None:
+        return os.fspath(source.mask)
+    return teacher.name if teacher is not None else "labels > 0"
